@@ -1,0 +1,91 @@
+"""Heterogeneous-batch LoRA over the unified pool: shrink (x·A) and expand ((xA)·B).
+
+S-LoRA's MBGMM (prefill) and MBGMV (decode) compute, for a batch whose tokens
+use different adapters of different ranks, the LoRA term of one target
+module straight from the adapters' pool pages. This file holds the
+specification (`*_reference`, plain jnp, gather-based: the CPU default) and the
+dispatch point the model calls (`lora_shrink`, `lora_expand`).
+
+Adapter geometry (see `slora_jax.pool`): each adapter slot s of the batch has a
+page table `slot_pages[s]`; its row stream holds A^T `[r, in]` at row offset
+`a_offset[s]` and B `[r, out]` at `b_offset[s]`, each flattened and packed into
+H-wide rows. `rank[s] == 0` means the slot does not target this module.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from slora_jax.config import ceil_div
+
+BACKENDS = ("reference", "pallas")
+
+
+def gather_slot_matrix(rows: jax.Array, slot_pages: jax.Array, offset: jax.Array,
+                       rank: jax.Array, width: int, max_rank: int,
+                       page_size: int) -> jax.Array:
+    """Gather each slot's `[max_rank, width]` matrix from pool rows, zero past its rank.
+
+    rows: [N, H] pool rows; slot_pages: [S, Pa]; offset, rank: [S].
+    """
+    h = rows.shape[-1]
+    n = ceil_div(max_rank * width, h)
+    j = offset[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]          # [S, n]
+    page = jnp.take_along_axis(slot_pages, jnp.minimum(j // page_size, slot_pages.shape[1] - 1),
+                               axis=1)
+    got = rows[page * page_size + j % page_size]                              # [S, n, H]
+    mat = got.reshape(got.shape[0], n * h)[:, :max_rank * width]
+    mat = mat.reshape(-1, max_rank, width)
+    live = jnp.arange(max_rank)[None, :, None] < rank[:, None, None]
+    return jnp.where(live, mat, 0)
+
+
+def lora_shrink_reference(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
+                          a_offset: jax.Array, rank: jax.Array, token_slot: jax.Array,
+                          *, max_rank: int, page_size: int) -> jax.Array:
+    """xa[t] = x[t] · A_{slot(t)}: [T, in] -> [T, max_rank] float32; 0 where slot(t) < 0."""
+    a = gather_slot_matrix(rows, slot_pages, a_offset, rank, x.shape[-1], max_rank,
+                           page_size)                                          # [S, R, in]
+    s = jnp.clip(token_slot, 0, a.shape[0] - 1)
+    xa = jnp.einsum("ti,tri->tr", x.astype(jnp.float32), a[s].astype(jnp.float32))
+    return jnp.where(token_slot[:, None] >= 0, xa, 0.0)
+
+
+def lora_expand_reference(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
+                          b_offset: jax.Array, rank: jax.Array, scale: jax.Array,
+                          token_slot: jax.Array, *, out_features: int,
+                          page_size: int) -> jax.Array:
+    """y[t] = scale_{slot(t)} · xa[t] · B_{slot(t)}: [T, R] -> [T, out] float32."""
+    max_rank = xa.shape[-1]
+    b = gather_slot_matrix(rows, slot_pages, b_offset, rank, out_features, max_rank,
+                           page_size)                                          # [S, R, out]
+    s = jnp.clip(token_slot, 0, b.shape[0] - 1)
+    y = jnp.einsum("tr,tro->to", xa, b[s].astype(jnp.float32)) * scale[s][:, None]
+    return jnp.where(token_slot[:, None] >= 0, y, 0.0)
+
+
+def lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot, *, max_rank, page_size,
+                backend="reference"):
+    """Dispatch point for the shrink. See `lora_shrink_reference` for the contract."""
+    if backend == "reference":
+        return lora_shrink_reference(x, rows, slot_pages, a_offset, rank, token_slot,
+                                     max_rank=max_rank, page_size=page_size)
+    if backend == "pallas":
+        from pallas_kernels import lora_mgpu
+        return lora_mgpu.lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot,
+                                     max_rank=max_rank, page_size=page_size)
+    raise ValueError(f"unknown LoRA backend '{backend}' (have {BACKENDS})")
+
+
+def lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot, *, out_features,
+                page_size, backend="reference"):
+    """Dispatch point for the expand. See `lora_expand_reference` for the contract."""
+    if backend == "reference":
+        return lora_expand_reference(xa, rows, slot_pages, b_offset, rank, scale, token_slot,
+                                     out_features=out_features, page_size=page_size)
+    if backend == "pallas":
+        from pallas_kernels import lora_mgpu
+        return lora_mgpu.lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot,
+                                     out_features=out_features, page_size=page_size)
+    raise ValueError(f"unknown LoRA backend '{backend}' (have {BACKENDS})")

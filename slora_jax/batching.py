@@ -1,0 +1,125 @@
+"""Host-side builders of step batches: numpy arrays padded to bucketed shapes.
+
+This is the one host/device boundary: a scheduler describes its requests
+with plain Python/numpy values, these functions pad them to the buckets of
+an `EngineConfig`, and the result goes to the device in one `device_put`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from slora_jax.config import MODULES, EngineConfig
+from slora_jax.model import LoraBatch
+from slora_jax.pool import NULL_PAGE, PoolLayout
+from slora_jax.sampling import SamplingParams
+from slora_jax.step import DecodeBatch, PrefillBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotInfo:
+    """An adapter resident in the pool, as a batch slot describes it."""
+    pages: np.ndarray     # [n] int32
+    rank: np.ndarray      # [M] int32
+    scale: np.ndarray     # [M] float32
+    offset: np.ndarray    # [M, 2] int32
+
+
+@dataclasses.dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+def lora_batch(slots: Sequence[SlotInfo], num_slots: int, layout: PoolLayout) -> LoraBatch:
+    m, pa = len(MODULES), layout.max_adapter_pages
+    pages = np.full((num_slots, pa), NULL_PAGE, np.int32)
+    rank = np.zeros((num_slots, m), np.int32)
+    scale = np.zeros((num_slots, m), np.float32)
+    offset = np.zeros((num_slots, m, 2), np.int32)
+    if len(slots) > num_slots:
+        raise ValueError(f"{len(slots)} adapters in one batch exceed {num_slots} slots")
+    for i, s in enumerate(slots):
+        pages[i, :len(s.pages)] = s.pages
+        rank[i], scale[i], offset[i] = s.rank, s.scale, s.offset
+    return LoraBatch(slot_pages=pages, slot_rank=rank, slot_scale=scale, slot_offset=offset)
+
+
+def sampling_arrays(samp: Sequence[Sampling], n: int) -> SamplingParams:
+    t = np.zeros(n, np.float32)
+    p = np.ones(n, np.float32)
+    k = np.zeros(n, np.int32)
+    s = np.zeros(n, np.int32)
+    for i, x in enumerate(samp):
+        t[i], p[i], k[i], s[i] = x.temperature, x.top_p, x.top_k, x.seed & 0x7FFFFFFF
+    return SamplingParams(temperature=t, top_p=p, top_k=k, seed=s)
+
+
+def max_kv_pages(ec: EngineConfig, layout: PoolLayout) -> int:
+    return layout.kv_pages_for(ec.max_context)
+
+
+def _page_table(pages: Sequence[np.ndarray], n: int, width: int) -> np.ndarray:
+    out = np.full((n, width), NULL_PAGE, np.int32)
+    for i, p in enumerate(pages):
+        if len(p) > width:
+            raise ValueError(f"request {i} holds {len(p)} KV pages, more than {width}")
+        out[i, :len(p)] = p
+    return out
+
+
+def prefill_batch(prompts: Sequence[Sequence[int]], kv_pages: Sequence[np.ndarray],
+                  req_slot: Sequence[int], sampling: Sequence[Sampling],
+                  slots: Sequence[SlotInfo], ec: EngineConfig, layout: PoolLayout,
+                  device_put: bool = True) -> PrefillBatch:
+    """Pack R prompts into one prefill batch, padded to the token/request buckets."""
+    n_tok = sum(len(p) for p in prompts)
+    t = ec.bucket(ec.token_buckets(), n_tok, "prefill tokens")
+    r = ec.bucket(ec.request_buckets(), len(prompts), "prefill requests")
+    tokens = np.zeros(t, np.int32)
+    positions = np.zeros(t, np.int32)
+    seq_ids = np.full(t, r, np.int32)
+    last = np.zeros(r, np.int32)
+    off = 0
+    for i, p in enumerate(prompts):
+        n = len(p)
+        tokens[off:off + n] = p
+        positions[off:off + n] = np.arange(n)
+        seq_ids[off:off + n] = i
+        last[i] = off + n - 1
+        off += n
+    slot = np.full(r, -1, np.int32)
+    slot[:len(req_slot)] = req_slot
+    b = PrefillBatch(tokens=tokens, positions=positions, seq_ids=seq_ids,
+                     kv_pages=_page_table(kv_pages, r, max_kv_pages(ec, layout)),
+                     last_index=last, req_slot=slot, sampling=sampling_arrays(sampling, r),
+                     lora=lora_batch(slots, ec.max_adapters_per_batch, layout))
+    return jax.device_put(b) if device_put else b
+
+
+def decode_batch(tokens: Sequence[int] | None, positions: Sequence[int],
+                 kv_pages: Sequence[np.ndarray], req_slot: Sequence[int],
+                 sampling: Sequence[Sampling], slots: Sequence[SlotInfo],
+                 ec: EngineConfig, layout: PoolLayout, device_put: bool = True) -> DecodeBatch:
+    """B requests' next tokens, padded to the batch bucket. `tokens=None` leaves zeros
+    (the caller splices in the previous step's device-side tokens)."""
+    n = len(positions)
+    b = ec.bucket(ec.batch_buckets(), n, "decode batch")
+    tok = np.zeros(b, np.int32)
+    if tokens is not None:
+        tok[:n] = tokens
+    pos = np.zeros(b, np.int32)
+    pos[:n] = positions
+    slot = np.full(b, -1, np.int32)
+    slot[:n] = req_slot
+    out = DecodeBatch(tokens=tok, positions=pos,
+                      kv_pages=_page_table(kv_pages, b, max_kv_pages(ec, layout)),
+                      req_slot=slot, sampling=sampling_arrays(sampling, b),
+                      lora=lora_batch(slots, ec.max_adapters_per_batch, layout))
+    return jax.device_put(out) if device_put else out

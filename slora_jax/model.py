@@ -1,0 +1,150 @@
+"""The Llama transformer over the unified pool, with heterogeneous-batch LoRA.
+
+`transformer()` runs the layers on a flat token array. It knows nothing of
+prefill or decode: the caller passes `attend(layer_index, pool_layer, q, k, v)`,
+which writes K/V into the pool and returns the attention output. The LoRA term
+of every targeted module goes through `pallas_kernels.lora`'s dispatch points.
+The layers are a Python loop over per-layer arrays (not a scan), so XLA
+updates each layer's pool array in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from pallas_kernels import lora as lora_ops
+from slora_jax.config import MODULES, ModelConfig
+from slora_jax.params import Params
+from slora_jax.pool import Pool, PoolLayout, adapter_row_view
+
+
+@struct.dataclass
+class LoraBatch:
+    """The adapter slots of a batch. S slots, M = len(MODULES)."""
+    slot_pages: jax.Array   # [S, Pa] int32 pool pages of each slot's adapter
+    slot_rank: jax.Array    # [S, M] int32, 0 = module not targeted
+    slot_scale: jax.Array   # [S, M] float32
+    slot_offset: jax.Array  # [S, M, 2] int32 row offsets of A^T and B
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about a step function."""
+    model: ModelConfig
+    layout: PoolLayout
+    lora_backend: str = "reference"
+    attention_backend: str = "reference"
+    logits: str = "none"          # "none" | "last" | "all" (prefill) logits returned
+
+    def with_(self, **kw) -> "StepSpec":
+        return dataclasses.replace(self, **kw)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (w.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def rope_inv_freq(mc: ModelConfig) -> jax.Array:
+    d = mc.head_dim
+    inv = 1.0 / (mc.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    rs = mc.rope_scaling
+    if rs is None:
+        return inv
+    old = rs.original_max_position_embeddings
+    low_wl, high_wl = old / rs.low_freq_factor, old / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wl, inv / rs.factor, inv)
+    smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x: [T, heads, hd]; rotate-half convention (as HF Llama checkpoints expect)."""
+    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]          # [T, hd/2]
+    cos, sin = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+class _Lora:
+    """Per-step LoRA context: which slot each token uses, and the slot tables."""
+
+    def __init__(self, lora: LoraBatch | None, token_slot: jax.Array | None, spec: StepSpec):
+        self.lora, self.token_slot, self.spec = lora, token_slot, spec
+
+    def delta(self, x: jax.Array, module: str, pool_layer: jax.Array) -> jax.Array | float:
+        if self.lora is None:
+            return 0.0
+        i = MODULES.index(module)
+        lb, lay = self.lora, self.spec.layout
+        rows = adapter_row_view(pool_layer)
+        rank = lb.slot_rank[:, i]
+        xa = lora_ops.lora_shrink(x, rows, lb.slot_pages, lb.slot_offset[:, i, 0], rank,
+                                  self.token_slot, max_rank=lay.max_rank,
+                                  page_size=lay.page_size, backend=self.spec.lora_backend)
+        return lora_ops.lora_expand(xa, rows, lb.slot_pages, lb.slot_offset[:, i, 1], rank,
+                                    lb.slot_scale[:, i], self.token_slot,
+                                    out_features=lay.module_shapes[i][1],
+                                    page_size=lay.page_size, backend=self.spec.lora_backend)
+
+
+Attend = Callable[[int, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax.Array,
+                attend: Attend, lora: LoraBatch | None, token_slot: jax.Array | None,
+                spec: StepSpec) -> tuple[Pool, jax.Array]:
+    """tokens, positions: [T] -> (new pool, final hidden states [T, H])."""
+    mc = spec.model
+    t = tokens.shape[0]
+    dtype = params.embed.dtype
+    inv_freq = rope_inv_freq(mc)
+    lo = _Lora(lora, token_slot, spec)
+    x = params.embed[tokens]
+    new_layers = []
+    for li, (lp, pl) in enumerate(zip(params.layers, pool.layers)):
+        h = rms_norm(x, lp.attn_norm, mc.rms_norm_eps)
+        q = (_mm(h, lp.wq) + lo.delta(h, "q", pl)).astype(dtype)
+        k = (_mm(h, lp.wk) + lo.delta(h, "k", pl)).astype(dtype)
+        v = (_mm(h, lp.wv) + lo.delta(h, "v", pl)).astype(dtype)
+        q = apply_rope(q.reshape(t, mc.num_heads, mc.head_dim), positions, inv_freq)
+        k = apply_rope(k.reshape(t, mc.num_kv_heads, mc.head_dim), positions, inv_freq)
+        v = v.reshape(t, mc.num_kv_heads, mc.head_dim)
+        # The q/k/v LoRA terms read this layer's pool before attend() writes K/V
+        # into it. Without this barrier XLA may schedule a read after the write
+        # and then copies the whole pool array to keep the old value alive.
+        q, k, v, pl = jax.lax.optimization_barrier((q, k, v, pl))
+        pl, att = attend(li, pl, q, k, v)
+        att = att.reshape(t, mc.q_size).astype(dtype)
+        x = (x.astype(jnp.float32) + _mm(att, lp.wo) + lo.delta(att, "o", pl)).astype(dtype)
+        h = rms_norm(x, lp.mlp_norm, mc.rms_norm_eps)
+        gate = (_mm(h, lp.w_gate) + lo.delta(h, "gate", pl))
+        up = (_mm(h, lp.w_up) + lo.delta(h, "up", pl))
+        act = (jax.nn.silu(gate.astype(dtype).astype(jnp.float32))
+               * up.astype(dtype).astype(jnp.float32)).astype(dtype)
+        x = (x.astype(jnp.float32) + _mm(act, lp.w_down) + lo.delta(act, "down", pl)).astype(dtype)
+        new_layers.append(pl)
+    x = rms_norm(x, params.final_norm, mc.rms_norm_eps)
+    return Pool(layers=tuple(new_layers)), x
+
+
+def lm_logits(params: Params, h: jax.Array) -> jax.Array:
+    """h: [N, H] -> logits [N, V] float32."""
+    if params.lm_head is None:
+        return jnp.einsum("nh,vh->nv", h, params.embed, preferred_element_type=jnp.float32)
+    return _mm(h, params.lm_head)

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random models (MHA and GQA with odd sizes) and engines."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from slora_jax.config import EngineConfig, ModelConfig  # noqa: E402
+from slora_jax.params import init_dummy_params  # noqa: E402
+
+TINY = {
+    "mha": ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=88, num_layers=2,
+                       num_heads=4, num_kv_heads=4, head_dim=8, name="tiny-mha"),
+    "gqa": ModelConfig(vocab_size=101, hidden_size=48, intermediate_size=100, num_layers=2,
+                       num_heads=6, num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
+                       name="tiny-gqa"),
+}
+
+
+def tiny_engine_config(**kw) -> EngineConfig:
+    base = dict(page_size=4, num_pages=1024, max_rank=16, max_batch=32, max_prefill_tokens=128,
+                max_prefill_requests=8, max_context=64, max_adapters_per_batch=16)
+    base.update(kw)
+    return EngineConfig(**base)
+
+
+@pytest.fixture(scope="session", params=sorted(TINY))
+def tiny(request):
+    mc = TINY[request.param]
+    return mc, init_dummy_params(mc, jnp.float32, seed=1, std=0.25)
