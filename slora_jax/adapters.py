@@ -63,7 +63,8 @@ def _target_modules(value, path: str) -> set[str] | None:
         return set(MODULES)
     if isinstance(value, str):
         return None
-    names = set(value or [])
+    # PEFT writes `all-linear` out as fully qualified names (model.layers.0.mlp.up_proj).
+    names = {n.rsplit(".", 1)[-1] for n in (value or [])}
     unknown = sorted(n for n in names if n not in _HF_TO_MODULE)
     if unknown:
         raise AdapterError(f"{path}: target_modules {unknown} are not supported "
