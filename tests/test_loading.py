@@ -153,3 +153,16 @@ def test_bad_requests_do_not_stop_the_batch():
     assert len(res["ok1"].token_ids) == 4 and len(res["ok2"].token_ids) == 4
     assert res["ok1"].error is None and res["ok2"].error is None
     assert eng.allocator.num_free + eng.allocator.pages_used("adapter") == free
+
+
+def test_dummy_params_never_touch_the_host():
+    """Dummy weights are made on the device: no host->device transfer at all, so a
+    Llama-7B dummy model needs no host buffer of its size (shape-checked abstractly)."""
+    mc = preset("tiny")
+    with jax.transfer_guard("disallow"):
+        p = init_dummy_params(mc, jnp.bfloat16)
+    assert p.layers[0].w_gate.shape == (mc.hidden_size, mc.intermediate_size)
+    big = preset("llama-7b")
+    shapes = jax.eval_shape(lambda: init_dummy_params(big, jnp.bfloat16))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert n == big.num_params()

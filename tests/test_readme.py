@@ -1,0 +1,12 @@
+"""The README's research-code example runs as written."""
+
+import os
+import re
+
+
+def test_readme_step_example(capsys):
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "README has no python example"
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip().startswith("[")
