@@ -37,6 +37,11 @@ class Sampling:
     seed: int = 0
 
 
+def slot_bucket(req_slot: Sequence[int], ec: EngineConfig) -> int:
+    """0 slots when no request uses an adapter (the step then does no LoRA work)."""
+    return ec.max_adapters_per_batch if any(s >= 0 for s in req_slot) else 0
+
+
 def lora_batch(slots: Sequence[SlotInfo], num_slots: int, layout: PoolLayout) -> LoraBatch:
     m, pa = len(MODULES), layout.max_adapter_pages
     pages = np.full((num_slots, pa), NULL_PAGE, np.int32)
@@ -99,7 +104,8 @@ def prefill_batch(prompts: Sequence[Sequence[int]], kv_pages: Sequence[np.ndarra
     b = PrefillBatch(tokens=tokens, positions=positions, seq_ids=seq_ids,
                      kv_pages=_page_table(kv_pages, r, max_kv_pages(ec, layout)),
                      last_index=last, req_slot=slot, sampling=sampling_arrays(sampling, r),
-                     lora=lora_batch(slots, ec.max_adapters_per_batch, layout))
+                     lora=lora_batch(slots if slot_bucket(slot, ec) else [], slot_bucket(slot, ec),
+                                     layout))
     return jax.device_put(b) if device_put else b
 
 
@@ -121,5 +127,6 @@ def decode_batch(tokens: Sequence[int] | None, positions: Sequence[int],
     out = DecodeBatch(tokens=tok, positions=pos,
                       kv_pages=_page_table(kv_pages, b, max_kv_pages(ec, layout)),
                       req_slot=slot, sampling=sampling_arrays(sampling, b),
-                      lora=lora_batch(slots, ec.max_adapters_per_batch, layout))
+                      lora=lora_batch(slots if slot_bucket(slot, ec) else [], slot_bucket(slot, ec),
+                                      layout))
     return jax.device_put(out) if device_put else out

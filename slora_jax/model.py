@@ -88,8 +88,8 @@ class _Lora:
         self.lora, self.token_slot, self.spec = lora, token_slot, spec
 
     def delta(self, x: jax.Array, module: str, pool_layer: jax.Array) -> jax.Array | float:
-        if self.lora is None:
-            return 0.0
+        if self.lora is None or self.lora.slot_pages.shape[0] == 0:
+            return 0.0            # no adapter in the batch: no LoRA work at all
         i = MODULES.index(module)
         lb, lay = self.lora, self.spec.layout
         rows = adapter_row_view(pool_layer)
