@@ -1,0 +1,227 @@
+"""End-to-end decode step: LoRA on every request vs LoRA off vs a plain-XLA step.
+
+For a Llama dummy model (default Llama-7B shapes, bf16) it times, in one run:
+  * `slora`   : our `decode` step, every request with an adapter (mixed ranks on q/k/v/o,
+                `--adapters` distinct adapters in the batch), pool donated;
+  * `base`    : the same step with no adapter in the batch (the 0-slot bucket: no LoRA work);
+  * `xla`     : a plain-XLA decode step on contiguous per-layer K/V caches (no pool, no LoRA),
+                the "base model alone" ceiling.
+Each step is timed with CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`), threading
+the donated pool/cache from one call to the next; the median of `--iters` calls is
+reported, with the HBM-read floor (weights + KV bytes over the copy bandwidth measured in
+the same run). Prints a table and writes JSON + Markdown to benchmarks/results/.
+
+    python benchmarks/e2e_decode.py --quick              # small shapes, any device
+    python benchmarks/e2e_decode.py --preset llama-7b    # the GPU run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from slora_jax.adapters import dummy_adapter  # noqa: E402
+from slora_jax.batching import Sampling, SlotInfo, decode_batch  # noqa: E402
+from slora_jax.config import EngineConfig, preset  # noqa: E402
+from slora_jax.model import StepSpec, apply_rope, lm_logits, rms_norm, rope_inv_freq  # noqa: E402
+from slora_jax.params import init_dummy_params, params_bytes  # noqa: E402
+from slora_jax.pool import PoolLayout, init_pool, load_adapter_pages  # noqa: E402
+from slora_jax.step import decode  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def timer():
+    """CUPTI on a GPU; wall clock after block_until_ready elsewhere (CPU runs)."""
+    if jax.devices()[0].platform == "gpu":
+        from jax.experimental.mosaic.gpu import profiler
+
+        def run(f, *args):
+            out, ms = profiler.measure(f)(*args)
+            return out, ms * 1e3
+        return run, "cupti"
+
+    def run(f, *args):
+        t = time.perf_counter()
+        out = jax.block_until_ready(f(*args))
+        return out, (time.perf_counter() - t) * 1e6
+    return run, "wall"
+
+
+def copy_bandwidth(run) -> float:
+    x = jnp.ones((256 << 20,), jnp.float32) if jax.devices()[0].platform == "gpu" else \
+        jnp.ones((8 << 20,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    f(x).block_until_ready()
+    ts = [run(f, x)[1] for _ in range(10)]
+    return 2 * x.nbytes / (statistics.median(ts) * 1e-6) / 1e9
+
+
+def xla_decode_step(mc):
+    """Plain-XLA decode on contiguous caches k, v: [L][B, C, nkv, hd], donated."""
+    inv = rope_inv_freq(mc)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def step(params, cache, tokens, positions):
+        b = tokens.shape[0]
+        x = params.embed[tokens]
+        new = []
+        for lp, (kc, vc) in zip(params.layers, cache):
+            h = rms_norm(x, lp.attn_norm, mc.rms_norm_eps)
+            q = apply_rope((h @ lp.wq).reshape(b, mc.num_heads, mc.head_dim), positions, inv)
+            k = apply_rope((h @ lp.wk).reshape(b, mc.num_kv_heads, mc.head_dim), positions, inv)
+            v = (h @ lp.wv).reshape(b, mc.num_kv_heads, mc.head_dim)
+            kc = kc.at[jnp.arange(b), positions].set(k)
+            vc = vc.at[jnp.arange(b), positions].set(v)
+            g = mc.num_heads // mc.num_kv_heads
+            qg = q.reshape(b, mc.num_kv_heads, g, mc.head_dim)
+            s = jnp.einsum("bhgd,bchd->bhgc", qg, kc, preferred_element_type=jnp.float32)
+            s = s * mc.head_dim ** -0.5
+            mask = jnp.arange(kc.shape[1])[None, :] <= positions[:, None]
+            p = jax.nn.softmax(jnp.where(mask[:, None, None], s, -1e30), -1).astype(x.dtype)
+            att = jnp.einsum("bhgc,bchd->bhgd", p, vc).reshape(b, mc.q_size)
+            x = x + att @ lp.wo
+            h = rms_norm(x, lp.mlp_norm, mc.rms_norm_eps)
+            x = x + (jax.nn.silu(h @ lp.w_gate) * (h @ lp.w_up)) @ lp.w_down
+            new.append((kc, vc))
+        x = rms_norm(x, params.final_norm, mc.rms_norm_eps)
+        return tuple(new), jnp.argmax(lm_logits(params, x), -1)
+    return step
+
+
+def git_commit() -> str:
+    env = os.environ.get("SLORA_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="llama-7b")
+    ap.add_argument("--batches", default="32:512,128:512,256:256",
+                    help="comma list of BATCH:CONTEXT")
+    ap.add_argument("--adapters", default="1,32,256", help="distinct adapters in the batch")
+    ap.add_argument("--ranks", default="8,16,32,64", help="ranks, assigned round-robin")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--lora-backend", default="reference")
+    ap.add_argument("--attention-backend", default="reference")
+    ap.add_argument("--quick", action="store_true", help="tiny preset, small shapes")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.preset, args.batches, args.adapters, args.iters = "tiny", "4:64,8:32", "1,4", 3
+
+    mc = preset(args.preset)
+    dtype = jnp.bfloat16
+    run, clock = timer()
+    params = init_dummy_params(mc, dtype)
+    copy_gbps = copy_bandwidth(run)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    rows = []
+    for bc in args.batches.split(","):
+        b, ctx = map(int, bc.split(":"))
+        for n_ad in [int(a) for a in args.adapters.split(",") if int(a) <= b]:
+            ec = EngineConfig(page_size=16, num_pages=2, max_rank=max(ranks), max_batch=b,
+                              max_context=ctx, max_adapters_per_batch=n_ad,
+                              decode_buckets=(b,), lora_backend=args.lora_backend,
+                              attention_backend=args.attention_backend)
+            lay0 = PoolLayout.create(mc, ec)
+            adapters = [dummy_adapter(mc, ranks[i % len(ranks)], ("q", "k", "v", "o"), seed=i,
+                                      name=f"a{i}") for i in range(n_ad)]
+            ad_pages = [lay0.adapter_pages_for(a.ranks) for a in adapters]
+            kv_pages = lay0.kv_pages_for(ctx)
+            ec = dataclasses.replace(ec, num_pages=1 + b * kv_pages + sum(ad_pages))
+            lay = PoolLayout.create(mc, ec)
+            pool = init_pool(lay, dtype)
+            nxt, slots = 1, []
+            for a, n in zip(adapters, ad_pages):
+                r, rk, sc, off = a.pack(lay, np.float32)
+                pages = np.arange(nxt, nxt + n, dtype=np.int32)
+                nxt += n
+                pool = load_adapter_pages(pool, jnp.asarray(pages), jnp.asarray(r, dtype))
+                slots.append(SlotInfo(pages, rk, sc, off))
+                del r
+            kv = [np.arange(nxt + i * kv_pages, nxt + (i + 1) * kv_pages, dtype=np.int32)
+                  for i in range(b)]
+            pos = [ctx - 1] * b                    # attend over the full context
+            samp = [Sampling()] * b
+            spec = StepSpec(mc, lay, args.lora_backend, args.attention_backend)
+            lora_b = decode_batch(list(range(b)), pos, kv, [i % n_ad for i in range(b)], samp,
+                                  slots, ec, lay)
+            base_b = decode_batch(list(range(b)), pos, kv, [-1] * b, samp, slots, ec, lay)
+            step = functools.partial(decode, spec=spec)
+            res = {}
+            for name, batch in (("slora", lora_b), ("base", base_b)):
+                pool, _ = step(params, pool, batch)            # compile + warm up
+                ts = []
+                for _ in range(args.iters):
+                    (pool, _), t = run(step, params, pool, batch)
+                    ts.append(t)
+                res[name] = statistics.median(ts)
+            del pool
+            cache = tuple((jnp.zeros((b, ctx, mc.num_kv_heads, mc.head_dim), dtype),
+                           jnp.zeros((b, ctx, mc.num_kv_heads, mc.head_dim), dtype))
+                          for _ in range(mc.num_layers))
+            xstep = xla_decode_step(mc)
+            toks, posa = jnp.arange(b, dtype=jnp.int32), jnp.full((b,), ctx - 1, jnp.int32)
+            cache, _ = xstep(params, cache, toks, posa)
+            ts = []
+            for _ in range(args.iters):
+                (cache, _), t = run(xstep, params, cache, toks, posa)
+                ts.append(t)
+            res["xla"] = statistics.median(ts)
+            del cache
+            kv_bytes = b * ctx * 2 * mc.kv_size * 2 * mc.num_layers
+            floor_us = (params_bytes(params) + kv_bytes) / (copy_gbps * 1e9) * 1e6
+            row = {"batch": b, "context": ctx, "distinct_adapters": n_ad, "ranks": ranks,
+                   "slora_us": res["slora"], "base_us": res["base"], "xla_us": res["xla"],
+                   "lora_overhead": res["slora"] / res["base"],
+                   "base_vs_xla": res["base"] / res["xla"], "hbm_floor_us": floor_us,
+                   "tokens_per_s": b / (res["slora"] * 1e-6)}
+            rows.append(row)
+            print(f"B={b:4d} ctx={ctx:5d} adapters={n_ad:4d}  slora {res['slora']:9.1f} us  "
+                  f"base {res['base']:9.1f} us  xla {res['xla']:9.1f} us  "
+                  f"lora/base {row['lora_overhead']:.2f}  base/xla {row['base_vs_xla']:.2f}",
+                  flush=True)
+
+    meta = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+            "jax": jax.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
+            "clock": clock, "copy_GBps": copy_gbps, "preset": args.preset,
+            "lora_backend": args.lora_backend, "attention_backend": args.attention_backend}
+    os.makedirs(args.out, exist_ok=True)
+    tag = f"e2e_decode_{args.preset}_{meta['platform']}_{args.lora_backend}"
+    with open(os.path.join(args.out, tag + ".json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"# e2e decode step, {args.preset} ({meta['device']}, JAX {meta['jax']}, "
+             f"commit {meta['commit'][:10]})", "", f"`{meta['command']}` — {clock} timing, "
+             f"copy {copy_gbps:.0f} GB/s", "",
+             "| batch | ctx | adapters | slora µs | base µs | xla µs | lora/base | base/xla | floor µs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['context']} | {r['distinct_adapters']} | "
+                     f"{r['slora_us']:.1f} | {r['base_us']:.1f} | {r['xla_us']:.1f} | "
+                     f"{r['lora_overhead']:.2f} | {r['base_vs_xla']:.2f} | {r['hbm_floor_us']:.1f} |")
+    with open(os.path.join(args.out, tag + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
