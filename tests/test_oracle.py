@@ -9,7 +9,8 @@ ONE batch through `prefill` and then `decode` for 24 greedy steps.
 Tolerance: float32 on both sides; XLA vs torch summation order differs, so
 logits agree to 1e-4 relative to the logits' scale (measured 1.6e-6 prefill,
 2.1e-6 decode, 2026-11-22); greedy
-tokens must be identical (the fixtures' minimum top-1/top-2 margin is 1.8e-2).
+tokens must be identical (the fixtures' minimum top-1/top-2 margin is 1.6e-2;
+tiny_gqa's llama3 rope scaling puts one frequency in each of its three bands).
 The live variant reruns HF + PEFT now when they are available.
 """
 
