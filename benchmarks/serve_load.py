@@ -1,0 +1,325 @@
+"""Serving benchmark: S-LoRA's synthetic multi-adapter workload against the HTTP server.
+
+The trace follows S-LoRA's synthetic workloads: n adapters with power-law
+popularity (adapter index = floor(n * X), X ~ numpy `power(alpha)`, so a
+small alpha concentrates load on few adapters), arrivals at total rate R
+with gamma-distributed gaps of coefficient of variation cv (cv = 1 is
+Poisson), input and output lengths uniform in ranges. Each request asks for
+exactly its output length (`ignore_eos`) and is streamed, to time its first
+token. Prompts are random token ids, so any model works, tokenizer or not.
+
+Reported: throughput (req/s, output tok/s), mean/p50/p99 latency, TTFT and
+time per output token, SLO attainment (share of all requests, failed ones
+included, whose first token came within --slo-ttft seconds, S-LoRA's
+metric), errors by HTTP status, and the server's adapter-load counters. The
+table is printed and a JSON record (device, jax version, git commit,
+command) is written under benchmarks/results/.
+
+    # CPU smoke run: tiny preset, in-process server
+    python benchmarks/serve_load.py --quick
+    # GPU: Llama-7B shape, 1000 random adapters (S-LoRA's S1-like setting)
+    python benchmarks/serve_load.py --dummy llama-7b --dummy-adapters 1000 \\
+        --config configs/server/llama-7b.yaml --rate 8 --duration 300 \\
+        --input-range 8,512 --output-range 8,512 --alpha 1 --cv 1
+    # against a running server
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --rate 4 --num-requests 200
+
+Any `slora-jax serve` flag (--model/--dummy, --config, --dummy-adapters,
+--adapters, ...) starts the server in this process; --url uses a running one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="S-LoRA synthetic workload against an OpenAI-compatible multi-LoRA server.",
+        epilog="Other flags are `slora-jax serve` flags and start an in-process server "
+               "(see `python -m serving.server --help`).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--url", help="a running server (else one is started in this process)")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU smoke run: tiny preset in-process, 40 short requests")
+    p.add_argument("--num-adapters", type=int, default=0,
+                   help="adapters drawn from (0 = every adapter the server lists)")
+    p.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent")
+    p.add_argument("--rate", type=float, default=2.0, help="arrivals per second")
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gaps")
+    p.add_argument("--duration", type=float, default=60.0, help="trace length in seconds")
+    p.add_argument("--num-requests", type=int, default=0, help="overrides rate*duration")
+    p.add_argument("--input-range", default="8,512", help="prompt tokens, uniform in [lo, hi)")
+    p.add_argument("--output-range", default="8,512", help="output tokens, uniform in [lo, hi)")
+    p.add_argument("--base-fraction", type=float, default=0.0,
+                   help="share of requests for the base model (no adapter)")
+    p.add_argument("--slo-ttft", type=float, default=6.0, help="first-token SLO in seconds")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
+    p.add_argument("--out-dir", default=os.path.join(_ROOT, "benchmarks", "results"))
+    p.add_argument("--tag", default="", help="suffix of the result file name")
+    return p
+
+
+_QUICK = dict(num_requests=40, rate=20.0, input_range="4,32", output_range="4,24")
+_QUICK_SERVER = ["--dummy", "tiny", "--config", os.path.join(_ROOT, "configs", "server",
+                                                             "tiny.yaml"),
+                 "--dummy-adapters", "20", "--dummy-ranks", "4,8", "--log-level", "warning"]
+
+
+@dataclasses.dataclass
+class Req:
+    i: int
+    t: float            # arrival offset (s)
+    adapter: str
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclasses.dataclass
+class Rec:
+    i: int
+    adapter: str
+    n_in: int
+    n_out: int = 0
+    status: int = 0
+    ttft: float | None = None
+    latency: float | None = None
+    error: str | None = None
+
+
+def _range(s: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in s.split(","))
+    if not 1 <= lo < hi:
+        raise SystemExit(f"bad range '{s}': need 1 <= lo < hi")
+    return lo, hi
+
+
+def make_trace(args, adapters: list[str], base: str, vocab: int, max_len: int) -> list[Req]:
+    """S-LoRA's synthetic trace (power-law adapters, gamma arrivals, uniform lengths)."""
+    rng = np.random.default_rng(args.seed)
+    n = args.num_requests or max(1, int(args.rate * args.duration))
+    pool = adapters[:args.num_adapters] if args.num_adapters else adapters
+    idx = (rng.power(args.alpha, n) * len(pool)).astype(int) if pool else np.zeros(n, int)
+    use_base = rng.random(n) < args.base_fraction if pool else np.ones(n, bool)
+    (ilo, ihi), (olo, ohi) = _range(args.input_range), _range(args.output_range)
+    n_in = rng.integers(ilo, ihi, n)
+    n_out = rng.integers(olo, ohi, n)
+    shape = 1.0 / (args.cv * args.cv)
+    gaps = rng.gamma(shape, args.cv * args.cv / args.rate, n)
+    t = np.cumsum(gaps) - gaps[0]
+    reqs = []
+    for i in range(n):
+        li = int(min(n_in[i], max_len - 1))
+        lo = int(min(n_out[i], max_len - li))
+        reqs.append(Req(i, float(t[i]), base if use_base[i] else pool[min(idx[i], len(pool) - 1)],
+                        [int(x) for x in rng.integers(3, vocab, li)], lo))
+    return reqs
+
+
+async def _one(client, url: str, r: Req, t0: float, timeout: float) -> Rec:
+    import httpx
+    await asyncio.sleep(max(0.0, t0 + r.t - time.perf_counter()))
+    rec = Rec(r.i, r.adapter, len(r.prompt))
+    start = time.perf_counter()
+    body = {"model": r.adapter, "prompt": r.prompt, "max_tokens": r.max_tokens,
+            "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body,
+                                 timeout=timeout) as resp:
+            rec.status = resp.status_code
+            if resp.status_code != 200:
+                rec.error = (await resp.aread()).decode()[:300]
+                return rec
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                d = json.loads(line[6:])
+                if "error" in d:
+                    rec.error = d["error"]["message"]
+                    break
+                if d.get("choices") and rec.ttft is None:
+                    rec.ttft = time.perf_counter() - start
+                if d.get("usage"):
+                    rec.n_out = d["usage"]["completion_tokens"]
+        rec.latency = time.perf_counter() - start
+    except httpx.HTTPError as e:
+        rec.error = f"{type(e).__name__}: {e}"
+    return rec
+
+
+async def run_trace(url: str, reqs: list[Req], timeout: float) -> tuple[list[Rec], float]:
+    import httpx
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        t0 = time.perf_counter()
+        recs = await asyncio.gather(*(_one(client, url, r, t0, timeout) for r in reqs))
+        return list(recs), time.perf_counter() - t0
+
+
+def _pct(xs, q):
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def summarize(recs: list[Rec], wall: float, slo: float) -> dict:
+    ok = [r for r in recs if r.status == 200 and r.error is None and r.latency is not None]
+    lat = [r.latency for r in ok]
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    tpot = [(r.latency - r.ttft) / (r.n_out - 1) for r in ok if r.n_out > 1 and r.ttft]
+    out_tok = sum(r.n_out for r in ok)
+    errors: dict[str, int] = {}
+    for r in recs:
+        if r not in ok:
+            k = str(r.status or "client")
+            errors[k] = errors.get(k, 0) + 1
+    return {
+        "requests": len(recs), "completed": len(ok), "errors": errors, "wall_s": wall,
+        "throughput_req_s": len(ok) / wall, "output_tok_s": out_tok / wall,
+        "total_tok_s": (out_tok + sum(r.n_in for r in ok)) / wall,
+        "latency_mean_s": float(np.mean(lat)) if lat else float("nan"),
+        "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99),
+        "ttft_mean_s": float(np.mean(ttft)) if ttft else float("nan"),
+        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+        "tpot_mean_s": float(np.mean(tpot)) if tpot else float("nan"),
+        "slo_ttft_s": slo,
+        "slo_attainment": sum(1 for r in ok if r.ttft is not None and r.ttft <= slo) / len(recs),
+    }
+
+
+def _server_counters(url: str) -> dict:
+    import httpx
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for m in re.finditer(r'^(slora_(?:adapter_loads_total|adapter_evictions_total|steps_total)'
+                         r'\{[^}]*\}) (\S+)$', text, re.M):
+        out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def _git() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=_ROOT, capture_output=True, text=True, timeout=10).stdout
+        return rev + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def print_table(s: dict) -> None:
+    rows = [("requests (completed)", f"{s['requests']} ({s['completed']})"),
+            ("errors by status", json.dumps(s["errors"]) if s["errors"] else "none"),
+            ("throughput", f"{s['throughput_req_s']:.2f} req/s, {s['output_tok_s']:.1f} out tok/s"),
+            ("latency mean / p50 / p99",
+             f"{s['latency_mean_s']:.3f} / {s['latency_p50_s']:.3f} / {s['latency_p99_s']:.3f} s"),
+            ("TTFT mean / p50 / p99",
+             f"{s['ttft_mean_s']:.3f} / {s['ttft_p50_s']:.3f} / {s['ttft_p99_s']:.3f} s"),
+            ("time per output token", f"{1000 * s['tpot_mean_s']:.2f} ms"),
+            (f"SLO attainment (TTFT <= {s['slo_ttft_s']:g}s)", f"{100 * s['slo_attainment']:.1f}%")]
+    w = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, server_argv = build_parser().parse_known_args(argv)
+    if args.quick:
+        for k, v in _QUICK.items():
+            if getattr(args, k) == build_parser().get_default(k):
+                setattr(args, k, v)
+        if not args.url and not {"--dummy", "--model"} & set(server_argv):
+            server_argv = list(_QUICK_SERVER) + server_argv
+    if not args.url and not server_argv:
+        build_parser().error("give --url, --quick, or server flags (--dummy/--model ...)")
+
+    server = engine = None
+    device = "remote"
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        import logging
+
+        import jax
+
+        from serving.cli import build, build_parser as serve_parser
+        from serving.server import ServerThread, create_app
+        sargs = serve_parser().parse_args(server_argv)
+        logging.basicConfig(level=sargs.log_level.upper(),
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        engine, codec, name, cfg = build(sargs)
+        engine.warmup(progress=True)
+        engine.start()
+        server = ServerThread(create_app(engine, codec, name,
+                                         default_max_tokens=cfg["server"]["default_max_tokens"]),
+                              port=0).start()
+        url = server.url
+        d = jax.devices()[0]
+        device = f"{d.platform}: {d.device_kind} x{jax.device_count()}"
+    try:
+        import httpx
+        models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+        base = next(m for m in models if m.get("parent") is None)
+        adapters = [m["id"] for m in models if m.get("parent") is not None]
+        vocab = int(base.get("vocab_size") or 100)
+        max_len = int(base.get("max_model_len") or 2048)
+        reqs = make_trace(args, adapters, base["id"], vocab, max_len)
+        print(f"{len(reqs)} requests over {len(set(r.adapter for r in reqs))} adapters "
+              f"(of {len(adapters)}), {args.rate} req/s, cv {args.cv}, alpha {args.alpha}",
+              flush=True)
+        before = _server_counters(url)
+        recs, wall = asyncio.run(run_trace(url, reqs, args.timeout))
+        after = _server_counters(url)
+    finally:
+        if server is not None:
+            server.stop()
+            engine.shutdown()
+    summary = summarize(recs, wall, args.slo_ttft)
+    print_table(summary)
+    import jax
+    record = {
+        "benchmark": "serve_load", "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0])] + argv), "device": device,
+        "host": platform.node(), "jax": jax.__version__, "git": _git(), "url": url,
+        "workload": {k: getattr(args, k) for k in ("num_adapters", "alpha", "rate", "cv",
+                                                   "duration", "num_requests", "input_range",
+                                                   "output_range", "base_fraction", "seed")},
+        "server_args": server_argv, "summary": summary,
+        "server_counters": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+        "first_errors": [r.error for r in recs if r.error][:5],
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tag = f"_{args.tag}" if args.tag else ""
+    path = os.path.join(args.out_dir, f"serve_load{tag}_{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

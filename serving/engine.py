@@ -1,0 +1,563 @@
+"""The serving engine: a thread that drives the step functions for a stream of requests.
+
+Data flow: the server (asyncio) calls `Engine.generate(request)` and gets an
+`AsyncStream`; the request goes through an inbox to the engine thread, whose
+loop is
+
+    drain inbox -> early abort -> schedule step n -> dispatch step n
+                -> read back step n-1 -> deliver its tokens -> prefetch adapters
+
+The host runs one step ahead: step n is dispatched before step n-1's tokens
+are read, because a step's batch composition never depends on the previous
+step's tokens. Each running request owns a row of a device-side token buffer
+`tok_buf` [max_batch + 1]; every step scatters its sampled tokens into their
+rows and a decode step gathers its input tokens from them, inside the same
+jitted call, so a change in batch composition costs no host round trip. A
+request that stops on a stop token is noticed one step late; its extra step
+writes only into its own reserved pages and its output is dropped. Pages
+freed by the host are safe to hand out at once: every later step and
+adapter copy takes the pool produced by the earlier ones, so device writes
+happen in dispatch order.
+
+Every shape the loop dispatches (prefill token buckets x {0, S} adapter
+slots, decode batch buckets x {0, S}, adapter copies of 1, 2, 4, .. pages)
+is compiled by `warmup()` before serving; `compiled_since_warmup()` checks
+that none was added since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import functools
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from serving.adapter_store import AdapterStore, PendingLoad, StoreConfig
+from serving.allocator import PageAllocator
+from serving.metrics import ServingMetrics
+from serving.scheduler import (AdapterLoadFailed, GenerationRequest, InvalidRequest, Overloaded,
+                               RequestError, Scheduler, SchedulerConfig, Seq, SloAbort, Step,
+                               Unavailable, UnknownAdapter, now)
+from slora_jax.batching import (Sampling, SlotInfo, decode_batch, lora_batch, prefill_batch)
+from slora_jax.config import MODULES, EngineConfig, ModelConfig
+from slora_jax.model import StepSpec
+from slora_jax.params import Params
+from slora_jax.pool import PoolLayout, init_pool, load_adapter_pages
+from slora_jax.sampling import SamplingParams
+from slora_jax.step import DecodeBatch, PrefillBatch, decode, prefill
+
+log = logging.getLogger("serving.engine")
+
+__all__ = ["Engine", "Output", "AsyncStream", "SyncStream", "GenerationRequest", "Sampling",
+           "SchedulerConfig", "StoreConfig", "RequestError", "InvalidRequest", "UnknownAdapter",
+           "Overloaded", "Unavailable", "SloAbort", "AdapterLoadFailed"]
+
+
+# --- the jitted steps: a step plus the token-buffer gather/scatter, one dispatch each ---
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool", "tok_buf"))
+def prefill_step(params: Params, pool, tok_buf: jax.Array, batch: PrefillBatch,
+                 rows: jax.Array, *, spec: StepSpec):
+    """rows: [R] int32 token-buffer row of each request (padding: the dump row)."""
+    pool, out = prefill(params, pool, batch, spec=spec)
+    return pool, tok_buf.at[rows].set(out.tokens), out.tokens, out.logprobs
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool", "tok_buf"))
+def decode_step(params: Params, pool, tok_buf: jax.Array, batch: DecodeBatch,
+                rows: jax.Array, *, spec: StepSpec):
+    """Input tokens come from `tok_buf[rows]`: the previous steps' samples, still on device."""
+    pool, out = decode(params, pool, batch.replace(tokens=tok_buf[rows]), spec=spec)
+    return pool, tok_buf.at[rows].set(out.tokens), out.tokens, out.logprobs
+
+
+_JITTED = (prefill_step, decode_step, load_adapter_pages)
+
+
+# --- streams -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Output:
+    """One step's result for one request."""
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None     # "stop" | "length" | "abort"
+    error: RequestError | None = None
+    num_prompt_tokens: int = 0
+
+
+class AsyncStream:
+    """Per-request async iterator of `Output`s; raises the request's `RequestError` if it fails."""
+
+    def __init__(self, engine: "Engine", loop: asyncio.AbstractEventLoop):
+        self.engine, self.loop = engine, loop
+        self._q: asyncio.Queue[Output] = asyncio.Queue()
+        self.request_id: str | None = None
+        self.done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Output:
+        if self.done:
+            raise StopAsyncIteration
+        out = await self._q.get()
+        if out.error is not None:
+            self.done = True
+            raise out.error
+        if out.finish_reason is not None:
+            self.done = True
+        return out
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self.engine.cancel(self.request_id)
+
+
+class SyncStream:
+    """Blocking stream for scripts and tests."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self._q: queue.Queue[Output] = queue.Queue()
+        self.request_id: str | None = None
+
+    def put(self, out: Output) -> None:
+        self._q.put(out)
+
+    def get(self, timeout: float | None = 60.0) -> Output:
+        return self._q.get(timeout=timeout)
+
+    def result(self, timeout: float = 120.0) -> tuple[list[int], list[float], str]:
+        """All tokens, logprobs and the finish reason; raises the request's error."""
+        toks, lps = [], []
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.get(max(0.01, deadline - time.monotonic()))
+            if out.error is not None:
+                raise out.error
+            toks += out.token_ids
+            lps += out.logprobs
+            if out.finish_reason is not None:
+                return toks, lps, out.finish_reason
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.request_id)
+
+
+def _deliver(items: list[tuple[AsyncStream, Output]]) -> None:
+    for stream, out in items:
+        stream._q.put_nowait(out)
+
+
+@dataclasses.dataclass
+class _Inflight:
+    kind: str
+    seqs: list[Seq]
+    tokens: jax.Array
+    logprobs: jax.Array
+    t_dispatch: float
+
+
+# --- the engine ------------------------------------------------------------------------
+
+class Engine:
+    def __init__(self, params: Params, mc: ModelConfig, ec: EngineConfig, *,
+                 dtype=jnp.bfloat16, config: SchedulerConfig = SchedulerConfig(),
+                 store_config: StoreConfig = StoreConfig(),
+                 metrics: ServingMetrics | None = None):
+        if ec.batch_buckets()[-1] < ec.max_batch:
+            raise ValueError(f"decode_buckets {ec.batch_buckets()} do not reach max_batch="
+                             f"{ec.max_batch}")
+        if ec.token_buckets()[-1] < ec.max_prefill_tokens:
+            raise ValueError(f"prefill_token_buckets {ec.token_buckets()} do not reach "
+                             f"max_prefill_tokens={ec.max_prefill_tokens}")
+        self.params, self.mc, self.ec, self.cfg = params, mc, ec, config
+        self.layout = PoolLayout.create(mc, ec)
+        self.spec = StepSpec(mc, self.layout, lora_backend=ec.lora_backend,
+                             attention_backend=ec.attention_backend)
+        self.dtype = jnp.dtype(dtype)
+        self.metrics = metrics or ServingMetrics()
+        self.pool = init_pool(self.layout, self.dtype)
+        self.allocator = PageAllocator(ec.num_pages)
+        self._wake = threading.Event()
+        self.store = AdapterStore(mc, self.layout, self.allocator, max_rank=ec.max_rank,
+                                  dtype=self._host_dtype(), config=store_config,
+                                  metrics=self.metrics, on_ready=self._wake.set)
+        self.scheduler = Scheduler(ec, self.layout, config, self.allocator, self.store,
+                                   on_fail=self._on_fail)
+        self.tok_buf = jax.jit(lambda: jnp.zeros(ec.max_batch + 1, jnp.int32))()
+        self._inbox: collections.deque = collections.deque()
+        self._submit_lock = threading.Lock()
+        self._live: dict[str, Seq] = {}
+        self._outbox: list[tuple[Any, Output]] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._last_ready = 0.0
+        self._compiled: dict[str, int] | None = None
+        self._n_steps = 0
+        self._warned_compile = False
+        self.metrics.bind_gauges(self.stats)
+
+    def _host_dtype(self):
+        if self.dtype == jnp.bfloat16:
+            import ml_dtypes
+            return ml_dtypes.bfloat16
+        return np.dtype(self.dtype)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def warmup(self, progress: bool = True) -> float:
+        """Compile (and run once) every shape the serving loop can dispatch. Returns seconds."""
+        ec, lay = self.ec, self.layout
+        m = len(MODULES)
+        null_slot = SlotInfo(pages=np.zeros(0, np.int32), rank=np.zeros(m, np.int32),
+                             scale=np.zeros(m, np.float32), offset=np.zeros((m, 2), np.int32))
+        slot_kinds = [False, True] if self.cfg.base_only_steps else [True]
+        jobs = []
+        for t in ec.token_buckets():
+            for use in slot_kinds:
+                jobs.append(("prefill", t, use))
+        for b in ec.batch_buckets():
+            for use in slot_kinds:
+                jobs.append(("decode", b, use))
+        for c in self.store.chunk_shapes():
+            jobs.append(("adapter-copy", c, False))
+        it = jobs
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(jobs, desc="compiling buckets", unit="shape")
+        t0 = time.perf_counter()
+        for kind, n, use in it:
+            slot = [0 if use else -1]
+            if kind == "prefill":
+                n = min(n, ec.max_prefill_tokens)
+                b = prefill_batch([[0] * n], [np.zeros(0, np.int32)], slot, [Sampling()],
+                                  [null_slot], ec, lay, device_put=False)
+                b, rows = self._finish_prefill(b, [null_slot] if use else [])
+                out = self._call(prefill_step, b, rows)
+            elif kind == "decode":
+                b = decode_batch(None, [0] * n, [np.zeros(0, np.int32)] * n, slot * n,
+                                 [Sampling()] * n, [null_slot], ec, lay, device_put=False)
+                b, rows = self._finish_decode(b, [null_slot] if use else [])
+                out = self._call(decode_step, b, rows)
+            else:
+                c = n
+                self.pool = load_adapter_pages(self.pool, np.zeros(c, np.int32), np.zeros(
+                    (lay.num_layers, c, lay.page_size, lay.row_width), self._host_dtype()))
+                out = self.pool.layers[0]
+            jax.block_until_ready(out)
+        self._compiled = self._cache_sizes()
+        return time.perf_counter() - t0
+
+    @staticmethod
+    def _cache_sizes() -> dict[str, int]:
+        return {f.__name__ if hasattr(f, "__name__") else str(f): f._cache_size() for f in _JITTED}
+
+    def compiled_since_warmup(self) -> dict[str, int]:
+        """Compilations added to the step functions since warmup() (should be all zero)."""
+        if self._compiled is None:
+            return {}
+        return {k: v - self._compiled[k] for k, v in self._cache_sizes().items()}
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="slora-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.store.shutdown()
+
+    @property
+    def alive(self) -> bool:
+        return (self._thread is not None and self._thread.is_alive() and not self._stopping
+                and self.error is None)
+
+    # -- requests (any thread) -------------------------------------------------------------
+    def validate(self, req: GenerationRequest):
+        """Raise the RequestError that `req` deserves; return its adapter entry."""
+        ec, mc = self.ec, self.mc
+        p = req.prompt
+        if not p:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        bad = [t for t in p if not (isinstance(t, (int, np.integer)) and 0 <= t < mc.vocab_size)]
+        if bad:
+            raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                 f"[0, {mc.vocab_size})", "prompt")
+        if req.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1", "max_tokens")
+        if len(p) > ec.max_prefill_tokens:
+            raise InvalidRequest(f"the prompt has {len(p)} tokens; this server accepts at most "
+                                 f"{ec.max_prefill_tokens}", "prompt")
+        if len(p) + req.max_tokens > ec.max_context:
+            raise InvalidRequest(f"the prompt ({len(p)} tokens) plus max_tokens "
+                                 f"({req.max_tokens}) exceeds the context length of "
+                                 f"{ec.max_context} tokens", "max_tokens")
+        if self.scheduler.kv_pages_for(req) > self.allocator.capacity:
+            raise InvalidRequest("the request's KV cache cannot fit in the pool", "max_tokens")
+        s = req.sampling
+        if s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
+            raise InvalidRequest("sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0",
+                                 "temperature")
+        if req.adapter is None:
+            return None
+        try:
+            return self.store.lookup(req.adapter)
+        except KeyError:
+            raise UnknownAdapter(f"The model `{req.adapter}` does not exist.", "model") from None
+
+    def submit(self, req: GenerationRequest, stream) -> Seq:
+        entry = self.validate(req)
+        if not self.alive:
+            raise Unavailable("the engine is not running")
+        t = now()
+        slo = req.ttft_slo_s if req.ttft_slo_s is not None else self.cfg.ttft_slo_s
+        seq = Seq(req=req, stream=stream, entry=entry, arrival=t,
+                  deadline=None if slo is None else t + slo)
+        stream.request_id = req.id
+        with self._submit_lock:
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.cfg.max_queue:
+                self.metrics.rejected.labels(cause="queue_full").inc()
+                raise Overloaded(f"the server is overloaded ({self.cfg.max_queue} requests "
+                                 "queued); retry later")
+            self._inbox.append(("submit", seq))
+        self._wake.set()
+        return seq
+
+    def generate(self, req: GenerationRequest) -> AsyncStream:
+        """Submit from a running event loop; raises RequestError synchronously if refused."""
+        stream = AsyncStream(self, asyncio.get_running_loop())
+        self.submit(req, stream)
+        return stream
+
+    def generate_sync(self, req: GenerationRequest) -> SyncStream:
+        stream = SyncStream(self)
+        self.submit(req, stream)
+        return stream
+
+    def evict_idle_adapters(self, timeout: float = 10.0) -> int:
+        """Drop every idle adapter from the pool (on the engine thread); returns pages freed."""
+        done: queue.Queue[int] = queue.Queue()
+        self._inbox.append(("evict_idle", done))
+        self._wake.set()
+        return done.get(timeout=timeout)
+
+    def cancel(self, request_id: str | None) -> None:
+        if request_id is not None:
+            self._inbox.append(("cancel", request_id))
+            self._wake.set()
+
+    def stats(self) -> dict:
+        cap = self.allocator.capacity
+        free = self.allocator.num_free
+        kv = self.scheduler.kv_pages_used
+        st = self.store.stats()
+        return {"waiting": len(self._inbox) + len(self.scheduler.waiting),
+                "running": len(self.scheduler.running),
+                "pages": {"kv": kv, "adapter": cap - free - kv, "free": free, "capacity": cap},
+                "adapters": {"registered": st["registered"], "host": st["host"],
+                             "pool": st["pool"]},
+                "host_bytes": st["host_bytes"]}
+
+    # -- the loop (engine thread) -------------------------------------------------------
+    def _run(self) -> None:
+        inflight: _Inflight | None = None
+        try:
+            while not self._stopping:
+                self._drain()
+                self.scheduler.abort_late(now())
+                if self.store.has_removed:
+                    self.store.collect_removed()
+                step = self.scheduler.schedule()
+                nxt = self._dispatch(step) if step is not None else None
+                if inflight is not None:
+                    self._complete(inflight)
+                inflight = nxt
+                for load in self.scheduler.prefetch():
+                    self._write(load)
+                self._flush()
+                if inflight is None and not self._inbox:
+                    if self._wake.wait(0.02 if self.scheduler.waiting else 0.5):
+                        self._wake.clear()
+        except BaseException as e:  # noqa: BLE001 - the server reports it via /health
+            log.exception("engine loop failed")
+            self.error = e
+        finally:
+            if inflight is not None and self.error is None:
+                self._complete(inflight)
+            why = Unavailable("the engine stopped" if self.error is None else
+                              f"the engine failed: {self.error!r}")
+            self._drain()
+            for seq in list(self._live.values()):
+                self.scheduler.fail(seq, why)
+            self._flush()
+
+    def _drain(self) -> None:
+        while self._inbox:
+            kind, x = self._inbox.popleft()
+            if kind == "submit":
+                self._live[x.req.id] = x
+                self.scheduler.add(x)
+            elif kind == "evict_idle":
+                x.put(self.store.evict_idle())
+            else:
+                seq = self._live.pop(x, None)
+                if seq is not None and seq.state != "done":
+                    self.scheduler.cancel(seq)
+                    self.metrics.finished.labels(reason="abort").inc()
+                    self._outbox.append((seq.stream, Output([], [], finish_reason="abort")))
+
+    def _on_fail(self, seq: Seq, err: RequestError) -> None:
+        self._live.pop(seq.req.id, None)
+        self.metrics.rejected.labels(cause=err.code or err.type).inc()
+        self._outbox.append((seq.stream, Output([], [], error=err)))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, out in self._outbox:
+            if isinstance(stream, AsyncStream):
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+            else:
+                stream.put(out)
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:        # the loop is closed: nobody listens any more
+                pass
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def _write(self, load: PendingLoad) -> None:
+        t0 = time.perf_counter()
+        for pages, chunk in zip(load.pages, load.chunks):
+            self.pool = load_adapter_pages(self.pool, pages, chunk)
+        self.metrics.adapter_load_seconds.labels(tier="pool").observe(
+            load.host_seconds + time.perf_counter() - t0)
+
+    def _call(self, fn, batch, rows):
+        batch, rows = jax.device_put((batch, rows))
+        self.pool, self.tok_buf, tokens, logprobs = fn(self.params, self.pool, self.tok_buf,
+                                                       batch, rows, spec=self.spec)
+        return tokens, logprobs
+
+    def _slots(self, seqs: list[Seq]) -> tuple[list[SlotInfo], list[int]]:
+        order: dict[Any, int] = {}
+        slots, req_slot = [], []
+        for s in seqs:
+            if s.entry is None:
+                req_slot.append(-1)
+                continue
+            if s.entry not in order:
+                order[s.entry] = len(slots)
+                slots.append(s.entry.slot)
+            req_slot.append(order[s.entry])
+        return slots, req_slot
+
+    def _lora(self, b, slots):
+        if not self.cfg.base_only_steps and b.lora.slot_pages.shape[0] == 0:
+            b = b.replace(lora=lora_batch(slots, self.ec.max_adapters_per_batch, self.layout))
+        return b
+
+    def _finish_prefill(self, b: PrefillBatch, slots):
+        """Pad the request axis to max_prefill_requests (one compiled shape per token bucket)."""
+        r, big = b.kv_pages.shape[0], self.ec.max_prefill_requests
+        if r < big:
+            pad = big - r
+            z = lambda x, v=0: np.concatenate([x, np.full((pad,) + x.shape[1:], v, x.dtype)])
+            sp = b.sampling
+            b = b.replace(kv_pages=z(b.kv_pages), last_index=z(b.last_index),
+                          req_slot=z(b.req_slot, -1),
+                          seq_ids=np.where(b.seq_ids == r, big, b.seq_ids).astype(np.int32),
+                          sampling=SamplingParams(temperature=z(sp.temperature),
+                                                  top_p=z(sp.top_p, 1), top_k=z(sp.top_k),
+                                                  seed=z(sp.seed)))
+        rows = np.full(big, self.scheduler.dump_row, np.int32)
+        return self._lora(b, slots), rows
+
+    def _finish_decode(self, b: DecodeBatch, slots):
+        rows = np.full(b.positions.shape[0], self.scheduler.dump_row, np.int32)
+        return self._lora(b, slots), rows
+
+    def _dispatch(self, step: Step) -> _Inflight:
+        for load in step.loads:
+            self._write(load)
+        seqs = step.seqs
+        slots, req_slot = self._slots(seqs)
+        samp = [s.req.sampling for s in seqs]
+        kv = [s.kv_pages for s in seqs]
+        if step.kind == "prefill":
+            b = prefill_batch([s.req.prompt for s in seqs], kv, req_slot, samp, slots, self.ec,
+                              self.layout, device_put=False)
+            b, rows = self._finish_prefill(b, slots)
+            fn = prefill_step
+            self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
+        else:
+            pos = [s.prompt_len + s.n_dispatched - 1 for s in seqs]
+            b = decode_batch(None, pos, kv, req_slot, samp, slots, self.ec, self.layout,
+                             device_put=False)
+            b, rows = self._finish_decode(b, slots)
+            fn = decode_step
+        rows[:len(seqs)] = [s.row for s in seqs]
+        t = now()
+        tokens, logprobs = self._call(fn, b, rows)
+        for x in (tokens, logprobs):
+            x.copy_to_host_async()
+        for s in seqs:
+            s.n_dispatched += 1
+        self.metrics.steps.labels(kind=step.kind).inc()
+        self._n_steps += 1
+        if self._n_steps % 1024 == 0 and not self._warned_compile:
+            grown = {k: v for k, v in self.compiled_since_warmup().items() if v}
+            if grown:
+                self._warned_compile = True
+                log.warning("the serving loop compiled new shapes after warm-up: %s", grown)
+        return _Inflight(step.kind, seqs, tokens, logprobs, t)
+
+    def _complete(self, inf: _Inflight) -> None:
+        toks = np.asarray(inf.tokens)
+        lps = np.asarray(inf.logprobs)
+        t = now()
+        self.scheduler.observe_step(inf.kind, t - max(inf.t_dispatch, self._last_ready))
+        self._last_ready = t
+        m = self.metrics
+        n_new = 0
+        for i, s in enumerate(inf.seqs):
+            if s.state != "running":
+                continue            # cancelled, or stopped a step ago (run-ahead)
+            tok = int(toks[i])
+            s.n_out += 1
+            n_new += 1
+            if s.n_out == 1:
+                s.t_first = t
+                m.ttft.observe(t - s.arrival)
+            finish = None
+            if tok in s.req.stop_token_ids:
+                finish = "stop"
+            elif s.n_out >= s.req.max_tokens:
+                finish = "length"
+            self._outbox.append((s.stream, Output([tok], [float(lps[i])], finish,
+                                                  num_prompt_tokens=s.prompt_len)))
+            if finish is not None:
+                self.scheduler.finish(s)
+                self._live.pop(s.req.id, None)
+                m.finished.labels(reason=finish).inc()
+                m.e2e.observe(t - s.arrival)
+                if s.n_out > 1:
+                    m.tpot.observe((t - s.t_first) / (s.n_out - 1))
+        m.generation_tokens.inc(n_new)

@@ -1,0 +1,69 @@
+"""Prometheus metrics of one serving engine, in its own registry.
+
+The engine thread and the adapter loader threads record events (TTFT, time
+per output token, adapter loads) here; gauges (queue length, running
+requests, pool pages per tenant, adapters per tier) are read from the
+engine's plain-int counters when `/metrics` is scraped, so a scrape never
+touches the allocator or the scheduler's containers from another thread.
+Each engine has its own `CollectorRegistry` (no process-global state), so
+several engines can live in one process (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the server)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+
+
+class ServingMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "slora"):
+        self.registry = registry or CollectorRegistry()
+        r, p = self.registry, prefix
+        self.queue_length = Gauge(f"{p}_queue_length", "Requests waiting for admission", registry=r)
+        self.running = Gauge(f"{p}_running_requests", "Requests admitted and generating",
+                             registry=r)
+        self.pool_pages = Gauge(f"{p}_pool_pages", "Pool pages by tenant", ["kind"], registry=r)
+        self.adapters = Gauge(f"{p}_adapters", "Adapters per tier (registered = all; host = "
+                              "packed in host RAM; pool = resident in pool pages)", ["tier"],
+                              registry=r)
+        self.adapter_loads = Counter(f"{p}_adapter_loads", "Adapter loads into a tier "
+                                     "(host: parse+pack from disk; pool: copy into pages)",
+                                     ["tier"], registry=r)
+        self.adapter_load_seconds = Histogram(
+            f"{p}_adapter_load_seconds", "Adapter load latency (host: disk read and pack "
+            "on a loader thread; pool: page allocation, evictions and dispatch of the copies)",
+            ["tier"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.adapter_evictions = Counter(f"{p}_adapter_evictions", "Adapters dropped from a tier",
+                                         ["tier"], registry=r)
+        self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(f"{p}_time_per_output_token_seconds",
+                              "Mean gap between output tokens of a request", buckets=_TPOT_BUCKETS,
+                              registry=r)
+        self.e2e = Histogram(f"{p}_request_latency_seconds", "Arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.finished = Counter(f"{p}_requests_finished", "Requests finished, by reason",
+                                ["reason"], registry=r)
+        self.rejected = Counter(f"{p}_requests_rejected", "Requests refused or dropped, by cause",
+                                ["cause"], registry=r)
+        self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter(f"{p}_generation_tokens", "Tokens generated", registry=r)
+        self.steps = Counter(f"{p}_steps", "Device steps dispatched", ["kind"], registry=r)
+
+    def bind_gauges(self, read: Callable[[], dict]) -> None:
+        """Gauges computed at scrape time from `read()` (an engine's stats snapshot)."""
+        self.queue_length.set_function(lambda: read()["waiting"])
+        self.running.set_function(lambda: read()["running"])
+        for kind in ("kv", "adapter", "free"):
+            self.pool_pages.labels(kind=kind).set_function(lambda k=kind: read()["pages"][k])
+        for tier in ("registered", "host", "pool"):
+            self.adapters.labels(tier=tier).set_function(lambda t=tier: read()["adapters"][t])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,334 @@
+"""The scheduler: which requests run in the next device step, and their pages.
+
+Host-only and single-threaded (the engine thread calls it); it never touches
+device arrays, so it is tested without compiling anything.
+
+Policy (iteration-level continuous batching, S-LoRA/LightLLM style):
+
+* Each step is either a **prefill** of newly admitted requests (packed up to
+  the token budget `max_prefill_tokens` and `max_prefill_requests`) or a
+  **decode** of every running request (at most `max_batch`, one token each).
+* Prefill is chosen when requests wait and either nothing is decoding or at
+  least `decode_steps_per_prefill` decode steps ran since the last prefill.
+  So queued requests are admitted within a bounded number of steps, and
+  running requests get a decode step at least every other step: neither
+  starves.
+* **Admission** is first-come first-served on memory: a request is admitted
+  when the pool can hold its KV pages for `prompt + max_tokens` tokens
+  (reserved up front, see below) and its adapter (resident already, or free
+  pages plus pages of idle adapters that can be evicted). If the head of the
+  queue does not fit, nothing behind it is admitted (no starvation of long
+  requests). A request whose adapter is still being read from disk is
+  skipped over without blocking the queue; its adapter loads meanwhile.
+* **Early abort** (S-LoRA's admission control): a queued request whose
+  first-token deadline has passed, or will pass before its estimated prefill
+  (queue position times the measured step times), is dropped with an error
+  so that the requests behind it still meet theirs.
+
+Page reservation: KV pages for `prompt + max_tokens` are allocated at
+admission. A running request therefore never runs out of pages, and no
+preemption, swapping or recomputation path exists, which keeps every step
+one of the compiled shapes. The cost is pages reserved but unused by
+requests that stop early; they return to the pool (and to adapters) the
+moment the request ends. S-LoRA's router admits against the same
+worst case (prompt + max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import time
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+
+from serving.adapter_store import AdapterEntry, AdapterStore, PendingLoad
+from serving.allocator import PageAllocator, kv_used_elems
+from slora_jax.batching import Sampling
+from slora_jax.config import EngineConfig
+from slora_jax.pool import PoolLayout
+
+
+# --- request errors (each maps to one HTTP status) ------------------------------------
+
+class RequestError(Exception):
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+class InvalidRequest(RequestError):
+    pass
+
+
+class UnknownAdapter(RequestError):
+    status, code = 404, "model_not_found"
+
+
+class Overloaded(RequestError):
+    status, type, code = 429, "server_overloaded", "queue_full"
+
+
+class Unavailable(RequestError):
+    status, type, code = 503, "service_unavailable", "unavailable"
+
+
+class SloAbort(Unavailable):
+    code = "slo_abort"
+
+
+class AdapterLoadFailed(RequestError):
+    status, type, code = 500, "server_error", "adapter_load_failed"
+
+
+# --- requests ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class GenerationRequest:
+    prompt: list[int]
+    adapter: str | None = None
+    max_tokens: int = 16
+    sampling: Sampling = dataclasses.field(default_factory=Sampling)
+    stop_token_ids: frozenset[int] = frozenset()
+    ttft_slo_s: float | None = None       # overrides the scheduler's first-token SLO
+    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+
+_uids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Seq:
+    """A request inside the engine."""
+    req: GenerationRequest
+    stream: Any
+    entry: AdapterEntry | None
+    arrival: float
+    deadline: float | None
+    state: str = "new"             # new | waiting | running | done
+    kv_pages: np.ndarray | None = None
+    row: int = -1                  # this request's row in the device-side token buffer
+    n_dispatched: int = 0          # tokens whose step has been dispatched
+    n_out: int = 0                 # tokens read back and delivered
+    t_first: float | None = None
+    uid: int = dataclasses.field(default_factory=lambda: next(_uids))
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.prompt)
+
+    @property
+    def kv_owner(self) -> tuple:
+        return ("kv", self.uid)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_queue: int = 1024                 # waiting requests before new ones get 429
+    decode_steps_per_prefill: int = 1     # decode steps between prefills while requests wait
+    ttft_slo_s: float | None = None       # first-token SLO for early abort; None = off
+    predictive_abort: bool = True         # abort when the estimate (not only the clock) misses
+    prefetch_depth: int = 16              # queued requests whose adapters are prefetched
+    admit_window: int = 64                # queued requests scanned per admission
+    base_only_steps: bool = True          # batches without adapters run a step with no LoRA
+
+
+@dataclasses.dataclass
+class Step:
+    kind: str                 # "prefill" | "decode"
+    seqs: list[Seq]
+    loads: list[PendingLoad]
+
+
+class Scheduler:
+    def __init__(self, ec: EngineConfig, layout: PoolLayout, cfg: SchedulerConfig,
+                 allocator: PageAllocator, store: AdapterStore,
+                 on_fail: Callable[[Seq, RequestError], None]):
+        self.ec, self.layout, self.cfg = ec, layout, cfg
+        self.allocator, self.store, self.on_fail = allocator, store, on_fail
+        self.waiting: collections.deque[Seq] = collections.deque()
+        self.running: list[Seq] = []
+        self._free_rows = list(range(ec.max_batch - 1, -1, -1))
+        self.dump_row = ec.max_batch
+        self._adapters_running: collections.Counter[AdapterEntry] = collections.Counter()
+        self.decodes_since_prefill = 0
+        self.ema_prefill = 0.0     # seconds per step, measured by the engine
+        self.ema_decode = 0.0
+        self.kv_pages_used = 0
+        self._n_deadlines = 0      # queued requests with a first-token deadline
+
+    def kv_pages_for(self, req: GenerationRequest) -> int:
+        return self.layout.kv_pages_for(len(req.prompt) + req.max_tokens)
+
+    # -- queue ------------------------------------------------------------------------
+    def add(self, seq: Seq) -> None:
+        seq.state = "waiting"
+        self.waiting.append(seq)
+        self._n_deadlines += seq.deadline is not None
+        if seq.entry is not None:
+            self.store.want(seq.entry)
+
+    def _leave_queue(self, seq: Seq) -> None:
+        self.waiting.remove(seq)
+        self._n_deadlines -= seq.deadline is not None
+        if seq.entry is not None:
+            self.store.unwant(seq.entry)
+
+    def fail(self, seq: Seq, err: RequestError) -> None:
+        if seq.state == "waiting":
+            self._leave_queue(seq)
+        elif seq.state == "running":
+            self._release(seq)
+        seq.state = "done"
+        self.on_fail(seq, err)
+
+    def cancel(self, seq: Seq) -> None:
+        """Drop a request now; a running one's pages return to the pool at once."""
+        if seq.state == "waiting":
+            self._leave_queue(seq)
+        elif seq.state == "running":
+            self._release(seq)
+        seq.state = "done"
+
+    def finish(self, seq: Seq) -> None:
+        if seq.state == "running":
+            self._release(seq)
+        seq.state = "done"
+
+    def _release(self, seq: Seq) -> None:
+        self.running.remove(seq)
+        self.kv_pages_used -= self.allocator.free(seq.kv_owner)
+        self._free_rows.append(seq.row)
+        if seq.entry is not None:
+            self._adapters_running[seq.entry] -= 1
+            if not self._adapters_running[seq.entry]:
+                del self._adapters_running[seq.entry]
+            self.store.unpin(seq.entry)
+
+    # -- early abort ------------------------------------------------------------------------
+    def abort_late(self, now: float) -> None:
+        if not self._n_deadlines:
+            return
+        per_prefill = self.ema_prefill + (self.cfg.decode_steps_per_prefill * self.ema_decode
+                                          if self.running else 0.0)
+        i = 0
+        for seq in list(self.waiting):
+            if seq.deadline is not None:
+                ahead = (i // self.ec.max_prefill_requests + 1) * per_prefill
+                est = now + (ahead if self.cfg.predictive_abort else 0.0)
+                if est > seq.deadline:
+                    slo = seq.deadline - seq.arrival
+                    self.fail(seq, SloAbort(
+                        f"request dropped: it cannot get its first token within the "
+                        f"{slo:.3g}s SLO (queued {now - seq.arrival:.3g}s, estimated "
+                        f"{ahead:.3g}s more)"))
+                    continue
+            i += 1
+
+    # -- the next step -------------------------------------------------------------------
+    def schedule(self, now: float | None = None) -> Step | None:
+        decodable = [s for s in self.running if s.n_dispatched < s.req.max_tokens]
+        if self.waiting and (not decodable
+                             or self.decodes_since_prefill >= self.cfg.decode_steps_per_prefill):
+            seqs, loads = self._admit()
+            if seqs:
+                self.decodes_since_prefill = 0
+                return Step("prefill", seqs, loads)
+        if decodable:
+            self.decodes_since_prefill += 1
+            return Step("decode", decodable, [])
+        return None
+
+    def _admit(self) -> tuple[list[Seq], list[PendingLoad]]:
+        ec, store, alloc = self.ec, self.store, self.allocator
+        admitted: list[Seq] = []
+        loads: list[PendingLoad] = []
+        tokens = 0
+        distinct = set(self._adapters_running)
+        failed_entries = set()
+        for seq in list(itertools.islice(self.waiting, self.cfg.admit_window)):
+            if (len(admitted) == ec.max_prefill_requests or not self._free_rows
+                    or tokens + seq.prompt_len > ec.max_prefill_tokens):
+                break
+            e = seq.entry
+            if e is not None:
+                if e.error is not None:
+                    failed_entries.add(e)
+                    self.fail(seq, AdapterLoadFailed(e.error))
+                    continue
+                if e.slot is None and e.host is None:
+                    store.request_host(e)          # I/O-bound: let the others go ahead
+                    continue
+                if e not in distinct and len(distinct) >= ec.max_adapters_per_batch:
+                    continue
+            need_kv = self.kv_pages_for(seq.req)
+            need_ad = store.pages_needed(e) if e is not None else 0
+            if need_kv + need_ad > alloc.capacity:
+                self.fail(seq, InvalidRequest(
+                    f"the request needs {need_kv} KV pages and {need_ad} adapter pages, more than "
+                    f"the pool's {alloc.capacity}; lower max_tokens or the prompt length",
+                    "max_tokens"))
+                continue
+            if alloc.num_free + store.evictable_pages(exclude=e) < need_kv + need_ad:
+                break                               # first come, first served on memory
+            if e is not None:            # pinned before it leaves the queue: its host copy stays
+                store.pin(e)
+                load = store.make_resident(e)
+                if load is not None:
+                    loads.append(load)
+                self._adapters_running[e] += 1
+                distinct.add(e)
+            self._leave_queue(seq)
+            store.make_room(need_kv)
+            seq.kv_pages = alloc.alloc(seq.kv_owner, need_kv, "kv")
+            alloc.set_used(seq.kv_owner, kv_used_elems(seq.prompt_len + seq.req.max_tokens,
+                                                       self.layout))
+            self.kv_pages_used += need_kv
+            seq.row = self._free_rows.pop()
+            seq.state = "running"
+            self.running.append(seq)
+            admitted.append(seq)
+            tokens += seq.prompt_len
+        for e in failed_entries:
+            store.clear_error(e)
+        return admitted, loads
+
+    # -- prefetch -----------------------------------------------------------------------------
+    def prefetch(self) -> list[PendingLoad]:
+        """Start host loads for the head of the queue, and copy ready adapters into free pages.
+
+        A pool prefetch only takes pages that are free beyond the KV needs of
+        the requests ahead; it never evicts. The prefetched adapter is idle
+        (evictable) until its request is admitted.
+        """
+        loads = []
+        reserve = 0
+        for seq in itertools.islice(self.waiting, self.cfg.prefetch_depth):
+            reserve += self.kv_pages_for(seq.req)
+            e = seq.entry
+            if e is None or e.slot is not None:
+                continue
+            if e.host is None:
+                self.store.request_host(e)
+            elif self.allocator.num_free - reserve >= e.host.n_pages:
+                loads.append(self.store.make_resident(e, evict=False))
+        return loads
+
+    def observe_step(self, kind: str, seconds: float, alpha: float = 0.2) -> None:
+        if kind == "prefill":
+            self.ema_prefill = seconds if not self.ema_prefill else (
+                (1 - alpha) * self.ema_prefill + alpha * seconds)
+        else:
+            self.ema_decode = seconds if not self.ema_decode else (
+                (1 - alpha) * self.ema_decode + alpha * seconds)
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,345 @@
+"""The adapter store's tiers and the scheduler's policy, on the host alone (nothing compiles)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.adapter_store import (AdapterPathNotAllowed, AdapterStore, StoreConfig,
+                                   save_peft_adapter)
+from serving.allocator import PageAllocator
+from serving.scheduler import (GenerationRequest, Scheduler, SchedulerConfig, Seq, SloAbort,
+                               now)
+from slora_jax.adapters import AdapterError, dummy_adapter
+from slora_jax.pool import PoolLayout
+from test_serving_setup import MC, engine_config
+
+
+def make_store(num_pages=160, **cfg):
+    ec = engine_config(num_pages=num_pages)
+    lay = PoolLayout.create(MC, ec)
+    alloc = PageAllocator(ec.num_pages)
+    return AdapterStore(MC, lay, alloc, max_rank=ec.max_rank, config=StoreConfig(**cfg)), ec, lay
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+# --- registration and the disk tier -------------------------------------------------------
+
+def test_registering_2000_adapter_folders_is_lazy_and_cheap(tmp_path):
+    for i in range(2000):
+        d = tmp_path / f"user-{i:04d}"
+        d.mkdir()
+        (d / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
+        (d / "adapter_model.safetensors").write_bytes(b"")   # never read at registration
+    store, *_ = make_store()
+    t0 = time.perf_counter()
+    names = store.register_dir(str(tmp_path))
+    took = time.perf_counter() - t0
+    assert len(names) == 2000 and names[0] == "user-0000"
+    assert store.stats() == {"registered": 2000, "host": 0, "pool": 0, "host_bytes": 0}
+    assert took < 5.0, f"registering 2000 folders took {took:.2f}s"
+
+
+def test_a_broken_lazy_adapter_reports_its_file(tmp_path):
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
+    (d / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    store, *_ = make_store()
+    store.register_dir(str(tmp_path))
+    e = store.lookup("broken")
+    store.load_sync(e)
+    assert e.host is None and "adapter_model.safetensors" in e.error
+
+
+def test_lora_path_must_stay_inside_the_roots(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    ad = dummy_adapter(MC, 2, ("q", "v"), seed=1, name="x")
+    save_peft_adapter(ad, str(root / "good"))
+    save_peft_adapter(ad, str(outside / "evil"))
+    os.symlink(outside / "evil", root / "link")
+    store, *_ = make_store(allowed_roots=(str(root),))
+    names = store.register_dir(str(root))
+    assert names == ["good"]                         # the escaping symlink is skipped
+    for bad in [str(outside / "evil"), str(root / ".." / "outside" / "evil"), str(root / "link"),
+                "root/good"]:
+        with pytest.raises(AdapterPathNotAllowed):
+            store.register_path("y", bad)
+    e = store.register_path("good2", str(root / "good"))
+    assert e.host is not None                        # loaded at once: errors surface here
+
+
+def test_no_roots_means_no_loading_by_path(tmp_path):
+    store, *_ = make_store()
+    with pytest.raises(AdapterPathNotAllowed, match="disabled"):
+        store.register_path("x", str(tmp_path))
+
+
+def test_pickled_adapters_are_refused(tmp_path):
+    d = tmp_path / "pt"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "peft_type": "LORA"}')
+    (d / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    store, *_ = make_store(allowed_roots=(str(tmp_path),))
+    with pytest.raises(AdapterError, match="safetensors only"):
+        store.register_path("pt", str(d))
+
+
+def test_duplicate_and_bad_names(tmp_path):
+    store, *_ = make_store()
+    store.register_dummy("a", 4)
+    with pytest.raises(AdapterError, match="already registered"):
+        store.register_dummy("a", 4)
+    with pytest.raises(AdapterError, match="not allowed"):
+        store.register_dummy("a/b", 4)
+    with pytest.raises(AdapterError, match="rank 64"):
+        store.register_dummy("big", 64)
+
+
+# --- host tier ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 7, 8, 20, 65])
+def test_adapter_copies_are_power_of_two_chunks_without_padding(n):
+    from serving.adapter_store import chunk_sizes
+    sizes = chunk_sizes(n, 8)
+    assert sum(sizes) == n and all(s in (1, 2, 4, 8) for s in sizes)
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_host_cache_keeps_to_its_budget_and_reloads():
+    store, *_ = make_store()
+    e0 = store.register_dummy("d0", 8, seed=0)
+    store.load_sync(e0)
+    one = e0.host.nbytes
+    store.cfg = StoreConfig(host_cache_bytes=2 * one)
+    es = [e0] + [store.register_dummy(f"d{i}", 8, seed=i) for i in range(1, 5)]
+    for e in es[1:]:
+        store.load_sync(e)
+    st = store.stats()
+    assert st["host"] == 2 and st["host_bytes"] <= 2 * one
+    assert es[0].host is None and es[-1].host is not None      # least recently used went
+    store.request_host(es[0])                                  # back from the disk tier
+    wait_for(lambda: es[0].host is not None)
+
+
+def test_preload_fills_the_host_tier_up_to_its_budget():
+    store, *_ = make_store()
+    for i in range(6):
+        store.register_dummy(f"d{i}", 4, seed=i)
+    assert store.preload() == 6
+    store2, *_ = make_store(host_cache_bytes=1)
+    for i in range(6):
+        store2.register_dummy(f"d{i}", 4, seed=i)
+    assert store2.preload() <= 1
+
+
+def test_queued_requests_keep_their_host_copy():
+    store, *_ = make_store()
+    e0 = store.register_dummy("d0", 8)
+    store.load_sync(e0)
+    store.cfg = StoreConfig(host_cache_bytes=e0.host.nbytes)
+    e0.wants = 1                                   # a queued request waits for it
+    e1 = store.register_dummy("d1", 8, seed=1)
+    store.load_sync(e1)
+    assert e0.host is not None
+
+
+# --- pool tier ------------------------------------------------------------------------------
+
+MODS5 = ("q", "k", "v", "o", "gate")
+
+
+def pages_of_rank8() -> int:
+    _, _, lay = make_store()
+    return lay.adapter_pages_for({m: 8 for m in MODS5})
+
+
+def test_pool_tier_evicts_idle_adapters_lru_and_never_pinned_ones():
+    store, ec, lay = make_store(num_pages=2 * pages_of_rank8() + 10)   # room for two
+    es = [store.register_dummy(f"d{i}", 8, MODS5, seed=i)
+          for i in range(3)]
+    for e in es:
+        store.load_sync(e)
+    n = es[0].host.n_pages
+    alloc = store.allocator
+    store.make_resident(es[0])
+    store.pin(es[0])
+    store.make_resident(es[1])
+    assert store.evictable_pages() == n and store.evictable_pages(exclude=es[1]) == 0
+    assert alloc.num_free < n                      # no room for a third without evicting
+    load = store.make_resident(es[2])              # evicts d1 (idle), not d0 (pinned)
+    assert es[1].slot is None and es[0].slot is not None and es[2].slot is not None
+    assert [len(p) for p in load.pages] == [c.shape[1] for c in load.chunks]
+    assert sorted(np.concatenate(load.pages)) == sorted(alloc.pages(es[2].key))
+    store.unpin(es[0])
+    assert store.evict_idle() == 2 * n and alloc.num_free == alloc.capacity
+
+
+def test_unregistered_adapter_leaves_the_pool_when_its_last_request_ends():
+    store, *_ = make_store()
+    e = store.register_dummy("d", 4)
+    store.load_sync(e)
+    store.make_resident(e)
+    store.pin(e)
+    store.unregister("d")
+    store.collect_removed()
+    assert e.slot is not None and "d" not in store
+    store.unpin(e)
+    assert e.slot is None and store.allocator.num_free == store.allocator.capacity
+
+
+# --- scheduler --------------------------------------------------------------------------------
+
+class Harness:
+    """A scheduler over a real store and allocator; `step()` plays the engine's part."""
+
+    def __init__(self, num_pages=160, **cfg):
+        self.store, self.ec, self.lay = make_store(num_pages)
+        self.failed = []
+        self.sched = Scheduler(self.ec, self.lay, SchedulerConfig(**cfg), self.store.allocator,
+                               self.store, on_fail=lambda s, e: self.failed.append((s, e)))
+
+    def add(self, n_prompt=8, max_tokens=8, adapter=None, slo=None):
+        e = None
+        if adapter is not None:
+            e = adapter if not isinstance(adapter, str) else self.store.lookup(adapter)
+        t = now()
+        seq = Seq(GenerationRequest([1] * n_prompt, max_tokens=max_tokens), None, e, t,
+                  None if slo is None else t + slo)
+        self.sched.add(seq)
+        return seq
+
+    def step(self):
+        st = self.sched.schedule()
+        if st is not None:
+            for s in st.seqs:
+                s.n_dispatched += 1
+                if s.n_dispatched == s.req.max_tokens:
+                    self.sched.finish(s)
+        return st
+
+
+def test_admission_reserves_prompt_plus_max_tokens():
+    h = Harness()
+    s = h.add(n_prompt=5, max_tokens=20)
+    st = h.step()
+    assert st.kind == "prefill" and st.seqs == [s]
+    assert len(s.kv_pages) == h.lay.kv_pages_for(25)
+    assert h.sched.kv_pages_used == len(s.kv_pages)
+
+
+def test_first_come_first_served_on_memory():
+    h = Harness(num_pages=20)                     # 19 pages, 6 tokens per page
+    big = h.add(n_prompt=8, max_tokens=40)        # 8 pages
+    h.add(n_prompt=8, max_tokens=40)
+    blocked = h.add(n_prompt=8, max_tokens=40)    # does not fit beside the first two
+    small = h.add(n_prompt=2, max_tokens=2)       # would fit, but must not overtake
+    st = h.step()
+    assert st.seqs == [big, st.seqs[1]] and blocked.state == small.state == "waiting"
+
+
+def test_prefill_and_decode_alternate_while_requests_wait():
+    h = Harness(decode_steps_per_prefill=1)
+    for _ in range(12):
+        h.add(n_prompt=4, max_tokens=30)
+    kinds = [h.step().kind for _ in range(6)]
+    assert kinds == ["prefill", "decode", "prefill", "decode", "prefill", "decode"]
+
+
+def test_decode_runs_every_request_even_with_a_long_queue():
+    h = Harness(decode_steps_per_prefill=3)
+    for _ in range(40):
+        h.add(n_prompt=4, max_tokens=30)
+    kinds = []
+    for _ in range(12):
+        running = list(h.sched.running)
+        st = h.step()
+        kinds.append(st.kind)
+        if st.kind == "decode":
+            assert st.seqs == running          # every running request, every decode step
+    assert kinds == ["prefill", "decode", "decode", "decode"] * 3
+
+
+def test_cancel_frees_pages_at_once():
+    h = Harness()
+    a = h.add(max_tokens=30, adapter=None)
+    h.step()
+    free = h.store.allocator.num_free
+    h.sched.cancel(a)
+    assert h.store.allocator.num_free == free + len(a.kv_pages)
+    assert h.sched.kv_pages_used == 0 and not h.sched.running
+
+
+def test_early_abort_drops_requests_that_cannot_meet_the_slo():
+    h = Harness()
+    late = h.add(slo=0.0)
+    ok = h.add(slo=60.0)
+    time.sleep(0.001)
+    h.sched.abort_late(now())
+    assert [s for s, _ in h.failed] == [late] and isinstance(h.failed[0][1], SloAbort)
+    # Predictive: 10 prefill steps of 1 s each ahead of the 11th request miss a 5 s SLO.
+    h.sched.ema_prefill = 1.0
+    seqs = [h.add(slo=5.0) for _ in range(44)]
+    h.sched.abort_late(now())
+    dropped = {id(s) for s, _ in h.failed}
+    assert id(ok) not in dropped and id(seqs[0]) not in dropped and id(seqs[-1]) in dropped
+
+
+def test_an_adapter_still_on_disk_does_not_block_the_queue():
+    h = Harness()
+    gate = threading.Event()
+
+    class SlowSource:
+        def load(self, mc, name, max_rank):
+            gate.wait(10)
+            return dummy_adapter(mc, 4, ("q",), name=name)
+
+    slow = h.store._add("slow", SlowSource())
+    h.store.register_dummy("fast", 4)
+    h.store.load_sync(h.store.lookup("fast"))
+    s_slow = h.add(adapter=slow)
+    s_fast = h.add(adapter="fast")
+    st = h.step()
+    assert st.seqs == [s_fast] and s_slow.state == "waiting" and st.loads
+    gate.set()
+    wait_for(lambda: slow.host is not None)
+    h.sched.decodes_since_prefill = 1
+    st = h.step()
+    assert st.kind == "prefill" and st.seqs == [s_slow]
+
+
+def test_distinct_adapters_per_batch_are_bounded():
+    h = Harness(num_pages=1024)
+    for i in range(10):
+        h.store.load_sync(h.store.register_dummy(f"d{i}", 1, ("q",), seed=i))
+    for i in range(10):
+        h.add(n_prompt=2, max_tokens=30, adapter=f"d{i}")
+    for _ in range(6):
+        h.step()
+    assert len({s.entry for s in h.sched.running}) == h.ec.max_adapters_per_batch
+    assert len(h.sched.waiting) == 10 - h.ec.max_adapters_per_batch
+
+
+def test_prefetch_fills_free_pages_only():
+    n = pages_of_rank8()
+    h = Harness(num_pages=2 * n + 10)
+    es = [h.store.register_dummy(f"d{i}", 8, MODS5, seed=i)
+          for i in range(3)]
+    for e in es:
+        h.store.load_sync(e)
+    seqs = [h.add(n_prompt=2, max_tokens=2, adapter=e) for e in es]
+    loads = h.sched.prefetch()
+    assert [ld.entry for ld in loads] == es[:2]          # the third does not fit in free pages
+    assert all(s.state == "waiting" for s in seqs)
+    assert h.store.evictable_pages() == 2 * es[0].host.n_pages
+    assert h.store.allocator.num_free == 2 * n + 9 - 2 * n
