@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device-tool call: install carried wheels (fastapi/uvicorn/pydantic are not on the
+# GPU image), then run a benchmark with the repo on PYTHONPATH. Usage:
+#   bash benchmarks/gpu_run.sh e2e     # benchmarks/e2e_decode.py, Llama-7B dummy
+#   bash benchmarks/gpu_run.sh serve   # benchmarks/serve_load.py, 100 then 1000 adapters
+set -uo pipefail
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit 1
+else
+  export PYTHONPATH=.
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+OUTDIR=${OUT:-benchmarks/results}
+case "$1" in
+  e2e)
+    python3 benchmarks/e2e_decode.py --preset llama-7b --batches "${BATCHES:-32:512,128:512}" \
+      --adapters "${ADAPTERS:-32,128}" --iters 10 --out "$OUTDIR" ;;
+  serve)
+    for n in 100 1000; do
+      python3 benchmarks/serve_load.py --dummy llama-7b --config configs/server/llama-7b-bench.yaml \
+        --dummy-adapters $n --dummy-ranks 8 --preload --compile-cache /tmp/jax-cache \
+        --rate "${RATE:-8}" --duration "${DURATION:-45}" --input-range 8,256 --output-range 8,256 \
+        --out-dir "$OUTDIR" --tag "gpu_${n}ad" || exit 1
+    done ;;
+  *) echo "usage: $0 e2e|serve" >&2; exit 2 ;;
+esac
