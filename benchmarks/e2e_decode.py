@@ -6,9 +6,9 @@ For a Llama dummy model (default Llama-7B shapes, bf16) it times, in one run:
   * `base`    : the same step with no adapter in the batch (the 0-slot bucket: no LoRA work);
   * `xla`     : a plain-XLA decode step on contiguous per-layer K/V caches (no pool, no LoRA),
                 the "base model alone" ceiling.
-Each step is timed with CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`), threading
-the donated pool/cache from one call to the next; the median of `--iters` calls is
-reported, with the HBM-read floor (weights + KV bytes over the copy bandwidth measured in
+Each step's GPU time is the sum of its kernels' CUPTI times (the CUPTI hooks that
+`jax.experimental.mosaic.gpu.profiler.measure` uses, around a loop of `--iters` calls that
+threads the donated pool/cache; wall time per pipelined step is recorded too), with the HBM-read floor (weights + KV bytes over the copy bandwidth measured in
 the same run). Prints a table and writes JSON + Markdown to benchmarks/results/.
 
     python benchmarks/e2e_decode.py --quick              # small shapes, any device
@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -44,30 +43,36 @@ from slora_jax.step import decode  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def timer():
-    """CUPTI on a GPU; wall clock after block_until_ready elsewhere (CPU runs)."""
+def timed_loop(step, state, n):
+    """Run `state = step(state)` n times (donated state threaded through) and return
+    (state, GPU µs per step from CUPTI kernel times or None, wall µs per step).
+
+    CUPTI's `profiler.measure` makes its own warm-up call, which would consume the
+    donated pool, so we bracket our own loop with its init/get-timings calls.
+    """
+    ext = None
     if jax.devices()[0].platform == "gpu":
-        from jax.experimental.mosaic.gpu import profiler
+        from jax._src.lib import mosaic_gpu as mgpu
+        ext = mgpu._mosaic_gpu_ext
+        ext._cupti_init()
+    t = time.perf_counter()
+    try:
+        for _ in range(n):
+            state = step(state)
+        jax.block_until_ready(state)
+    finally:
+        timings = ext._cupti_get_timings(True) if ext is not None else None
+    wall = (time.perf_counter() - t) / n * 1e6
+    gpu = sum(ms for _, ms in timings) * 1e3 / n if timings else None
+    return state, gpu, wall
 
-        def run(f, *args):
-            out, ms = profiler.measure(f)(*args)
-            return out, ms * 1e3
-        return run, "cupti"
 
-    def run(f, *args):
-        t = time.perf_counter()
-        out = jax.block_until_ready(f(*args))
-        return out, (time.perf_counter() - t) * 1e6
-    return run, "wall"
-
-
-def copy_bandwidth(run) -> float:
-    x = jnp.ones((256 << 20,), jnp.float32) if jax.devices()[0].platform == "gpu" else \
-        jnp.ones((8 << 20,), jnp.float32)
+def copy_bandwidth() -> float:
+    n = (256 << 20) if jax.devices()[0].platform == "gpu" else (8 << 20)
     f = jax.jit(lambda a: a * 1.0001)
-    f(x).block_until_ready()
-    ts = [run(f, x)[1] for _ in range(10)]
-    return 2 * x.nbytes / (statistics.median(ts) * 1e-6) / 1e9
+    x = f(jnp.ones((n,), jnp.float32)).block_until_ready()
+    _, gpu, wall = timed_loop(f, x, 10)
+    return 2 * x.nbytes / ((gpu or wall) * 1e-6) / 1e9
 
 
 def xla_decode_step(mc):
@@ -130,9 +135,9 @@ def main(argv=None):
 
     mc = preset(args.preset)
     dtype = jnp.bfloat16
-    run, clock = timer()
+    clock = "cupti" if jax.devices()[0].platform == "gpu" else "wall"
     params = init_dummy_params(mc, dtype)
-    copy_gbps = copy_bandwidth(run)
+    copy_gbps = copy_bandwidth()
     ranks = [int(r) for r in args.ranks.split(",")]
     rows = []
     for bc in args.batches.split(","):
@@ -167,14 +172,11 @@ def main(argv=None):
                                   slots, ec, lay)
             base_b = decode_batch(list(range(b)), pos, kv, [-1] * b, samp, slots, ec, lay)
             step = functools.partial(decode, spec=spec)
-            res = {}
+            res, wall = {}, {}
             for name, batch in (("slora", lora_b), ("base", base_b)):
                 pool, _ = step(params, pool, batch)            # compile + warm up
-                ts = []
-                for _ in range(args.iters):
-                    (pool, _), t = run(step, params, pool, batch)
-                    ts.append(t)
-                res[name] = statistics.median(ts)
+                pool, g, w = timed_loop(lambda p: step(params, p, batch)[0], pool, args.iters)
+                res[name], wall[name] = (g or w), w
             del pool
             cache = tuple((jnp.zeros((b, ctx, mc.num_kv_heads, mc.head_dim), dtype),
                            jnp.zeros((b, ctx, mc.num_kv_heads, mc.head_dim), dtype))
@@ -182,11 +184,8 @@ def main(argv=None):
             xstep = xla_decode_step(mc)
             toks, posa = jnp.arange(b, dtype=jnp.int32), jnp.full((b,), ctx - 1, jnp.int32)
             cache, _ = xstep(params, cache, toks, posa)
-            ts = []
-            for _ in range(args.iters):
-                (cache, _), t = run(xstep, params, cache, toks, posa)
-                ts.append(t)
-            res["xla"] = statistics.median(ts)
+            cache, g, w = timed_loop(lambda c: xstep(params, c, toks, posa)[0], cache, args.iters)
+            res["xla"], wall["xla"] = (g or w), w
             del cache
             kv_bytes = b * ctx * 2 * mc.kv_size * 2 * mc.num_layers
             floor_us = (params_bytes(params) + kv_bytes) / (copy_gbps * 1e9) * 1e6
@@ -194,7 +193,8 @@ def main(argv=None):
                    "slora_us": res["slora"], "base_us": res["base"], "xla_us": res["xla"],
                    "lora_overhead": res["slora"] / res["base"],
                    "base_vs_xla": res["base"] / res["xla"], "hbm_floor_us": floor_us,
-                   "tokens_per_s": b / (res["slora"] * 1e-6)}
+                   "tokens_per_s": b / (res["slora"] * 1e-6),
+                   "wall_us": wall}
             rows.append(row)
             print(f"B={b:4d} ctx={ctx:5d} adapters={n_ad:4d}  slora {res['slora']:9.1f} us  "
                   f"base {res['base']:9.1f} us  xla {res['xla']:9.1f} us  "
