@@ -112,7 +112,7 @@ def git_commit() -> str:
     if env:
         return env
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+        return subprocess.check_output(["git", "rev-parse", "--verify", "-q", "HEAD"], text=True).strip()
     except Exception:
         return "unknown"
 

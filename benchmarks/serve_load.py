@@ -217,8 +217,10 @@ def _server_counters(url: str) -> dict:
 
 
 def _git() -> str:
+    if os.environ.get("SLORA_COMMIT"):       # the device machine's copy has no git history
+        return os.environ["SLORA_COMMIT"]
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True,
+        rev = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=_ROOT, capture_output=True,
                              text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=_ROOT, capture_output=True, text=True, timeout=10).stdout
