@@ -1,0 +1,275 @@
+"""Mosaic GPU kernels vs their jnp references (pallas_kernels/*_mgpu.py).
+
+On the CPU the kernels run through the Mosaic GPU interpreter
+(`plgpu.InterpretGPUParams`, which fills every buffer with NaN before the
+kernel runs, so an output element the kernel never writes fails the check).
+Tests marked `gpu` compile the same kernels for the device at Llama-sized
+shapes; run them there with `JAX_PLATFORMS=cuda pytest -m gpu tests/test_kernels.py`.
+
+Every test draws fresh random inputs, with adapter and KV pages scattered over
+the pool by a random permutation. Tolerances: the LoRA kernels multiply bf16
+operands exactly and accumulate in float32, so their inputs are drawn
+bf16-exact (and scales as powers of two) and the bound is float32 rounding of
+sums of ~H terms; attention rounds P and the scaled q to bf16 (as every bf16
+flash kernel does), so it is held to 2e-2 of the output's scale.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import lora, lora_mgpu, paged_attention, paged_attention_mgpu
+from slora_jax.pool import PoolLayout
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+
+# --- LoRA -------------------------------------------------------------------------
+
+def _bf16(rng, shape):
+    """Fresh normal bf16 values, drawn on the device (pools of GBs on the GPU)."""
+    return jax.random.normal(jax.random.key(int(rng.integers(1 << 31))), shape, jnp.bfloat16)
+
+
+def lora_case(rng, *, h, t, s, max_rank, ranks, token_slot, page_size=8, pages_per_slot=None,
+              spare_pages=8):
+    """A pool with `s` adapter slots on randomly scattered pages, and a token batch.
+
+    Each slot holds one A^T/B pair somewhere inside its own pages, at a random
+    (generally not 8-aligned) row offset, as `PoolLayout.adapter_offsets` packs them.
+    """
+    rows_needed = 2 * max_rank + 24
+    pa = pages_per_slot or -(-rows_needed // page_size)
+    num_pages = s * pa + spare_pages
+    perm = rng.permutation(num_pages)
+    slot_pages = jnp.asarray(perm[:s * pa].reshape(s, pa), jnp.int32)
+    rows = _bf16(rng, (num_pages * page_size, h))
+    a_off = rng.integers(0, 12, s)
+    b_off = a_off + max_rank + rng.integers(0, 12, s)
+    return dict(
+        rows=rows, slot_pages=slot_pages,
+        a_offset=jnp.asarray(a_off, jnp.int32), b_offset=jnp.asarray(b_off, jnp.int32),
+        rank=jnp.asarray(ranks, jnp.int32),
+        scale=jnp.asarray(2.0 ** rng.integers(-2, 2, s), jnp.float32),
+        token_slot=jnp.asarray(token_slot, jnp.int32),
+        x=_bf16(rng, (t, h)),
+        xa=_bf16(rng, (t, max_rank)).astype(jnp.float32),
+        max_rank=max_rank, page_size=page_size)
+
+
+def check_shrink(c, **kw):
+    lora_mgpu._warned.clear()
+    args = (c["x"], c["rows"], c["slot_pages"], c["a_offset"], c["rank"], c["token_slot"])
+    opts = dict(max_rank=c["max_rank"], page_size=c["page_size"])
+    got = np.asarray(lora_mgpu.lora_shrink(*args, **opts, **kw))
+    ref = np.asarray(lora.lora_shrink_reference(*args, **opts))
+    assert not lora_mgpu._warned, "the kernel fell back to the reference"
+    assert got.shape == ref.shape and not np.isnan(got).any()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-2)
+
+
+def check_expand(c, out_features, fallback=False, **kw):
+    lora_mgpu._warned.clear()
+    rows = c["rows"]
+    args = (c["xa"], rows, c["slot_pages"], c["b_offset"], c["rank"], c["scale"],
+            c["token_slot"])
+    opts = dict(out_features=out_features, page_size=c["page_size"])
+    got = np.asarray(lora_mgpu.lora_expand(*args, **opts, **kw))
+    ref = np.asarray(lora.lora_expand_reference(*args, **opts))
+    assert bool(lora_mgpu._warned) == fallback, "unexpected (lack of) fallback"
+    assert got.shape == ref.shape and not np.isnan(got).any()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-2)
+
+
+H = 128          # smallest row the kernels take: one 64-wide swizzle tile, twice
+
+
+def _batch(rng, kind, t, s, max_rank):
+    """token_slot and ranks for one of the batch shapes the issue lists."""
+    if kind == "one_token":
+        return [0], [1]
+    if kind == "no_adapters":
+        return [-1] * t, rng.integers(1, max_rank + 1, s)
+    if kind == "one_adapter":
+        return [0] * t, [max_rank] + [1] * (s - 1)
+    if kind == "all_distinct":
+        return rng.permutation(s)[:t], rng.integers(1, max_rank + 1, s)
+    if kind == "mixed":                   # some tokens without adapter, ranks incl. 0
+        return rng.integers(-1, s, t), rng.choice([0, 1, 8, max_rank], s)
+    raise ValueError(kind)
+
+
+KINDS = ["one_token", "no_adapters", "one_adapter", "all_distinct", "mixed"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shrink_matches_reference(kind):
+    rng = np.random.default_rng()
+    t, s, r = (1, 1, 16) if kind == "one_token" else (12, 12, 16)
+    ts, ranks = _batch(rng, kind, t, s, r)
+    check_shrink(lora_case(rng, h=H, t=len(ts), s=len(ranks), max_rank=r, ranks=ranks,
+                           token_slot=ts))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_expand_matches_reference(kind):
+    rng = np.random.default_rng()
+    t, s, r = (1, 1, 16) if kind == "one_token" else (12, 12, 16)
+    ts, ranks = _batch(rng, kind, t, s, r)
+    check_expand(lora_case(rng, h=H, t=len(ts), s=len(ranks), max_rank=r, ranks=ranks,
+                           token_slot=ts), H)
+
+
+def test_max_rank_64_spans_two_row_tiles():
+    """Rank 64 at an unaligned offset covers 9 row groups: the kernels' 128-row path."""
+    rng = np.random.default_rng()
+    ts = rng.integers(0, 3, 6)
+    c = lora_case(rng, h=H, t=6, s=3, max_rank=64, ranks=[64, 64, 1], token_slot=ts)
+    check_shrink(c)
+    check_expand(c, H)
+
+
+def test_expand_narrow_width_packs_rank_rows():
+    """A k/v B of width kv_size = H/2: two rank rows per pool row, read via a view."""
+    rng = np.random.default_rng()
+    ts = rng.integers(-1, 4, 10)
+    c = lora_case(rng, h=2 * H, t=10, s=4, max_rank=16, ranks=[16, 1, 8, 0], token_slot=ts)
+    check_expand(c, H, block_n=64)
+
+
+def test_prefill_segments_span_token_tiles():
+    """MBGMM: segments of many tokens per adapter cross tile boundaries."""
+    rng = np.random.default_rng()
+    ts = np.repeat(rng.permutation(3), [7, 13, 4])
+    c = lora_case(rng, h=H, t=len(ts), s=3, max_rank=16, ranks=[16, 3, 8], token_slot=ts)
+    check_shrink(c, block_tokens=8)
+    check_expand(c, H)
+
+
+def test_stage_refills_are_race_free():
+    """More K/N steps than pipeline stages, under the interpreter's race detector."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
+    rng = np.random.default_rng()
+    ts = np.repeat(rng.permutation(3), [5, 9, 2])
+    c = lora_case(rng, h=2 * H, t=len(ts), s=3, max_rank=16, ranks=[16, 5, 9], token_slot=ts)
+    races = plgpu.InterpretGPUParams(detect_races=True)
+    check_shrink(c, num_stages=2, interpret=races)
+    assert not mgpu_interpret.get_races().races_found
+    check_expand(c, 2 * H, block_n=64, num_stages=2, interpret=races)
+    assert not mgpu_interpret.get_races().races_found
+    layout, args = attn_case(rng, nkv=2, g=2, hd=64, page_size=8, row_width=256, batch=2,
+                             pages_per_req=40, lengths=[300, 129])
+    check_decode(layout, args, block_kv=64, num_splits=2, num_stages=2, interpret=races)
+    assert not mgpu_interpret.get_races().races_found
+
+
+def test_plan_covers_each_token_once():
+    rng = np.random.default_rng()
+    t, s, bt = 37, 9, 8
+    ts = rng.integers(-1, s, t)
+    plan = jax.tree.map(np.asarray, lora_mgpu.plan_batch(jnp.asarray(ts, jnp.int32), s, bt))
+    skey = plan["key"][plan["order"]]
+    owned = np.zeros(t, int)
+    for w in range(len(plan["item_lo"])):
+        lo, hi = plan["item_lo"][w], plan["item_hi"][w]
+        owned[lo:hi] += 1
+        if hi > lo:
+            assert lo // bt == plan["item_tile"][w] == (hi - 1) // bt
+            assert (skey[lo:hi] == plan["item_slot"][w]).all()
+            assert (plan["pos_item"][lo:hi] == w).all()
+    assert (owned == 1).all()
+    key = np.where(ts >= 0, ts, s)
+    assert (key[plan["order"]] == np.sort(key, kind="stable")).all()
+    assert (plan["where"][plan["order"]] == np.arange(t)).all()
+
+
+def test_unsupported_width_falls_back_with_a_log(caplog):
+    rng = np.random.default_rng()
+    c = lora_case(rng, h=H, t=4, s=2, max_rank=8, ranks=[8, 4], token_slot=[0, 1, 1, -1])
+    with caplog.at_level(logging.WARNING, logger="pallas_kernels.lora_mgpu"):
+        check_expand(c, 3 * H // 2, fallback=True)    # an MLP-like width straddling rows
+    with caplog.at_level(logging.WARNING, logger="pallas_kernels.lora_mgpu"):
+        lora_mgpu.lora_expand(c["xa"], c["rows"], c["slot_pages"], c["b_offset"], c["rank"],
+                              c["scale"], c["token_slot"], out_features=3 * H // 2,
+                              page_size=c["page_size"])
+    msgs = [r.getMessage() for r in caplog.records if "reference" in r.getMessage()]
+    assert len(msgs) == 1                      # said once, not on every call
+
+
+# --- decode attention ---------------------------------------------------------------
+
+def attn_case(rng, *, nkv, g, hd, page_size, row_width, batch, pages_per_req, lengths=None):
+    layout = PoolLayout(num_layers=1, num_pages=batch * pages_per_req + 4, page_size=page_size,
+                        row_width=row_width, num_kv_heads=nkv, head_dim=hd, max_rank=8,
+                        module_shapes=())
+    tpp = layout.tokens_per_page
+    layer = _bf16(rng, (layout.num_pages, page_size, row_width))
+    kv_pages = jnp.asarray(rng.permutation(layout.num_pages)[:batch * pages_per_req]
+                           .reshape(batch, pages_per_req), jnp.int32)
+    if lengths is None:
+        lengths = rng.integers(1, pages_per_req * tpp + 1, batch)
+    q = _bf16(rng, (batch, nkv * g, hd))
+    return layout, (q, layer, kv_pages, jnp.asarray(lengths, jnp.int32))
+
+
+def check_decode(layout, args, window=None, **kw):
+    paged_attention_mgpu._warned.clear()
+    got = np.asarray(paged_attention_mgpu.decode_attention(*args, layout, window, **kw))
+    ref = np.asarray(paged_attention.decode_attention_reference(*args, layout, window))
+    assert not paged_attention_mgpu._warned, "the kernel fell back to the reference"
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, ref, atol=2e-2 * max(1.0, np.abs(ref).max()), rtol=0)
+
+
+@pytest.mark.parametrize("g,window,splits", [(1, None, 1), (3, None, 2), (4, 40, 3)])
+def test_decode_attention_matches_reference(g, window, splits):
+    rng = np.random.default_rng()
+    # 2 KV heads of 64, page rows of 256: 8 tokens per page, 64-token steps of 8 pages.
+    layout, args = attn_case(rng, nkv=2, g=g, hd=64, page_size=8, row_width=256, batch=3,
+                             pages_per_req=20, lengths=[1, 64, int(rng.integers(65, 161))])
+    check_decode(layout, args, window, block_kv=64, num_splits=splits)
+
+
+# --- on the GPU, at model shapes ------------------------------------------------------
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("max_rank", [16, 64])
+def test_gpu_lora_llama7b_shapes(kind, max_rank):
+    rng = np.random.default_rng()
+    t = s = 1 if kind == "one_token" else 64
+    ts, ranks = _batch(rng, kind, t, s, max_rank)
+    c = lora_case(rng, h=4096, t=len(ts), s=len(ranks), max_rank=max_rank, ranks=ranks,
+                  token_slot=ts, page_size=16, spare_pages=64)
+    check_shrink(c)
+    check_expand(c, 4096)
+    check_expand(c, 1024)                       # Llama-3-8B k/v B: 4 rank rows per pool row
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_lora_prefill_segments():
+    rng = np.random.default_rng()
+    ts = np.repeat(rng.permutation(5), [300, 7, 130, 64, 1])
+    c = lora_case(rng, h=4096, t=len(ts), s=5, max_rank=64, ranks=[64, 8, 16, 33, 1],
+                  token_slot=ts, page_size=16)
+    check_shrink(c)
+    check_expand(c, 4096)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("nkv,g,window", [(32, 1, None), (8, 4, None), (8, 4, 1000)])
+def test_gpu_decode_attention_llama_shapes(nkv, g, window):
+    rng = np.random.default_rng()
+    layout, args = attn_case(rng, nkv=nkv, g=g, hd=128, page_size=16, row_width=4096,
+                             batch=16, pages_per_req=4096 // (16 * 4096 // (2 * nkv * 128)))
+    check_decode(layout, args, window)
