@@ -19,7 +19,14 @@ import jax.numpy as jnp
 
 from slora_jax.config import ceil_div
 
-BACKENDS = ("reference", "pallas")
+BACKENDS = ("auto", "reference", "pallas")
+
+
+def resolve_backend(backend: str) -> str:
+    """"auto": the Pallas kernels on a GPU, the jnp reference elsewhere."""
+    if backend == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return backend
 
 
 def gather_slot_matrix(rows: jax.Array, slot_pages: jax.Array, offset: jax.Array,
@@ -68,6 +75,7 @@ def lora_expand_reference(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
 def lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot, *, max_rank, page_size,
                 backend="reference"):
     """Dispatch point for the shrink. See `lora_shrink_reference` for the contract."""
+    backend = resolve_backend(backend)
     if backend == "reference":
         return lora_shrink_reference(x, rows, slot_pages, a_offset, rank, token_slot,
                                      max_rank=max_rank, page_size=page_size)
@@ -81,6 +89,7 @@ def lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot, *, max_rank, pa
 def lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot, *, out_features,
                 page_size, backend="reference"):
     """Dispatch point for the expand. See `lora_expand_reference` for the contract."""
+    backend = resolve_backend(backend)
     if backend == "reference":
         return lora_expand_reference(xa, rows, slot_pages, b_offset, rank, scale, token_slot,
                                      out_features=out_features, page_size=page_size)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.lora import BACKENDS, resolve_backend  # noqa: F401  (one rule for both)
 from slora_jax.pool import PoolLayout, kv_page_view
 
-BACKENDS = ("reference", "pallas")
 _NEG = -1e30
 
 
@@ -68,6 +68,7 @@ def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
 def decode_attention(q, layer, kv_pages, lengths, layout, sliding_window=None,
                      backend="reference"):
     """Dispatch point for decode attention over the pool."""
+    backend = resolve_backend(backend)
     if backend == "reference":
         return decode_attention_reference(q, layer, kv_pages, lengths, layout, sliding_window)
     if backend == "pallas":
@@ -79,6 +80,7 @@ def decode_attention(q, layer, kv_pages, lengths, layout, sliding_window=None,
 
 def prefill_attention(q, k, v, seq_ids, positions, sliding_window=None, backend="reference"):
     """Dispatch point for packed causal prefill attention."""
+    backend = resolve_backend(backend)
     if backend == "reference":
         return prefill_attention_reference(q, k, v, seq_ids, positions, sliding_window)
     if backend == "pallas":
