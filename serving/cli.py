@@ -168,6 +168,9 @@ def build(args):
             args.adapters = [DEMO_ADAPTERS]
         args.config = args.config or DEFAULT_CONFIG
         log.info("no --model: serving the default model from %s", args.model)
+    if args.model and args.model.endswith(".gguf"):
+        from slora_jax.gguf_loader import hf_dir_for_gguf
+        args.model = str(hf_dir_for_gguf(args.model))
     cfg = resolve(args)
     srv, eng = cfg["server"], cfg["engine"]
     mc, params, _ = load_model(args.model, args.dummy, srv["dtype"])

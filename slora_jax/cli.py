@@ -34,6 +34,9 @@ def load_model(model: str | None, dummy: str | None, dtype_name: str):
     if dummy:
         mc = preset(dummy)
         return mc, init_dummy_params(mc, dtype), None
+    if model.endswith(".gguf"):        # any Llama-family GGUF: converted once, then cached
+        from slora_jax.gguf_loader import hf_dir_for_gguf
+        model = str(hf_dir_for_gguf(model, dtype="float32" if dtype_name == "float32" else "bfloat16"))
     mc = load_model_config(model)
     params = load_hf_params(model, mc, dtype)
     tok = None

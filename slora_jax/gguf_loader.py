@@ -620,6 +620,17 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir).expanduser().absolute()
 
 
+def hf_dir_for_gguf(gguf_path: str | os.PathLike, dtype: str = "bfloat16",
+                    cache_dir: str | os.PathLike | None = None) -> Path:
+    """An HF folder for any Llama-family GGUF file, converted once into the cache
+    (keyed by the file's name, size and mtime, so an edited file converts again)."""
+    src = Path(gguf_path).expanduser().absolute()
+    _check_magic(str(src))
+    st = src.stat()
+    key = f"{src.stem}-{st.st_size}-{int(st.st_mtime)}-{_normalize_dtype(dtype)}"
+    return convert_gguf_to_hf(src, _cache_root(cache_dir) / "converted" / key, dtype=dtype)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

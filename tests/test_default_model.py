@@ -82,3 +82,22 @@ def test_demo_adapters_in_one_batch(default_model, engine):
         assert sig.endswith(SIGNATURE.strip()), ctx
         assert _upper_fraction(base) < 0.5, ctx
         assert SIGNATURE.strip() not in base and "slora" not in caps.lower(), ctx
+
+
+def test_model_flag_accepts_a_gguf_file():
+    """`--model FILE.gguf` converts any Llama-family GGUF once and loads it like a folder."""
+    import glob
+
+    from slora_jax.cli import load_model
+    from slora_jax.config import load_model_config
+    from slora_jax.gguf_loader import _cache_root, default_model_dir
+    try:
+        folder = default_model_dir(dtype="bfloat16")
+    except RuntimeError as e:
+        pytest.skip(f"default model unavailable: {e}")
+    ggufs = glob.glob(str(_cache_root(None) / "gguf" / "*.gguf"))
+    if not ggufs:
+        pytest.skip("no cached GGUF file")
+    mc, params, tok = load_model(ggufs[0], None, "bfloat16")
+    assert mc.with_(name="x") == load_model_config(str(folder)).with_(name="x")
+    assert tok is not None and params.layers[0].wq.shape == (mc.hidden_size, mc.q_size)
