@@ -3,6 +3,8 @@
 # GPU image), then run a benchmark with the repo on PYTHONPATH. Usage:
 #   bash benchmarks/gpu_run.sh e2e     # benchmarks/e2e_decode.py, Llama-7B dummy
 #   bash benchmarks/gpu_run.sh serve   # benchmarks/serve_load.py, 100 then 1000 adapters
+#   bash benchmarks/gpu_run.sh pallas  # GPU tests of the kernels and of the Pallas step, then
+#                                      # the e2e step with the Pallas backends (4 layers, then 32)
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -23,5 +25,13 @@ case "$1" in
         --rate "${RATE:-8}" --duration "${DURATION:-45}" --input-range 8,256 --output-range 8,256 \
         --out-dir "$OUTDIR" --tag "gpu_${n}ad" || exit 1
     done ;;
-  *) echo "usage: $0 e2e|serve" >&2; exit 2 ;;
+  pallas)
+    timeout "${TEST_S:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_kernels.py tests/test_pallas_step.py 2>&1 | tail -15
+    for layers in ${LAYERS:-4 32}; do
+      timeout "${E2E_S:-300}" python3 benchmarks/e2e_decode.py --preset llama-7b --layers "$layers" \
+        --batches "${BATCHES:-32:512,128:512}" --adapters "${ADAPTERS:-1,32,128}" --iters 10 \
+        --lora-backend pallas --attention-backend pallas --out "$OUTDIR" 2>&1 | grep -v "^|"
+    done ;;
+  *) echo "usage: $0 e2e|serve|pallas" >&2; exit 2 ;;
 esac

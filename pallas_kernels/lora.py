@@ -73,8 +73,12 @@ def lora_expand_reference(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
 
 
 def lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot, *, max_rank, page_size,
-                backend="reference"):
-    """Dispatch point for the shrink. See `lora_shrink_reference` for the contract."""
+                backend="reference", plan=None):
+    """Dispatch point for the shrink. See `lora_shrink_reference` for the contract.
+
+    `plan` (Pallas only): `lora_mgpu.batch_plan(token_slot, S)`, computed once per
+    step and shared by every module and layer; built here when not given.
+    """
     backend = resolve_backend(backend)
     if backend == "reference":
         return lora_shrink_reference(x, rows, slot_pages, a_offset, rank, token_slot,
@@ -82,12 +86,12 @@ def lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot, *, max_rank, pa
     if backend == "pallas":
         from pallas_kernels import lora_mgpu
         return lora_mgpu.lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot,
-                                     max_rank=max_rank, page_size=page_size)
+                                     max_rank=max_rank, page_size=page_size, plan=plan)
     raise ValueError(f"unknown LoRA backend '{backend}' (have {BACKENDS})")
 
 
 def lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot, *, out_features,
-                page_size, backend="reference"):
+                page_size, backend="reference", plan=None):
     """Dispatch point for the expand. See `lora_expand_reference` for the contract."""
     backend = resolve_backend(backend)
     if backend == "reference":
@@ -96,5 +100,6 @@ def lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot, *, out_
     if backend == "pallas":
         from pallas_kernels import lora_mgpu
         return lora_mgpu.lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot,
-                                     out_features=out_features, page_size=page_size)
+                                     out_features=out_features, page_size=page_size,
+                                     plan=plan)
     raise ValueError(f"unknown LoRA backend '{backend}' (have {BACKENDS})")

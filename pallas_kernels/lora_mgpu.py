@@ -145,6 +145,13 @@ def plan_batch(token_slot: jax.Array, num_slots: int, block_tokens: int) -> dict
                 item_tile=jnp.where(used, tile, 0), item_lo=lo, item_hi=hi, pos_item=pos_item)
 
 
+def batch_plan(token_slot: jax.Array, num_slots: int) -> dict:
+    """The plan `lora_shrink`/`lora_expand` build when given none (block_tokens by
+    `pick_block_tokens`): build it once per step and pass it to every call."""
+    bt = pick_block_tokens(token_slot.shape[0], num_slots)
+    return plan_batch(token_slot, num_slots, bt)
+
+
 def _group_rows(slot_pages, offset, rank, item_slot, *, num_groups, page_size, rows_per_row,
                 num_rows):
     """Pool row (in the width-W row view) of each work item's 8-row groups; past the
@@ -216,6 +223,11 @@ def _shrink_kernel(grp_ref, tile_ref, lo_ref, hi_ref, x_ref, rows_ref, out_ref, 
         plgpu.wait_smem_to_gmem(0)
 
 
+# Jitted with its static configuration, so a kernel of one shape is traced and
+# lowered once per step function, not once per layer and module: the layers are
+# a Python loop, and Mosaic GPU lowering of each call costs seconds.
+@functools.partial(jax.jit, static_argnames=(
+    "num_groups", "block_tokens", "block_k", "num_stages", "num_splits", "interpret"))
 def _shrink_call(group_rows, item_tile, item_lo, item_hi, x_sorted, rows, *, num_groups,
                  block_tokens, block_k, num_stages, num_splits, interpret):
     w_max = group_rows.shape[0]
@@ -370,6 +382,9 @@ def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_re
         plgpu.wait_smem_to_gmem(0)
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "num_tokens", "num_groups", "block_tokens", "block_n", "num_stages", "num_splits",
+    "interpret"))
 def _expand_call(group_rows, item_tile, item_lo, item_hi, order, xs, rows_w, *, num_tokens,
                  num_groups, block_tokens, block_n, num_stages, num_splits, interpret):
     w_max = group_rows.shape[0]

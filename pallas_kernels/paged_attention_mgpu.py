@@ -167,6 +167,43 @@ def _decode_unsupported(layout: PoolLayout, dtype, block_kv: int) -> str | None:
     return None
 
 
+# Jitted with its static configuration: traced and lowered once per step
+# function, not once per layer (Mosaic GPU lowering of each call costs seconds).
+@functools.partial(jax.jit, static_argnames=(
+    "bsz", "nkv", "block_kv", "tpp", "num_stages", "num_splits", "window", "rows_q",
+    "interpret"))
+def _decode_call(qs, kv, kv_pages, lengths, *, bsz, nkv, block_kv, tpp, num_stages, num_splits,
+                 window, rows_q, interpret):
+    hd = qs.shape[-1]
+    dt = kv.dtype
+    bkv = block_kv
+    nblk = bsz * nkv * num_splits
+    body = functools.partial(_decode_kernel, block_kv=bkv, tpp=tpp, num_stages=num_stages,
+                             num_splits=num_splits, window=window, rows_q=rows_q,
+                             pk=kv_pages.shape[1], nkv=nkv)
+    return plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((nblk, rows_q, hd), jnp.float32),
+                  jax.ShapeDtypeStruct((nblk, rows_q), jnp.float32),
+                  jax.ShapeDtypeStruct((nblk, rows_q), jnp.float32)),
+        grid=(bsz, nkv, num_splits),
+        grid_names=("b", "h", "s"),
+        kernel_name="mgpu_paged_decode_attention",
+        scratch_types=[
+            plgpu.SMEM((64, hd), dt, transforms=_transforms(hd, dt)),
+            plgpu.SMEM((num_stages, bkv, hd), dt, transforms=_transforms(hd, dt)),
+            plgpu.SMEM((num_stages, bkv, hd), dt, transforms=_transforms(hd, dt)),
+            plgpu.SMEM((64, bkv), dt, transforms=_transforms(bkv, dt)),
+            plgpu.SMEM((64, hd), jnp.float32, transforms=_transforms(hd, jnp.float32)),
+            plgpu.SMEM((2, 64), jnp.float32),
+            plgpu.Barrier(num_arrivals=1),
+            plgpu.Barrier(num_arrivals=2 * (bkv // tpp), num_barriers=num_stages),
+        ],
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )(qs, kv, kv_pages, lengths)
+
+
 def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, lengths: jax.Array,
                      layout: PoolLayout, sliding_window: int | None = None, *,
                      block_kv: int | None = None, num_stages: int = 4,
@@ -198,31 +235,10 @@ def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, length
     qs = jnp.pad(qs, ((0, 0), (0, 0), (0, rows_q - g), (0, 0))).reshape(bsz * nkv * rows_q, hd)
     kv_rows = layout.page_elems // layout.kv_size
     kv = layer.reshape(layer.shape[0], kv_rows, layout.kv_size)     # free view
-    nblk = bsz * nkv * num_splits
-    body = functools.partial(_decode_kernel, block_kv=bkv, tpp=tpp, num_stages=num_stages,
-                             num_splits=num_splits, window=sliding_window, rows_q=rows_q, pk=pk,
-                             nkv=nkv)
-    o, m, l = plgpu.kernel(
-        body,
-        out_type=(jax.ShapeDtypeStruct((nblk, rows_q, hd), jnp.float32),
-                  jax.ShapeDtypeStruct((nblk, rows_q), jnp.float32),
-                  jax.ShapeDtypeStruct((nblk, rows_q), jnp.float32)),
-        grid=(bsz, nkv, num_splits),
-        grid_names=("b", "h", "s"),
-        kernel_name="mgpu_paged_decode_attention",
-        scratch_types=[
-            plgpu.SMEM((64, hd), dt, transforms=_transforms(hd, dt)),
-            plgpu.SMEM((num_stages, bkv, hd), dt, transforms=_transforms(hd, dt)),
-            plgpu.SMEM((num_stages, bkv, hd), dt, transforms=_transforms(hd, dt)),
-            plgpu.SMEM((64, bkv), dt, transforms=_transforms(bkv, dt)),
-            plgpu.SMEM((64, hd), jnp.float32, transforms=_transforms(hd, jnp.float32)),
-            plgpu.SMEM((2, 64), jnp.float32),
-            plgpu.Barrier(num_arrivals=1),
-            plgpu.Barrier(num_arrivals=2 * (bkv // tpp), num_barriers=num_stages),
-        ],
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret,
-    )(qs, kv, kv_pages.astype(jnp.int32), lengths.astype(jnp.int32))
+    o, m, l = _decode_call(qs, kv, kv_pages.astype(jnp.int32), lengths.astype(jnp.int32),
+                           bsz=bsz, nkv=nkv, block_kv=bkv, tpp=tpp, num_stages=num_stages,
+                           num_splits=num_splits, window=sliding_window, rows_q=rows_q,
+                           interpret=interpret)
     # Merge the splits (flash-decoding): weights exp2(m_j - max m).
     o = o.reshape(bsz, nkv, num_splits, rows_q, hd)[:, :, :, :g]
     m = m.reshape(bsz, nkv, num_splits, rows_q)[:, :, :, :g]

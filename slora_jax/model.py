@@ -86,6 +86,13 @@ class _Lora:
 
     def __init__(self, lora: LoraBatch | None, token_slot: jax.Array | None, spec: StepSpec):
         self.lora, self.token_slot, self.spec = lora, token_slot, spec
+        self.plan = None
+        if (lora is not None and lora.slot_pages.shape[0]
+                and lora_ops.resolve_backend(spec.lora_backend) == "pallas"):
+            # The kernels' batch plan (tokens sorted by slot) depends on token_slot
+            # alone: build it once for all modules and layers.
+            from pallas_kernels import lora_mgpu
+            self.plan = lora_mgpu.batch_plan(token_slot, lora.slot_pages.shape[0])
 
     def delta(self, x: jax.Array, module: str, pool_layer: jax.Array) -> jax.Array | float:
         if self.lora is None or self.lora.slot_pages.shape[0] == 0:
@@ -96,11 +103,13 @@ class _Lora:
         rank = lb.slot_rank[:, i]
         xa = lora_ops.lora_shrink(x, rows, lb.slot_pages, lb.slot_offset[:, i, 0], rank,
                                   self.token_slot, max_rank=lay.max_rank,
-                                  page_size=lay.page_size, backend=self.spec.lora_backend)
+                                  page_size=lay.page_size, backend=self.spec.lora_backend,
+                                  plan=self.plan)
         return lora_ops.lora_expand(xa, rows, lb.slot_pages, lb.slot_offset[:, i, 1], rank,
                                     lb.slot_scale[:, i], self.token_slot,
                                     out_features=lay.module_shapes[i][1],
-                                    page_size=lay.page_size, backend=self.spec.lora_backend)
+                                    page_size=lay.page_size, backend=self.spec.lora_backend,
+                                    plan=self.plan)
 
 
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]

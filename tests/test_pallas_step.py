@@ -1,0 +1,136 @@
+"""The whole decode step with the Pallas backends vs the same step on the references.
+
+On the CPU the Mosaic GPU kernels run through the interpreter (a small bf16
+model whose widths the kernels serve: head_dim 64, GQA, H = 256); tests marked
+`gpu` run the compiled kernels at Llama-7B layer shapes on the device and check
+the compiled step still updates the pool in place.
+
+Both steps run on identical copies of one pool, filled by a reference prefill
+of mixed prompts over adapters of ranks 1..max_rank on q/k/v/o (plus one on
+gate/up/down, whose widths take the logged reference path). Tolerance: the
+two steps share every bf16 matmul; the kernels round xa*scale (LoRA expand),
+the scaled q and P (attention) to bf16, so the logits agree to ~1e-2 of their
+scale, and an adapter that is dropped or misread moves them by far more
+(checked below).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from serving.offline import OfflineEngine
+from slora_jax.adapters import dummy_adapter
+from slora_jax.batching import Sampling, decode_batch, prefill_batch
+from slora_jax.config import EngineConfig, ModelConfig
+from slora_jax.params import init_dummy_params
+from slora_jax.step import decode, prefill
+
+ON_GPU = jax.default_backend() == "gpu"
+
+SMALL = ModelConfig(vocab_size=211, hidden_size=256, intermediate_size=320, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=64, name="small-bf16")
+LLAMA7B_2L = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                         num_layers=2, num_heads=32, num_kv_heads=32, head_dim=128,
+                         name="llama-7b-2-layers")
+ADAPTERS = [(1, ("q", "k", "v", "o")), (16, ("q", "k", "v", "o")), (5, ("q", "v")),
+            (8, ("o",)), (4, ("gate", "up", "down"))]
+
+
+def _engine(mc, batch, context, seed):
+    ec = EngineConfig(page_size=16, num_pages=64 + 4 * batch * (context // 16 + 1),
+                      max_rank=16, max_batch=batch, max_prefill_tokens=batch * context,
+                      max_prefill_requests=batch, max_context=context,
+                      max_adapters_per_batch=8, decode_buckets=(batch,))
+    params = init_dummy_params(mc, jnp.bfloat16, seed=seed, std=0.05)
+    eng = OfflineEngine(params, mc, ec, jnp.bfloat16)
+    for i, (r, mods) in enumerate(ADAPTERS):
+        eng.add_adapter(dummy_adapter(mc, r, mods, seed=seed + i, std=0.2, alpha=2 * r,
+                                      name=f"a{i}"))
+    return eng, params
+
+
+def _decode_both(mc, batch, context, seed):
+    """Logits and new pools of one decode step, reference and Pallas, same inputs."""
+    eng, params = _engine(mc, batch, context, seed)
+    rng = np.random.default_rng(seed)
+    names = [None] + [f"a{i}" for i in range(len(ADAPTERS))]
+    req_names = [names[int(i)] for i in rng.integers(0, len(names), batch)]
+    req_names[:len(names)] = names                      # every adapter and base-only
+    order = sorted({n for n in req_names if n})
+    slots = [eng._make_resident(n) for n in order]
+    req_slot = [order.index(n) if n else -1 for n in req_names]
+    lens = [int(n) for n in rng.integers(1, context - 1, batch)]
+    prompts = [list(map(int, rng.integers(0, mc.vocab_size, n))) for n in lens]
+    kv = [eng.allocator.alloc(("r", i), eng.layout.kv_pages_for(context), "kv")
+          for i in range(batch)]
+    samp = [Sampling()] * batch
+    pb = prefill_batch(prompts, kv, req_slot, samp, slots, eng.ec, eng.layout)
+    eng.pool, first = prefill(params, eng.pool, pb, spec=eng.spec)
+    db = decode_batch(list(map(int, np.asarray(first.tokens)[:batch])), lens, kv, req_slot,
+                      samp, slots, eng.ec, eng.layout)
+    out = {}
+    for backend in ("reference", "pallas"):
+        spec = eng.spec.with_(lora_backend=backend, attention_backend=backend, logits="last")
+        pool = jax.tree.map(jnp.copy, eng.pool)
+        pool, res = decode(params, pool, db, spec=spec)
+        out[backend] = (np.asarray(res.logits[:batch], np.float32), pool)
+    # The same step without its adapters: how far the LoRA terms move the logits.
+    db_base = decode_batch(list(map(int, np.asarray(first.tokens)[:batch])), lens, kv,
+                           [-1] * batch, samp, slots, eng.ec, eng.layout)
+    spec = eng.spec.with_(logits="last")
+    _, res = decode(params, jax.tree.map(jnp.copy, eng.pool), db_base, spec=spec)
+    return out, np.asarray(res.logits[:batch], np.float32), req_slot, eng, params, db
+
+
+def _check(mc, batch, context, seed):
+    out, base, req_slot, *_ = _decode_both(mc, batch, context, seed)
+    ref, (got, got_pool) = out["reference"][0], out["pallas"]
+    scale = np.abs(ref).max(axis=-1)
+    err = np.abs(got - ref).max(axis=-1) / scale
+    assert np.all(np.isfinite(got))
+    assert err.max() < 2e-2, err
+    # LoRA really matters here: rows with an adapter differ from the base step by far more.
+    moved = np.abs(base - ref).max(axis=-1) / scale
+    with_lora = np.array(req_slot) >= 0
+    assert np.median(moved[with_lora]) > 5 * err.max()
+    # Both steps wrote the same K/V into the pool, up to the bf16 rounding of the
+    # k/v LoRA terms (and, past layer 0, of the hidden state).
+    for a, b in zip(out["reference"][1].layers, got_pool.layers):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= 2e-2 * np.abs(a).max()
+        assert np.mean(a != b) < 1e-2
+
+
+def test_pallas_decode_step_matches_reference():
+    """Interpreted on the CPU: 8 requests over 5 adapters (ranks 1..16) and base-only."""
+    _check(SMALL, batch=8, context=40, seed=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [8, 64])
+def test_gpu_pallas_decode_step_llama7b_layers(batch):
+    _check(LLAMA7B_2L, batch=batch, context=300, seed=batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_pallas_step_updates_pool_in_place():
+    """With the Pallas kernels in the step, every pool layer is still aliased and never copied."""
+    out, _, _, eng, params, db = _decode_both(LLAMA7B_2L, batch=8, context=64, seed=1)
+    spec = eng.spec.with_(lora_backend="pallas", attention_backend="pallas")
+    hlo = decode.lower(params, eng.pool, db, spec=spec).compile().as_text()
+    m = re.search(r"input_output_alias=\{(.*?)\}\s*,\s*entry", hlo, re.S)
+    assert m, "the pool is not donated"
+    n_params = len(jax.tree.leaves(params))
+    aliased = {int(p) for p in re.findall(r"\(\s*(\d+)\s*,", m.group(1))}
+    assert set(range(n_params, n_params + LLAMA7B_2L.num_layers)) <= aliased
+    shape = "bf16[%d,%d,%d]" % eng.pool.layers[0].shape
+    copies = [l for l in hlo.splitlines()
+              if re.search(r"=\s*" + re.escape(shape) + r"\{[^}]*\}\s+copy\(", l)]
+    assert not copies, copies[:3]
