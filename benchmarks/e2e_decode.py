@@ -64,6 +64,14 @@ def timed_loop(step, state, n):
         timings = ext._cupti_get_timings(True) if ext is not None else None
     wall = (time.perf_counter() - t) / n * 1e6
     gpu = sum(ms for _, ms in timings) * 1e3 / n if timings else None
+    if timings:
+        by_name: dict[str, list] = {}
+        for name, ms in timings:
+            c = by_name.setdefault(name, [0, 0.0])
+            c[0] += 1
+            c[1] += ms * 1e3 / n
+        timed_loop.last_breakdown = sorted(((us, cnt // n, name) for name, (cnt, us)
+                                            in by_name.items()), reverse=True)
     return state, gpu, wall
 
 
@@ -127,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--lora-backend", default="reference")
     ap.add_argument("--attention-backend", default="reference")
+    ap.add_argument("--breakdown", type=int, default=0,
+                    help="print the N costliest kernels of the LoRA step (GPU)")
     ap.add_argument("--layers", type=int, default=None,
                     help="override the preset's layer count (compile-time checks)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, small shapes")
@@ -178,6 +188,7 @@ def main(argv=None):
         b, ctx = map(int, bc.split(":"))
         for n_ad in [int(a) for a in args.adapters.split(",") if int(a) <= b]:
             ec = EngineConfig(page_size=16, num_pages=2, max_rank=max(ranks), max_batch=b,
+                              lora_modules=("q", "k", "v", "o"),
                               max_context=ctx, max_adapters_per_batch=n_ad,
                               decode_buckets=(b,), lora_backend=args.lora_backend,
                               attention_backend=args.attention_backend)
@@ -214,6 +225,12 @@ def main(argv=None):
                 compile_s[name] = time.perf_counter() - t0
                 pool, g, w = timed_loop(lambda p: step(params, p, batch)[0], pool, args.iters)
                 res[name], wall[name] = (g or w), w
+                bd = getattr(timed_loop, "last_breakdown", None)
+                if args.breakdown and bd and name == "slora":
+                    print(f"  costliest kernels of the {name} step (us/step, launches/step):")
+                    for us, cnt, kname in bd[:args.breakdown]:
+                        print(f"    {us:9.1f} {cnt:5d}  {kname[:100]}")
+                    print(f"    {sum(c for _, c, _ in bd):5d} launches/step in all")
             del pool
             cache = tuple((jnp.zeros((b, ctx, mc.num_kv_heads, mc.head_dim), dtype),
                            jnp.zeros((b, ctx, mc.num_kv_heads, mc.head_dim), dtype))

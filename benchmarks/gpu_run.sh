@@ -26,12 +26,13 @@ case "$1" in
         --out-dir "$OUTDIR" --tag "gpu_${n}ad" || exit 1
     done ;;
   pallas)
-    timeout "${TEST_S:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider \
+    JAX_PLATFORMS=cuda timeout "${TEST_S:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_kernels.py tests/test_pallas_step.py 2>&1 | tail -15
     for layers in ${LAYERS:-4 32}; do
       timeout "${E2E_S:-300}" python3 benchmarks/e2e_decode.py --preset llama-7b --layers "$layers" \
         --batches "${BATCHES:-32:512,128:512}" --adapters "${ADAPTERS:-1,32,128}" --iters 10 \
-        --lora-backend pallas --attention-backend pallas --out "$OUTDIR" 2>&1 | grep -v "^|"
+        --lora-backend pallas --attention-backend pallas \
+        --breakdown "${BREAKDOWN:-0}" --out "$OUTDIR" 2>&1 | grep -v "^|"
     done ;;
   *) echo "usage: $0 e2e|serve|pallas" >&2; exit 2 ;;
 esac

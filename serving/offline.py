@@ -66,6 +66,11 @@ class OfflineEngine:
 
     # -- adapters ----------------------------------------------------------------
     def add_adapter(self, adapter: LoraAdapter) -> None:
+        other = [m for m in adapter.ranks if m not in self.layout.lora_modules]
+        if other:
+            raise RequestError(f"adapter '{adapter.name}' targets modules {other}, which this "
+                               f"engine does not serve (lora_modules: "
+                               f"{list(self.layout.lora_modules)})")
         for m, r in adapter.ranks.items():
             if r > self.ec.max_rank:
                 raise RequestError(f"adapter '{adapter.name}': rank {r} of module {m} exceeds "

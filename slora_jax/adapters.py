@@ -46,6 +46,11 @@ class LoraAdapter:
 
     def pack(self, layout: PoolLayout, dtype=np.float32):
         """Pool rows [L, n_pages, page_size, H] and the per-module tables for a batch slot."""
+        other = [HF_MODULE_NAMES[m] for m in self.ranks if m not in layout.lora_modules]
+        if other:
+            raise AdapterError(
+                f"adapter '{self.name}' targets {other}, which this engine does not serve "
+                f"(lora_modules: {[HF_MODULE_NAMES[m] for m in layout.lora_modules]})")
         rows = pack_adapter_rows(self.weights, self.ranks, layout, dtype)
         offsets, _ = layout.adapter_offsets(self.ranks)
         rank = np.array([self.ranks.get(m, 0) for m in MODULES], np.int32)

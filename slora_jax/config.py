@@ -204,6 +204,9 @@ class EngineConfig:
     max_rank: the largest LoRA rank a slot can hold (bounds the adapter tables).
     max_batch: requests per decode step; max_prefill_tokens: tokens per prefill.
     max_context: the longest sequence (prompt + output) a request may reach.
+    lora_modules: the modules adapters may target (default: all of MODULES). The
+      step computes LoRA terms for these only, and an adapter that targets another
+      is refused when it is loaded (as vLLM fixes its LoRA modules at start-up).
     """
     page_size: int = 16
     num_pages: int = 512
@@ -219,6 +222,14 @@ class EngineConfig:
     # kernels' end-to-end Llama-7B run completes on the GPU (issue 9 note).
     lora_backend: str = "reference"
     attention_backend: str = "reference"
+    lora_modules: tuple[str, ...] = MODULES
+
+    def __post_init__(self):
+        mods = tuple(self.lora_modules)
+        bad = [m for m in mods if m not in MODULES]
+        if bad:
+            raise ValueError(f"lora_modules: unknown modules {bad} (have {list(MODULES)})")
+        object.__setattr__(self, "lora_modules", tuple(m for m in MODULES if m in mods))
 
     def batch_buckets(self) -> tuple[int, ...]:
         return self.decode_buckets or _pow2_buckets(1, self.max_batch)

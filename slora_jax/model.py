@@ -97,6 +97,8 @@ class _Lora:
     def delta(self, x: jax.Array, module: str, pool_layer: jax.Array) -> jax.Array | float:
         if self.lora is None or self.lora.slot_pages.shape[0] == 0:
             return 0.0            # no adapter in the batch: no LoRA work at all
+        if module not in self.spec.layout.lora_modules:
+            return 0.0            # no adapter may target it
         i = MODULES.index(module)
         lb, lay = self.lora, self.spec.layout
         rows = adapter_row_view(pool_layer)

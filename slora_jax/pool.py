@@ -48,6 +48,7 @@ class PoolLayout:
     head_dim: int
     max_rank: int
     module_shapes: tuple[tuple[int, int], ...]  # (in, out) per MODULES entry
+    lora_modules: tuple[str, ...] = MODULES     # modules adapters may target
 
     @staticmethod
     def create(mc: ModelConfig, ec: EngineConfig) -> "PoolLayout":
@@ -55,7 +56,8 @@ class PoolLayout:
             num_layers=mc.num_layers, num_pages=ec.num_pages, page_size=ec.page_size,
             row_width=mc.hidden_size, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             max_rank=ec.max_rank,
-            module_shapes=tuple(mc.module_shape(m) for m in MODULES))
+            module_shapes=tuple(mc.module_shape(m) for m in MODULES),
+            lora_modules=ec.lora_modules)
         if layout.tokens_per_page < 1:
             raise ValueError(
                 f"page_size={ec.page_size} rows of {mc.hidden_size} cannot hold one token's "

@@ -135,3 +135,34 @@ def test_no_recompile_for_new_mix(tiny):
     before = decode._cache_size(), prefill._cache_size()
     eng.generate([Request("x", [4, 5], "a2", max_tokens=3), Request("y", [6], None, max_tokens=3)])
     assert (decode._cache_size(), prefill._cache_size()) == before
+
+
+def test_lora_modules_restrict_the_step(tiny):
+    """An engine that serves LoRA on q/v/o only gives the same tokens for adapters inside
+    that set, computes no term for the other modules, and refuses adapters outside it."""
+    from serving.offline import RequestError
+    from slora_jax.adapters import AdapterError
+    from slora_jax.config import EngineConfig
+    mc, params = tiny
+    full = make_engine(mc, params)
+    eng = OfflineEngine(params, mc, tiny_engine_config(lora_modules=["o", "v", "q"]), jnp.float32)
+    assert eng.layout.lora_modules == ("q", "v", "o")
+    eng.add_adapter(full.adapters["a0"])                     # q, v
+    with pytest.raises(RequestError, match=r"a3.*\['down'\]"):
+        eng.add_adapter(full.adapters["a3"])                 # o, down
+    with pytest.raises(AdapterError, match="down_proj"):
+        full.adapters["a3"].pack(eng.layout)
+    with pytest.raises(ValueError, match="unknown modules"):
+        EngineConfig(lora_modules=("q", "qkv"))
+    reqs = [Request("x", [5, 1, 7, 2], "a0", max_tokens=8), Request("y", [3, 3], None, max_tokens=5)]
+    got, want = eng.generate(reqs), full.generate(reqs)
+    for g, w in zip(got, want):
+        assert g.error is None and g.token_ids == w.token_ids
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+    # The LoRA gathers for k and the MLP are gone from the compiled decode step.
+    slot = eng._make_resident("a0")
+    kv = [eng.allocator.alloc("z", 4, "kv")]
+    b = decode_batch([1], [3], kv, [0], [Sampling()], [slot], eng.ec, eng.layout)
+    n_small = decode.lower(params, eng.pool, b, spec=eng.spec).as_text().count("dot_general")
+    n_full = decode.lower(params, full.pool, b, spec=full.spec).as_text().count("dot_general")
+    assert n_small < n_full
