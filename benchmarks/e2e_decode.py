@@ -137,6 +137,8 @@ def main(argv=None):
     ap.add_argument("--attention-backend", default="reference")
     ap.add_argument("--breakdown", type=int, default=0,
                     help="print the N costliest kernels of the LoRA step (GPU)")
+    ap.add_argument("--max-block-tokens", type=int, default=None,
+                    help="cap on the LoRA kernels' tokens per work item (tuning)")
     ap.add_argument("--layers", type=int, default=None,
                     help="override the preset's layer count (compile-time checks)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, small shapes")
@@ -146,6 +148,9 @@ def main(argv=None):
         args.preset, args.batches, args.adapters, args.iters = "tiny", "4:64,8:32", "1,4", 3
 
     mc = preset(args.preset)
+    if args.max_block_tokens:
+        from pallas_kernels import lora_mgpu
+        lora_mgpu.MAX_BLOCK_TOKENS = args.max_block_tokens
     if args.layers:
         mc = dataclasses.replace(mc, num_layers=args.layers)
     dtype = jnp.bfloat16
@@ -159,11 +164,14 @@ def main(argv=None):
         meta = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
                 "jax": jax.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
                 "clock": clock, "copy_GBps": copy_gbps, "preset": args.preset,
-                "lora_backend": args.lora_backend, "attention_backend": args.attention_backend}
+                "lora_backend": args.lora_backend, "attention_backend": args.attention_backend,
+                "max_block_tokens": args.max_block_tokens, "layers": mc.num_layers}
         os.makedirs(args.out, exist_ok=True)
         tag = f"e2e_decode_{args.preset}_{meta['platform']}_{args.lora_backend}"
         if args.layers:
             tag += f"_{args.layers}layers"
+        if args.max_block_tokens:
+            tag += f"_bt{args.max_block_tokens}"
         with open(os.path.join(args.out, tag + ".json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         lines = [f"# e2e decode step, {args.preset} ({meta['device']}, JAX {meta['jax']}, "

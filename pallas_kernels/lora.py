@@ -63,12 +63,17 @@ def lora_expand_reference(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
                           b_offset: jax.Array, rank: jax.Array, scale: jax.Array,
                           token_slot: jax.Array, *, out_features: int,
                           page_size: int) -> jax.Array:
-    """y[t] = scale_{slot(t)} · xa[t] · B_{slot(t)}: [T, R] -> [T, out] float32."""
+    """y[t] = (scale_{slot(t)} · xa[t]) · B_{slot(t)}: [T, R] -> [T, out] float32.
+
+    scale · xa is rounded to the pool dtype first (a no-op for a float32 pool): the
+    kernels feed it to the tensor cores in that dtype, and so does this reference.
+    """
     max_rank = xa.shape[-1]
     b = gather_slot_matrix(rows, slot_pages, b_offset, rank, out_features, max_rank,
                            page_size)                                          # [S, R, out]
     s = jnp.clip(token_slot, 0, b.shape[0] - 1)
-    y = jnp.einsum("tr,tro->to", xa, b[s].astype(jnp.float32)) * scale[s][:, None]
+    xs = (xa * scale[s][:, None]).astype(rows.dtype).astype(jnp.float32)
+    y = jnp.einsum("tr,tro->to", xs, b[s].astype(jnp.float32))
     return jnp.where(token_slot[:, None] >= 0, y, 0.0)
 
 
