@@ -218,10 +218,10 @@ class EngineConfig:
     max_adapters_per_batch: int = 32
     decode_buckets: tuple[int, ...] | None = None
     prefill_token_buckets: tuple[int, ...] | None = None
-    # "auto" picks the Pallas kernels on a GPU; the default stays the reference until the
-    # kernels' end-to-end Llama-7B run completes on the GPU (issue 9 note).
-    lora_backend: str = "reference"
-    attention_backend: str = "reference"
+    # "auto": the Pallas Mosaic GPU kernels on a GPU, the jnp references elsewhere.
+    # Shapes a kernel does not serve take the reference and say so once in the log.
+    lora_backend: str = "auto"
+    attention_backend: str = "auto"
     lora_modules: tuple[str, ...] = MODULES
 
     def __post_init__(self):

@@ -131,14 +131,19 @@ def test_gpu_pallas_decode_step_llama7b_layers(batch):
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_gpu_pallas_step_updates_pool_in_place():
     """With the Pallas kernels in the step, every pool layer is still aliased and never copied."""
-    out, _, _, eng, params, db = _decode_both(LLAMA7B_2L, batch=8, context=64, seed=1)
+    mc = LLAMA7B_2L
+    eng, params = _engine(mc, batch=8, context=64, seed=1)
+    slots = [eng._make_resident(f"a{i}") for i in range(3)]
+    kv = [eng.allocator.alloc(("r", i), 4, "kv") for i in range(8)]
+    db = decode_batch(list(range(1, 9)), [30] * 8, kv, [0, 1, 2, -1, 0, 1, 2, 0],
+                      [Sampling()] * 8, slots, eng.ec, eng.layout)
     spec = eng.spec.with_(lora_backend="pallas", attention_backend="pallas")
     hlo = decode.lower(params, eng.pool, db, spec=spec).compile().as_text()
     m = re.search(r"input_output_alias=\{(.*?)\}\s*,\s*entry", hlo, re.S)
     assert m, "the pool is not donated"
     n_params = len(jax.tree.leaves(params))
     aliased = {int(p) for p in re.findall(r"\(\s*(\d+)\s*,", m.group(1))}
-    assert set(range(n_params, n_params + LLAMA7B_2L.num_layers)) <= aliased
+    assert set(range(n_params, n_params + mc.num_layers)) <= aliased
     shape = "bf16[%d,%d,%d]" % eng.pool.layers[0].shape
     copies = [l for l in hlo.splitlines()
               if re.search(r"=\s*" + re.escape(shape) + r"\{[^}]*\}\s+copy\(", l)]
