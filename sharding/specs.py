@@ -132,7 +132,8 @@ def shard_layout(mc: ModelConfig, layout: PoolLayout, n: int) -> PoolLayout:
         num_layers=layout.num_layers, num_pages=layout.num_pages, page_size=layout.page_size,
         row_width=layout.row_width // n, num_kv_heads=layout.num_kv_heads // n,
         head_dim=layout.head_dim, max_rank=round_up(layout.max_rank, n),
-        module_shapes=tuple((fin // n, fout // n) for fin, fout in layout.module_shapes))
+        module_shapes=tuple((fin // n, fout // n) for fin, fout in layout.module_shapes),
+        lora_modules=layout.lora_modules)
 
 
 def shard_params(params: Params, mesh: Mesh) -> Params:

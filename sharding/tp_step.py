@@ -59,8 +59,11 @@ class TPSpec:
     @staticmethod
     def create(spec: StepSpec, mesh: Mesh) -> "TPSpec":
         n = mesh.shape[TP_AXIS]
+        # "auto" stays on the references under TP: the Pallas kernels have not been
+        # checked on sharded pool widths on GPUs yet ("pallas" may still be asked for).
+        fix = lambda b: "reference" if b == "auto" else b   # noqa: E731
         return TPSpec(spec.model, shard_layout(spec.model, spec.layout, n), mesh,
-                      spec.lora_backend, spec.attention_backend, spec.logits)
+                      fix(spec.lora_backend), fix(spec.attention_backend), spec.logits)
 
     @property
     def n(self) -> int:
@@ -88,7 +91,7 @@ class _TPLora:
         pieces into [T, r] (rank order, see `sharding.adapters`), expand with
         this device's out/N columns of B.
         """
-        if not self.active:
+        if not self.active or module not in self.spec.layout.lora_modules:
             return 0.0
         i, lb, lay, n = MODULES.index(module), self.lora, self.spec.layout, self.spec.n
         rows = adapter_row_view(pool_layer)
@@ -110,7 +113,7 @@ class _TPLora:
         partial: [T, H] float32, this device's partial sum x·W[in/N rows];
         x: [T, in/N]. Returns the full x·W + s·x·A·B [T, H], replicated.
         """
-        if self.active:
+        if self.active and module in self.spec.layout.lora_modules:
             i, lb, lay = MODULES.index(module), self.lora, self.spec.layout
             rows = adapter_row_view(pool_layer)
             rank = lb.slot_rank[:, i]
