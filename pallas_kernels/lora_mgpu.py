@@ -48,6 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mgpu_common import default_interpret, smem_transforms, warn_once
 from pallas_kernels import lora as lora_ref
 
 _log = logging.getLogger(__name__)
@@ -61,20 +62,7 @@ MAX_BLOCK_TOKENS = 32    # tokens per work item at most: 32 beat 64 and 128 in t
 
 
 def _fallback(what: str) -> None:
-    if what not in _warned:
-        _warned.add(what)
-        _log.warning("lora_mgpu: %s; using the jnp reference for this shape", what)
-
-
-def _default_interpret():
-    """Run the kernels through the Mosaic GPU interpreter when there is no GPU."""
-    return None if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams()
-
-
-def _transforms(minor: int, dtype) -> tuple:
-    bits = jnp.dtype(dtype).itemsize * 8
-    swizzle = plgpu.find_swizzle(minor * bits)
-    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+    warn_once(_log, _warned, what, f"lora_mgpu: {what}; using the jnp reference for this shape")
 
 
 def _round_up(a: int, b: int) -> int:
@@ -245,10 +233,11 @@ def _shrink_call(group_rows, item_tile, item_lo, item_hi, x_sorted, rows, *, num
         grid_names=("w", "s"),
         kernel_name="mgpu_lora_shrink",
         scratch_types=[
-            plgpu.SMEM((num_stages, m, block_k), dt, transforms=_transforms(block_k, dt)),
-            plgpu.SMEM((num_stages, block_tokens, block_k), dt, transforms=_transforms(block_k, dt)),
+            plgpu.SMEM((num_stages, m, block_k), dt, transforms=smem_transforms(block_k, dt)),
+            plgpu.SMEM((num_stages, block_tokens, block_k), dt,
+                       transforms=smem_transforms(block_k, dt)),
             plgpu.SMEM((m, block_tokens), jnp.float32,
-                       transforms=_transforms(block_tokens, jnp.float32)),
+                       transforms=smem_transforms(block_tokens, jnp.float32)),
             plgpu.Barrier(num_arrivals=num_groups + 1, num_barriers=num_stages),
         ],
         compiler_params=plgpu.CompilerParams(),
@@ -280,7 +269,7 @@ def lora_shrink(x: jax.Array, rows: jax.Array, slot_pages: jax.Array, a_offset: 
         return lora_ref.lora_shrink_reference(x, rows, slot_pages, a_offset, rank, token_slot,
                                               max_rank=max_rank, page_size=page_size)
     if interpret is None:
-        interpret = _default_interpret()
+        interpret = default_interpret()
     plan = plan if plan is not None else plan_batch(token_slot, s, bt)
     w_max = plan["item_tile"].shape[0]
     splits = num_splits or _splits(w_max, k // bk)
@@ -403,8 +392,8 @@ def _expand_call(group_rows, item_tile, item_lo, item_hi, order, xs, rows_w, *, 
         grid_names=("w", "s"),
         kernel_name="mgpu_lora_expand",
         scratch_types=[
-            plgpu.SMEM((block_tokens, k), dt, transforms=_transforms(k, dt)),
-            plgpu.SMEM((num_stages, k, block_n), dt, transforms=_transforms(block_n, dt)),
+            plgpu.SMEM((block_tokens, k), dt, transforms=smem_transforms(k, dt)),
+            plgpu.SMEM((num_stages, k, block_n), dt, transforms=smem_transforms(block_n, dt)),
             plgpu.SMEM((block_n, block_tokens), jnp.float32),
             plgpu.SMEM((block_tokens, block_n), jnp.float32),
             plgpu.Barrier(num_arrivals=1),
@@ -440,7 +429,7 @@ def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset:
                                               token_slot, out_features=out_features,
                                               page_size=page_size)
     if interpret is None:
-        interpret = _default_interpret()
+        interpret = default_interpret()
     per_row = h // out_features                      # rank rows per pool row
     rows_w = rows.reshape(n_rows * per_row, out_features)   # free view: rows of width W
     plan = plan if plan is not None else plan_batch(token_slot, s, bt)

@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mgpu_common import default_interpret, smem_transforms, warn_once
 from pallas_kernels import paged_attention as attn_ref
 from slora_jax.pool import PoolLayout
 
@@ -41,19 +42,7 @@ _M_INIT = -1e30          # finite, so that a fully masked step never makes NaN
 
 
 def _fallback(what: str) -> None:
-    if what not in _warned:
-        _warned.add(what)
-        _log.warning("paged_attention_mgpu: %s; using the jnp reference", what)
-
-
-def _default_interpret():
-    return None if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams()
-
-
-def _transforms(minor: int, dtype) -> tuple:
-    bits = jnp.dtype(dtype).itemsize * 8
-    swizzle = plgpu.find_swizzle(minor * bits)
-    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+    warn_once(_log, _warned, what, f"paged_attention_mgpu: {what}; using the jnp reference")
 
 
 # --- decode kernel --------------------------------------------------------------
@@ -190,11 +179,11 @@ def _decode_call(qs, kv, kv_pages, lengths, *, bsz, nkv, block_kv, tpp, num_stag
         grid_names=("b", "h", "s"),
         kernel_name="mgpu_paged_decode_attention",
         scratch_types=[
-            plgpu.SMEM((64, hd), dt, transforms=_transforms(hd, dt)),
-            plgpu.SMEM((num_stages, bkv, hd), dt, transforms=_transforms(hd, dt)),
-            plgpu.SMEM((num_stages, bkv, hd), dt, transforms=_transforms(hd, dt)),
-            plgpu.SMEM((64, bkv), dt, transforms=_transforms(bkv, dt)),
-            plgpu.SMEM((64, hd), jnp.float32, transforms=_transforms(hd, jnp.float32)),
+            plgpu.SMEM((64, hd), dt, transforms=smem_transforms(hd, dt)),
+            plgpu.SMEM((num_stages, bkv, hd), dt, transforms=smem_transforms(hd, dt)),
+            plgpu.SMEM((num_stages, bkv, hd), dt, transforms=smem_transforms(hd, dt)),
+            plgpu.SMEM((64, bkv), dt, transforms=smem_transforms(bkv, dt)),
+            plgpu.SMEM((64, hd), jnp.float32, transforms=smem_transforms(hd, jnp.float32)),
             plgpu.SMEM((2, 64), jnp.float32),
             plgpu.Barrier(num_arrivals=1),
             plgpu.Barrier(num_arrivals=2 * (bkv // tpp), num_barriers=num_stages),
@@ -222,7 +211,7 @@ def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, length
         return attn_ref.decode_attention_reference(q, layer, kv_pages, lengths, layout,
                                                    sliding_window)
     if interpret is None:
-        interpret = _default_interpret()
+        interpret = default_interpret()
     g = nq // nkv
     rows_q = -(-g // 8) * 8
     max_steps = -(-pk * tpp // bkv)

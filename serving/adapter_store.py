@@ -39,7 +39,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from serving.allocator import PageAllocator, adapter_used_elems
-from slora_jax.adapters import AdapterError, LoraAdapter, dummy_adapter, load_peft_adapter
+from slora_jax.adapters import (AdapterError, LoraAdapter, check_served_modules, dummy_adapter,
+                                load_peft_adapter)
 from slora_jax.batching import SlotInfo
 from slora_jax.config import MODULES, HF_MODULE_NAMES, ModelConfig
 from slora_jax.pool import PoolLayout
@@ -247,17 +248,11 @@ class AdapterStore:
             raise AdapterError(f"dummy adapter '{name}': unknown modules {bad} (have {MODULES})")
         if not 1 <= rank <= self.max_rank:
             raise AdapterError(f"dummy adapter '{name}': rank {rank} outside [1, {self.max_rank}]")
-        other = [m for m in modules if m not in self.layout.lora_modules]
-        if other:
-            raise AdapterError(f"dummy adapter '{name}': modules {other} are not in this "
-                               f"engine's lora_modules {list(self.layout.lora_modules)}")
+        check_served_modules(name, modules, self.layout)
         return self._add(name, DummySource(rank, modules, seed, std))
 
     def register_adapter(self, adapter: LoraAdapter) -> AdapterEntry:
-        other = [HF_MODULE_NAMES[m] for m in adapter.ranks if m not in self.layout.lora_modules]
-        if other:
-            raise AdapterError(f"adapter '{adapter.name}' targets {other}, which this engine "
-                               f"does not serve (lora_modules: {list(self.layout.lora_modules)})")
+        check_served_modules(adapter.name, adapter.ranks, self.layout)
         for m, r in adapter.ranks.items():
             if r > self.max_rank:
                 raise AdapterError(f"adapter '{adapter.name}': rank {r} of {HF_MODULE_NAMES[m]} "

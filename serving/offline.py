@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from serving.allocator import OutOfPages, PageAllocator, adapter_used_elems, kv_used_elems
-from slora_jax.adapters import LoraAdapter
+from slora_jax.adapters import AdapterError, LoraAdapter, check_served_modules
 from slora_jax.batching import Sampling, SlotInfo, decode_batch, prefill_batch
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.model import StepSpec
@@ -66,11 +66,10 @@ class OfflineEngine:
 
     # -- adapters ----------------------------------------------------------------
     def add_adapter(self, adapter: LoraAdapter) -> None:
-        other = [m for m in adapter.ranks if m not in self.layout.lora_modules]
-        if other:
-            raise RequestError(f"adapter '{adapter.name}' targets modules {other}, which this "
-                               f"engine does not serve (lora_modules: "
-                               f"{list(self.layout.lora_modules)})")
+        try:
+            check_served_modules(adapter.name, adapter.ranks, self.layout)
+        except AdapterError as e:
+            raise RequestError(str(e)) from None
         for m, r in adapter.ranks.items():
             if r > self.ec.max_rank:
                 raise RequestError(f"adapter '{adapter.name}': rank {r} of module {m} exceeds "

@@ -46,16 +46,21 @@ class LoraAdapter:
 
     def pack(self, layout: PoolLayout, dtype=np.float32):
         """Pool rows [L, n_pages, page_size, H] and the per-module tables for a batch slot."""
-        other = [HF_MODULE_NAMES[m] for m in self.ranks if m not in layout.lora_modules]
-        if other:
-            raise AdapterError(
-                f"adapter '{self.name}' targets {other}, which this engine does not serve "
-                f"(lora_modules: {[HF_MODULE_NAMES[m] for m in layout.lora_modules]})")
+        check_served_modules(self.name, self.ranks, layout)
         rows = pack_adapter_rows(self.weights, self.ranks, layout, dtype)
         offsets, _ = layout.adapter_offsets(self.ranks)
         rank = np.array([self.ranks.get(m, 0) for m in MODULES], np.int32)
         scale = np.array([self.scales.get(m, 0.0) for m in MODULES], np.float32)
         return rows, rank, scale, offsets
+
+
+def check_served_modules(name: str, modules, layout: PoolLayout) -> None:
+    """Refuse an adapter that targets a module outside the engine's `lora_modules`."""
+    other = [m for m in modules if m not in layout.lora_modules]
+    if other:
+        raise AdapterError(
+            f"adapter '{name}' targets modules {other} ({[HF_MODULE_NAMES[m] for m in other]}), "
+            f"which this engine does not serve (lora_modules: {list(layout.lora_modules)})")
 
 
 def _scaling(alpha: float, r: int, rslora: bool) -> float:

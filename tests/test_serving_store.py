@@ -62,6 +62,27 @@ def test_a_broken_lazy_adapter_reports_its_file(tmp_path):
     assert e.host is None and "adapter_model.safetensors" in e.error
 
 
+def test_adapters_outside_lora_modules_are_refused_by_name(tmp_path):
+    """An engine serving LoRA on q/v refuses o-targeting adapters, in memory or on disk,
+    with an error that names the module; the pool keeps its pages."""
+    from hf_files import write_peft_adapter
+    ec = engine_config(num_pages=160, lora_modules=("q", "v"))
+    lay = PoolLayout.create(MC, ec)
+    alloc = PageAllocator(ec.num_pages)
+    store = AdapterStore(MC, lay, alloc, max_rank=ec.max_rank)
+    with pytest.raises(AdapterError, match=r"'k'.*k_proj"):
+        store.register_dummy("d", 4, ("q", "k"))
+    with pytest.raises(AdapterError, match=r"'o'.*o_proj"):
+        store.register_adapter(dummy_adapter(MC, 4, ("q", "o"), name="mem"))
+    write_peft_adapter(str(tmp_path / "disk"), dummy_adapter(MC, 4, ("o",), name="disk"), 8.0)
+    store.register_dir(str(tmp_path))
+    e = store.lookup("disk")
+    store.load_sync(e)
+    assert e.host is None and "o_proj" in e.error and "disk" in e.error
+    assert alloc.num_free == alloc.capacity
+    assert store.register_dummy("ok", 4, ("q", "v")).name == "ok"
+
+
 def test_lora_path_must_stay_inside_the_roots(tmp_path):
     root, outside = tmp_path / "root", tmp_path / "outside"
     ad = dummy_adapter(MC, 2, ("q", "v"), seed=1, name="x")
