@@ -8,8 +8,8 @@ dispatch point the model calls (`lora_shrink`, `lora_expand`).
 
 Adapter geometry (see `slora_jax.pool`): each adapter slot s of the batch has a
 page table `slot_pages[s]`; its row stream holds A^T `[r, in]` at row offset
-`a_offset[s]` and B `[r, out]` at `b_offset[s]`, each flattened and packed into
-H-wide rows. `rank[s] == 0` means the slot does not target this module.
+`a_offset[s]` and B `[r, out]` at `b_offset[s]`, each in its stored form
+(`slora_jax.pool.matrix_form`: flat, or column chunks for widths such as an MLP's). `rank[s] == 0` means the slot does not target this module.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from slora_jax.config import ceil_div
+from slora_jax.pool import GROUP, matrix_form
 
 BACKENDS = ("auto", "reference", "pallas")
 
@@ -34,16 +35,32 @@ def gather_slot_matrix(rows: jax.Array, slot_pages: jax.Array, offset: jax.Array
                        page_size: int) -> jax.Array:
     """Gather each slot's `[max_rank, width]` matrix from pool rows, zero past its rank.
 
-    rows: [N, H] pool rows; slot_pages: [S, Pa]; offset, rank: [S].
+    rows: [N, H] pool rows; slot_pages: [S, Pa]; offset, rank: [S]. Reads either
+    stored form (`slora_jax.pool.matrix_form`).
     """
     h = rows.shape[-1]
-    n = ceil_div(max_rank * width, h)
-    j = offset[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]          # [S, n]
-    page = jnp.take_along_axis(slot_pages, jnp.minimum(j // page_size, slot_pages.shape[1] - 1),
-                               axis=1)
-    got = rows[page * page_size + j % page_size]                              # [S, n, H]
-    mat = got.reshape(got.shape[0], n * h)[:, :max_rank * width]
-    mat = mat.reshape(-1, max_rank, width)
+    c, chunks = matrix_form(width, h)
+    if chunks == 1:
+        n = ceil_div(max_rank * width, h)
+        j = offset[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]          # [S, n]
+        page = jnp.take_along_axis(slot_pages,
+                                   jnp.minimum(j // page_size, slot_pages.shape[1] - 1), axis=1)
+        got = rows[page * page_size + j % page_size]                          # [S, n, H]
+        mat = got.reshape(got.shape[0], n * h)[:, :max_rank * width]
+        mat = mat.reshape(-1, max_rank, width)
+    else:
+        per = h // c                                      # C-wide rows per pool row
+        view = rows.reshape(-1, c)
+        stride = (rank + GROUP - 1) // GROUP * GROUP      # rank rows per chunk, padded
+        i = jnp.arange(max_rank, dtype=jnp.int32)
+        ch = jnp.arange(chunks, dtype=jnp.int32)
+        j = (offset * per)[:, None, None] + ch[None, None, :] * stride[:, None, None] \
+            + i[None, :, None]                                               # [S, R, chunks]
+        page = jnp.take_along_axis(
+            slot_pages, jnp.minimum(j // (page_size * per), slot_pages.shape[1] - 1).reshape(
+                j.shape[0], -1), axis=1).reshape(j.shape)
+        mat = view[page * (page_size * per) + j % (page_size * per)]          # [S, R, chunks, C]
+        mat = mat.reshape(-1, max_rank, width)
     live = jnp.arange(max_rank)[None, :, None] < rank[:, None, None]
     return jnp.where(live, mat, 0)
 

@@ -12,13 +12,16 @@ whose tokens fit in one tile has its rows read once, whatever the batch; each
 slot's rows are read only up to its own rank. The plan depends on token_slot
 alone, so inside a jitted step XLA computes it once for every module and layer.
 
-Rows move by TMA in groups of 8 stream rows (one row-tile of a wgmma operand).
-A matrix at row offset `off` of its row stream is covered by the 8-aligned
-groups from `off // 8` on, so at most 7 rows are read on either side of it: the
-extra rows are finite pool data, either never read back (shrink) or multiplied
-by zero columns (expand). This needs `page_size % 8 == 0`, so that a group
-never straddles a page. Copies of groups past the matrix are skipped (their row
-index points past the pool, where TMA would fill zeros without reading memory).
+Rows move by TMA in groups of 8 rank rows (one row-tile of a wgmma operand),
+read in the view of the pool in which the matrix's rank rows are rows
+(`slora_jax.pool.matrix_form`): `[*, W]` for a flat matrix whose width W
+divides H, `[*, C]` for a chunked one (an MLP matrix, C = gcd(W, H)), where
+each column chunk is its own run of rank rows. `PoolLayout.adapter_offsets`
+starts every matrix 8-aligned in that view (and pads a chunk's rank rows to
+8), so a slot of rank r reads exactly ceil(r/8) groups per chunk. This needs
+`page_size * H / C % 8 == 0`, so that a group never straddles a page. Copies of
+groups past the rank are skipped (their row index points past the pool, where
+TMA would fill zeros without reading memory).
 
 Shrink (x·A): work item (w, k-split) computes acc[stream rows, tokens] =
 A_rows[:, k] · x_tile[:, k]^T over its share of K = in; XLA sums the splits and
@@ -31,10 +34,10 @@ no un-sorting pass. Tokens are the wgmma N side (8 at decode): the M=64 minimum
 falls on the rank rows (shrink) and the output features (expand), not on the
 tokens.
 
-Widths the kernels serve: shrink with in == H; expand with out dividing H (a
-k/v B of width kv_size is read through the [N*H/W, W] view of the rows). Other
-widths (an MLP B of width F, the down A^T of width F) use the reference and
-say so once in the log.
+Widths the kernels serve: any W with C % 64 == 0 (C = W for a flat matrix,
+gcd(W, H) for a chunked one), on both sides: q/o (W = H), k/v (W = kv_size),
+gate/up B and the down A^T (W = F). Others (and pool dtypes other than bf16/f16)
+use the reference and say so once in the log.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mgpu_common import default_interpret, smem_transforms, warn_once
 from pallas_kernels import lora as lora_ref
+from slora_jax.pool import matrix_form
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -141,22 +145,26 @@ def batch_plan(token_slot: jax.Array, num_slots: int) -> dict:
     return plan_batch(token_slot, num_slots, bt)
 
 
-def _group_rows(slot_pages, offset, rank, item_slot, *, num_groups, page_size, rows_per_row,
+def _group_rows(slot_pages, offset, rank, item_slot, *, num_groups, chunks, per, page_size,
                 num_rows):
-    """Pool row (in the width-W row view) of each work item's 8-row groups; past the
-    matrix, `num_rows` (a row past the pool)."""
+    """Row (in the width-C view) of each work item's 8-row groups, per column chunk:
+    [W, chunks, num_groups]; past the slot's rank, `num_rows` (a row past the pool).
+    `per`: view rows per pool row (H // C)."""
     s_max = slot_pages.shape[0]
     slot = jnp.minimum(item_slot, s_max - 1)
-    off = offset[slot] * rows_per_row                     # offset in W-rows
-    r = jnp.where(item_slot < s_max, rank[slot], 0)       # W | H: a rank row is one W-row
-    first = off // GROUP
-    need = jnp.where(r > 0, (off + r - 1) // GROUP - first + 1, 0)
+    off = offset[slot] * per                              # view rows, 8-aligned
+    r = jnp.where(item_slot < s_max, rank[slot], 0)
+    need = (r + GROUP - 1) // GROUP
+    stride = need * GROUP if chunks > 1 else jnp.zeros_like(need)   # rank rows per chunk
     g = jnp.arange(num_groups, dtype=jnp.int32)
-    srow = (first[:, None] + g[None, :]) * GROUP
-    ps = page_size * rows_per_row
+    c = jnp.arange(chunks, dtype=jnp.int32)
+    srow = off[:, None, None] + c[None, :, None] * stride[:, None, None] + g[None, None, :] * GROUP
+    ps = page_size * per
     pidx = jnp.minimum(srow // ps, slot_pages.shape[1] - 1)
-    page = jnp.take_along_axis(slot_pages[slot], pidx, axis=1)
-    return jnp.where(g[None, :] < need[:, None], page * ps + srow % ps, num_rows).astype(jnp.int32)
+    page = jnp.take_along_axis(slot_pages[slot], pidx.reshape(pidx.shape[0], -1),
+                               axis=1).reshape(srow.shape)
+    live = g[None, None, :] < need[:, None, None]
+    return jnp.where(live, page * ps + srow % ps, num_rows).astype(jnp.int32)
 
 
 def _pad_rows(idx: jax.Array, multiple: int) -> jax.Array:
@@ -169,22 +177,29 @@ def _pad_rows(idx: jax.Array, multiple: int) -> jax.Array:
 
 def _shrink_kernel(grp_ref, tile_ref, lo_ref, hi_ref, x_ref, rows_ref, out_ref, a_smem, x_smem,
                    o_smem, bars, *, num_groups, block_tokens, block_k, num_k, num_stages,
-                   num_rows, predicate):
+                   num_rows, chunk_width, predicate):
     w = lax.axis_index("w")
     split = lax.axis_index("s")
 
     @pl.when(hi_ref[w] > lo_ref[w])
     def _item():
         tok0 = pl.multiple_of(tile_ref[w] * block_tokens, block_tokens)
-        grp = [pl.multiple_of(grp_ref[w, g], GROUP) for g in range(num_groups)]
+        chunked = grp_ref.shape[1] > 1
+        grp0 = [pl.multiple_of(grp_ref[w, 0, g], GROUP) for g in range(num_groups)]
         k_base = split * (num_k * block_k)
 
         def issue(ks, stage):
             k0 = pl.multiple_of(k_base + ks * block_k, block_k)
+            if chunked:     # the chunk's own run of rank rows, at column k0 % C
+                ch = k0 // chunk_width
+                col = pl.multiple_of(k0 - ch * chunk_width, block_k)
+                grp = [pl.multiple_of(grp_ref[w, ch, g], GROUP) for g in range(num_groups)]
+            else:
+                col, grp = k0, grp0
             for g in range(num_groups):
-                plgpu.copy_gmem_to_smem(rows_ref.at[pl.ds(grp[g], GROUP), pl.ds(k0, block_k)],
+                plgpu.copy_gmem_to_smem(rows_ref.at[pl.ds(grp[g], GROUP), pl.ds(col, block_k)],
                                         a_smem.at[stage, pl.ds(g * GROUP, GROUP)],
-                                        bars.at[stage], **_copy_if(predicate, grp[g] < num_rows))
+                                        bars.at[stage], **_copy_if(predicate, grp0[g] < num_rows))
             plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(tok0, block_tokens), pl.ds(k0, block_k)],
                                     x_smem.at[stage], bars.at[stage])
 
@@ -216,16 +231,18 @@ def _shrink_kernel(grp_ref, tile_ref, lo_ref, hi_ref, x_ref, rows_ref, out_ref, 
 # lowered once per step function, not once per layer and module: the layers are
 # a Python loop, and Mosaic GPU lowering of each call costs seconds.
 @functools.partial(jax.jit, static_argnames=(
-    "num_groups", "block_tokens", "block_k", "num_stages", "num_splits", "interpret"))
-def _shrink_call(group_rows, item_tile, item_lo, item_hi, x_sorted, rows, *, num_groups,
-                 block_tokens, block_k, num_stages, num_splits, interpret):
+    "num_groups", "block_tokens", "block_k", "num_stages", "num_splits", "chunk_width",
+    "interpret"))
+def _shrink_call(group_rows, item_tile, item_lo, item_hi, x_sorted, rows_c, *, num_groups,
+                 block_tokens, block_k, num_stages, num_splits, chunk_width, interpret):
     w_max = group_rows.shape[0]
     num_k = x_sorted.shape[1] // (block_k * num_splits)
     m = num_groups * GROUP
-    dt = rows.dtype
+    dt = rows_c.dtype
     body = functools.partial(_shrink_kernel, num_groups=num_groups, block_tokens=block_tokens,
                              block_k=block_k, num_k=num_k, num_stages=num_stages,
-                             num_rows=rows.shape[0], predicate=not interpret)
+                             num_rows=rows_c.shape[0], chunk_width=chunk_width,
+                             predicate=not interpret)
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((num_splits, w_max, m, block_tokens), jnp.float32),
@@ -242,7 +259,12 @@ def _shrink_call(group_rows, item_tile, item_lo, item_hi, x_sorted, rows, *, num
         ],
         compiler_params=plgpu.CompilerParams(),
         interpret=interpret,
-    )(group_rows, item_tile, item_lo, item_hi, x_sorted, rows)
+    )(group_rows, item_tile, item_lo, item_hi, x_sorted, rows_c)
+
+
+def _num_groups(max_rank: int) -> int:
+    """8-row groups of the wgmma M (shrink) / K (expand) side: a multiple of 8 (64 rows)."""
+    return _round_up(-(-max_rank // GROUP), 8)
 
 
 def lora_shrink(x: jax.Array, rows: jax.Array, slot_pages: jax.Array, a_offset: jax.Array,
@@ -252,54 +274,60 @@ def lora_shrink(x: jax.Array, rows: jax.Array, slot_pages: jax.Array, a_offset: 
                 plan: dict | None = None, interpret=None) -> jax.Array:
     """xa[t] = x[t] · A_{slot(t)}: x [T, in], rows [N, H] -> [T, max_rank] float32.
 
-    See `pallas_kernels.lora.lora_shrink_reference` for the contract. `plan`, if
-    given, is `plan_batch(token_slot, S, block_tokens)` for the same block_tokens.
+    See `pallas_kernels.lora.lora_shrink_reference` for the contract; offsets must be
+    8-aligned in the matrix's view, as `PoolLayout.adapter_offsets` places them.
+    `plan`, if given, is `plan_batch(token_slot, S, block_tokens)` for the same
+    block_tokens.
     """
     t, k = x.shape
     n_rows, h = rows.shape
     s = slot_pages.shape[0]
+    c, chunks = matrix_form(k, h)
     bt = block_tokens or pick_block_tokens(t, s)
-    num_groups = _round_up(-(-(max_rank + GROUP - 1) // GROUP), 8)   # M: a multiple of 64
+    num_groups = _num_groups(max_rank)
     m = num_groups * GROUP
     bk = block_k or next((b for b in (256, 128, 64)
-                          if (m + bt) * b * 2 <= STAGE_BYTES and k % b == 0), 64)
-    why = _shrink_unsupported(k, h, page_size, bk, rows.dtype)
+                          if (m + bt) * b * 2 <= STAGE_BYTES and c % b == 0), 64)
+    why = _unsupported(k, h, c, page_size, bk, rows.dtype)
     if why:
         _fallback(f"shrink in={k}, H={h}: {why}")
         return lora_ref.lora_shrink_reference(x, rows, slot_pages, a_offset, rank, token_slot,
                                               max_rank=max_rank, page_size=page_size)
     if interpret is None:
         interpret = default_interpret()
+    per = h // c
+    rows_c = rows.reshape(n_rows * per, c)                  # free view: rank rows are rows
     plan = plan if plan is not None else plan_batch(token_slot, s, bt)
     w_max = plan["item_tile"].shape[0]
     splits = num_splits or _splits(w_max, k // bk)
     stages = num_stages or max(2, min(4, SMEM_BYTES // ((m + bt) * bk * 2), k // bk // splits))
     hi = jnp.where(plan["item_slot"] < s, plan["item_hi"], plan["item_lo"])   # no-adapter: skip
     grp = _group_rows(slot_pages, a_offset, rank, plan["item_slot"], num_groups=num_groups,
-                      page_size=page_size, rows_per_row=1, num_rows=n_rows)
+                      chunks=chunks, per=per, page_size=page_size, num_rows=rows_c.shape[0])
     x_sorted = x.astype(rows.dtype)[_pad_rows(plan["order"], 8)]
-    out = _shrink_call(grp, plan["item_tile"], plan["item_lo"], hi, x_sorted, rows,
+    out = _shrink_call(grp, plan["item_tile"], plan["item_lo"], hi, x_sorted, rows_c,
                        num_groups=num_groups, block_tokens=bt, block_k=bk, num_stages=stages,
-                       num_splits=splits, interpret=interpret)       # [splits, W, M, bt]
-    # Each token's column, from its slot's first rank row on, summed over the splits.
+                       num_splits=splits, chunk_width=c, interpret=interpret)  # [splits, W, M, bt]
+    # Each token's column, rank rows from 0, summed over the splits.
     key = plan["key"]
     sl = jnp.minimum(key, s - 1)
     pos = plan["where"]
     item = plan["pos_item"][pos]
     i = jnp.arange(max_rank, dtype=jnp.int32)
-    row = (a_offset[sl] % GROUP)[:, None] + i[None, :]
-    vals = out[:, item[:, None], row, (pos % bt)[:, None]].sum(0)
+    vals = out[:, item[:, None], i[None, :], (pos % bt)[:, None]].sum(0)
     keep = (key < s)[:, None] & (i[None, :] < rank[sl][:, None])
     return jnp.where(keep, vals, 0.0)
 
 
-def _shrink_unsupported(k, h, page_size, block_k, dtype) -> str | None:
-    if k != h:
-        return "input width is not the row width H"
-    if page_size % GROUP:
-        return f"page_size {page_size} is not a multiple of {GROUP}"
-    if h % block_k or block_k % 64:
-        return f"H is not a multiple of block_k={block_k} (a multiple of 64)"
+def _unsupported(width, h, c, page_size, block, dtype) -> str | None:
+    if width > h and c == width:
+        return "width is a multiple of the row width H (rank rows span pool rows)"
+    if c % 64:
+        return f"column chunk {c} (gcd of the width and H) is not a multiple of 64"
+    if c % block or block % 64:
+        return f"column chunk {c} is not a multiple of the block {block} (a multiple of 64)"
+    if (page_size * (h // c)) % GROUP:
+        return f"page_size {page_size} rows do not hold a multiple of {GROUP} rank rows"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"pool dtype {jnp.dtype(dtype)} is not 16-bit"
     return None
@@ -309,7 +337,7 @@ def _shrink_unsupported(k, h, page_size, block_k, dtype) -> str | None:
 
 def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_ref, out_ref,
                    xs_smem, b_smem, t_smem, o_smem, xbar, bars, *, num_groups, block_tokens,
-                   block_n, num_n, num_stages, num_rows, predicate):
+                   block_n, num_n, num_stages, num_rows, chunk_width, predicate):
     w = lax.axis_index("w")
     split = lax.axis_index("s")
     lo, hi = lo_ref[w], hi_ref[w]
@@ -317,18 +345,25 @@ def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_re
     @pl.when(hi > lo)
     def _item():
         tok0 = pl.multiple_of(tile_ref[w] * block_tokens, block_tokens)
-        grp = [pl.multiple_of(grp_ref[w, g], GROUP) for g in range(num_groups)]
+        chunked = grp_ref.shape[1] > 1
+        grp0 = [pl.multiple_of(grp_ref[w, 0, g], GROUP) for g in range(num_groups)]
         # K in 64-row halves; a half past the slot's last group is skipped whole. In
-        # a half in use, groups past the matrix are copied from past the pool: zeros,
+        # a half in use, groups past the rank are copied from past the pool: zeros,
         # which the wgmma needs (stale SMEM may hold NaN, and NaN * 0 is NaN).
-        half_used = [grp[kh * 8] < num_rows for kh in range(num_groups // 8)]
+        half_used = [grp0[kh * 8] < num_rows for kh in range(num_groups // 8)]
         n_base = split * (num_n * block_n)
         plgpu.copy_gmem_to_smem(xs_ref.at[pl.ds(tok0, block_tokens)], xs_smem, xbar)
 
         def issue(ns, stage):
             n0 = pl.multiple_of(n_base + ns * block_n, block_n)
+            if chunked:     # the chunk's own run of rank rows, at column n0 % C
+                ch = n0 // chunk_width
+                col = pl.multiple_of(n0 - ch * chunk_width, block_n)
+                grp = [pl.multiple_of(grp_ref[w, ch, g], GROUP) for g in range(num_groups)]
+            else:
+                col, grp = n0, grp0
             for g in range(num_groups):
-                plgpu.copy_gmem_to_smem(rows_ref.at[pl.ds(grp[g], GROUP), pl.ds(n0, block_n)],
+                plgpu.copy_gmem_to_smem(rows_ref.at[pl.ds(grp[g], GROUP), pl.ds(col, block_n)],
                                         b_smem.at[stage, pl.ds(g * GROUP, GROUP)],
                                         bars.at[stage], **_copy_if(predicate, half_used[g // 8]))
 
@@ -374,17 +409,18 @@ def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_re
 
 @functools.partial(jax.jit, static_argnames=(
     "num_tokens", "num_groups", "block_tokens", "block_n", "num_stages", "num_splits",
-    "interpret"))
-def _expand_call(group_rows, item_tile, item_lo, item_hi, order, xs, rows_w, *, num_tokens,
-                 num_groups, block_tokens, block_n, num_stages, num_splits, interpret):
+    "width", "chunk_width", "interpret"))
+def _expand_call(group_rows, item_tile, item_lo, item_hi, order, xs, rows_c, *, num_tokens,
+                 num_groups, block_tokens, block_n, num_stages, num_splits, width, chunk_width,
+                 interpret):
     w_max = group_rows.shape[0]
     k = xs.shape[1]
-    width = rows_w.shape[1]
     num_n = width // (block_n * num_splits)
-    dt = rows_w.dtype
+    dt = rows_c.dtype
     body = functools.partial(_expand_kernel, num_groups=num_groups, block_tokens=block_tokens,
                              block_n=block_n, num_n=num_n, num_stages=num_stages,
-                             num_rows=rows_w.shape[0], predicate=not interpret)
+                             num_rows=rows_c.shape[0], chunk_width=chunk_width,
+                             predicate=not interpret)
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((num_tokens, width), jnp.float32),
@@ -401,7 +437,7 @@ def _expand_call(group_rows, item_tile, item_lo, item_hi, order, xs, rows_w, *, 
         ],
         compiler_params=plgpu.CompilerParams(),
         interpret=interpret,
-    )(group_rows, item_tile, item_lo, item_hi, order, xs, rows_w)
+    )(group_rows, item_tile, item_lo, item_hi, order, xs, rows_c)
 
 
 def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset: jax.Array,
@@ -411,18 +447,21 @@ def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset:
                 plan: dict | None = None, interpret=None) -> jax.Array:
     """y[t] = scale_{slot(t)} · xa[t] · B_{slot(t)}: xa [T, R] f32 -> [T, out] float32.
 
-    See `pallas_kernels.lora.lora_expand_reference` for the contract. xa·scale is
+    See `pallas_kernels.lora.lora_expand_reference` for the contract (offsets 8-aligned
+    in the matrix's view, as `PoolLayout.adapter_offsets` places them). xa·scale is
     rounded to the pool dtype (bf16) for the tensor-core product.
     """
     t, max_rank = xa.shape
     n_rows, h = rows.shape
     s = slot_pages.shape[0]
+    c, chunks = matrix_form(out_features, h)
     bt = block_tokens or pick_block_tokens(t, s)
     # K: a multiple of 64, since a wgmma's operands must share one swizzle (128 B).
-    num_groups = _round_up(-(-(max_rank + GROUP - 1) // GROUP), 8)
+    num_groups = _num_groups(max_rank)
     k = num_groups * GROUP
-    bn = block_n or min(out_features, 256 if k == 64 else 128, 16384 // bt)
-    why = _expand_unsupported(out_features, h, page_size, bn, rows.dtype)
+    want = min(out_features, 256 if k == 64 else 128, 16384 // bt)
+    bn = block_n or next((b for b in (256, 128, 64) if b <= want and c % b == 0), 64)
+    why = _unsupported(out_features, h, c, page_size, bn, rows.dtype)
     if why:
         _fallback(f"expand out={out_features}, H={h}: {why}")
         return lora_ref.lora_expand_reference(xa, rows, slot_pages, b_offset, rank, scale,
@@ -430,37 +469,25 @@ def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset:
                                               page_size=page_size)
     if interpret is None:
         interpret = default_interpret()
-    per_row = h // out_features                      # rank rows per pool row
-    rows_w = rows.reshape(n_rows * per_row, out_features)   # free view: rows of width W
+    per = h // c
+    rows_c = rows.reshape(n_rows * per, c)                  # free view: rank rows are rows
     plan = plan if plan is not None else plan_batch(token_slot, s, bt)
     w_max = plan["item_tile"].shape[0]
     splits = num_splits or _splits(w_max, out_features // bn)
     stages = num_stages or max(2, min(4, SMEM_BYTES // (k * bn * 2),
                                       out_features // bn // splits))
     grp = _group_rows(slot_pages, b_offset, rank, plan["item_slot"], num_groups=num_groups,
-                      page_size=page_size, rows_per_row=per_row, num_rows=rows_w.shape[0])
-    # xs[p, shift + i] = scale * xa[token(p), i]: column j of xs multiplies the j-th
-    # row of the slot's first group; tokens with no adapter get a zero row.
+                      chunks=chunks, per=per, page_size=page_size, num_rows=rows_c.shape[0])
+    # xs[p, i] = scale * xa[token(p), i] below the slot's rank; tokens with no adapter
+    # get a zero row.
     order = _pad_rows(plan["order"], 8)
     key = jnp.where(jnp.arange(order.shape[0]) < t, plan["key"][order], s)
     sl = jnp.minimum(key, s - 1)
-    i = jnp.arange(k, dtype=jnp.int32)[None, :] - ((b_offset[sl] * per_row) % GROUP)[:, None]
-    live = (key < s)[:, None] & (i >= 0) & (i < rank[sl][:, None])
-    vals = xa[order[:, None], jnp.clip(i, 0, max_rank - 1)] * scale[sl][:, None]
+    i = jnp.arange(k, dtype=jnp.int32)[None, :]
+    live = (key < s)[:, None] & (i < rank[sl][:, None])
+    vals = xa[order[:, None], jnp.minimum(i, max_rank - 1)] * scale[sl][:, None]
     xs = jnp.where(live, vals, 0.0).astype(rows.dtype)
     return _expand_call(grp, plan["item_tile"], plan["item_lo"], plan["item_hi"],
-                        plan["order"], xs, rows_w, num_tokens=t, num_groups=num_groups,
+                        plan["order"], xs, rows_c, num_tokens=t, num_groups=num_groups,
                         block_tokens=bt, block_n=bn, num_stages=stages, num_splits=splits,
-                        interpret=interpret)
-
-
-def _expand_unsupported(out_features, h, page_size, block_n, dtype) -> str | None:
-    if out_features > h or h % out_features:
-        return "output width does not divide the row width H"
-    if (page_size * (h // out_features)) % GROUP:
-        return f"page_size {page_size} rows do not hold a multiple of {GROUP} rank rows"
-    if out_features % block_n or block_n % 64:
-        return f"output width is not a multiple of block_n={block_n} (a multiple of 64)"
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"pool dtype {jnp.dtype(dtype)} is not 16-bit"
-    return None
+                        width=out_features, chunk_width=c, interpret=interpret)

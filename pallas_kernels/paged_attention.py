@@ -84,7 +84,7 @@ def prefill_attention(q, k, v, seq_ids, positions, sliding_window=None, backend=
     if backend == "reference":
         return prefill_attention_reference(q, k, v, seq_ids, positions, sliding_window)
     if backend == "pallas":
-        from pallas_kernels import paged_attention_mgpu
-        return paged_attention_mgpu.prefill_attention(q, k, v, seq_ids, positions,
-                                                      sliding_window)
+        from pallas_kernels import prefill_attention_mgpu
+        return prefill_attention_mgpu.prefill_attention(q, k, v, seq_ids, positions,
+                                                        sliding_window)
     raise ValueError(f"unknown attention backend '{backend}' (have {BACKENDS})")

@@ -15,8 +15,7 @@ exp2. With `num_splits > 1` the context is split across blocks and XLA merges
 the partial results by their log-sum-exp (flash-decoding), which keeps the
 GPU busy when batch x KV heads is small.
 
-Prefill attention is served by the reference (`prefill_attention_reference`)
-for now, and says so once in the log.
+Prefill attention (causal, packed ragged prompts) is in `prefill_attention_mgpu`.
 """
 
 from __future__ import annotations
@@ -235,10 +234,3 @@ def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, length
     wgt = jnp.exp2(m - m.max(axis=2, keepdims=True))
     out = (o * wgt[..., None]).sum(axis=2) / (l * wgt).sum(axis=2)[..., None]
     return out.reshape(bsz, nq, hd)
-
-
-def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, seq_ids: jax.Array,
-                      positions: jax.Array, sliding_window: int | None = None) -> jax.Array:
-    """Packed causal prefill attention. Served by the reference for now (logged once)."""
-    _fallback("prefill attention has no Mosaic GPU kernel yet")
-    return attn_ref.prefill_attention_reference(q, k, v, seq_ids, positions, sliding_window)

@@ -11,11 +11,20 @@ share the pages:
   For GQA (kv_size < H) a page simply holds more tokens, so no row is padded.
 * LoRA weights. An adapter's weights for one layer form a stream of H-wide
   rows: for each targeted module, in `MODULES` order, A^T `[r, in]` and then B
-  `[r, out]`, each flattened row-major and packed into `ceil(r*W/H)` rows. Row
-  j of the stream lives at pool row `pages[j // page_size]*page_size + j %
-  page_size`. A K/V adapter matrix of width kv_size < H packs several rank
-  rows into one pool row, and an MLP matrix of width F (not a multiple of H)
-  wastes at most one partial row.
+  `[r, out]`. Row j of the stream lives at pool row `pages[j // page_size] *
+  page_size + j % page_size`. A matrix of width W is stored in one of two
+  forms (`matrix_form`), chosen so that 8 consecutive rank rows are always one
+  2-D tile of some view of the pool (what a kernel's TMA copy reads):
+  - *flat*, when W divides H or H divides W: row-major, so in the `[*, W]`
+    view of the pool (W | H: H/W rank rows per pool row; H | W: W/H pool rows
+    per rank row) rank row i is row `o + i` of that view;
+  - *chunked*, otherwise (an MLP matrix of width F, e.g. 11008 beside 4096):
+    in columns chunks of C = gcd(W, H), chunk-major, each chunk holding the
+    rank rows padded to a multiple of 8: in the `[*, C]` view, element (i, j)
+    is at row `o + (j // C) * round_up(r, 8) + i`, column `j % C`.
+  Each matrix starts at a row offset `o` (in its view) that is a multiple of 8
+  (of 1 for H | W), so the 8-row groups of a kernel read no row of another
+  matrix; this wastes at most 7 rows of the view per matrix.
 
 The device side never allocates: the host allocator (`serving.allocator`)
 hands out page ids, and the pure functions here write pages at those ids.
@@ -26,15 +35,35 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from slora_jax.config import MODULES, EngineConfig, ModelConfig, ceil_div
+from slora_jax.config import MODULES, EngineConfig, ModelConfig, ceil_div, round_up
 
 NULL_PAGE = 0
+GROUP = 8    # rank rows per kernel tile: matrices start 8-aligned, chunks hold multiples of 8
+
+
+def matrix_form(width: int, row_width: int) -> tuple[int, int]:
+    """(C, chunks) of a width-`width` matrix in H=`row_width` rows: chunks == 1 for the
+    flat form (C = width), else the chunked form with C = gcd(width, H)."""
+    if row_width % width == 0 or width % row_width == 0:
+        return width, 1
+    c = math.gcd(width, row_width)
+    return c, width // c
+
+
+def matrix_align(width: int, row_width: int) -> int:
+    """Pool rows a matrix's start is aligned to: 8 rows of its view (one for H | W)."""
+    c, chunks = matrix_form(width, row_width)
+    if chunks == 1 and width > row_width:
+        return width // row_width          # whole rank rows
+    per = row_width // c                   # view rows per pool row
+    return GROUP // math.gcd(GROUP, per)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,22 +109,26 @@ class PoolLayout:
         return ceil_div(num_tokens, self.tokens_per_page)
 
     def matrix_rows(self, rank: int, width: int) -> int:
-        """Pool rows taken by one [rank, width] adapter matrix."""
-        return ceil_div(rank * width, self.row_width)
+        """Pool rows taken by one [rank, width] adapter matrix (see `matrix_form`)."""
+        c, chunks = matrix_form(width, self.row_width)
+        if chunks == 1:
+            return ceil_div(rank * width, self.row_width)
+        return ceil_div(chunks * round_up(rank, GROUP) * c, self.row_width)
 
     def adapter_offsets(self, ranks: dict[str, int]) -> tuple[np.ndarray, int]:
-        """Row offsets [M, 2] (A^T, B) of each module in the row stream, and its length."""
+        """Row offsets [M, 2] (A^T, B) of each module in the row stream, and its length.
+
+        Each offset is aligned by `matrix_align`, so kernels read whole 8-row groups."""
         offsets = np.zeros((len(MODULES), 2), np.int32)
         row = 0
         for i, m in enumerate(MODULES):
             r = ranks.get(m, 0)
             if not r:
                 continue
-            fin, fout = self.module_shapes[i]
-            offsets[i, 0] = row
-            row += self.matrix_rows(r, fin)
-            offsets[i, 1] = row
-            row += self.matrix_rows(r, fout)
+            for j, width in enumerate(self.module_shapes[i]):
+                row = round_up(row, matrix_align(width, self.row_width))
+                offsets[i, j] = row
+                row += self.matrix_rows(r, width)
         return offsets, row
 
     def adapter_pages_for(self, ranks: dict[str, int]) -> int:
@@ -196,5 +229,18 @@ def pack_adapter_rows(weights: list[dict[str, tuple[np.ndarray, np.ndarray]]],
                 continue
             for j, mat in enumerate(mods[m]):
                 start = int(offsets[i, j]) * h
-                out[l, start:start + mat.size] = mat.reshape(-1)
+                flat = chunked_matrix(np.asarray(mat), h).reshape(-1)
+                out[l, start:start + flat.size] = flat
     return out.reshape(layout.num_layers, n_pages, layout.page_size, h)
+
+
+def chunked_matrix(mat: np.ndarray, row_width: int) -> np.ndarray:
+    """A `[r, W]` matrix in its stored form: itself when flat, else `[chunks,
+    round_up(r, 8), C]` (zero rank rows past r). Host-side."""
+    r, w = mat.shape
+    c, chunks = matrix_form(w, row_width)
+    if chunks == 1:
+        return mat
+    out = np.zeros((chunks, round_up(r, GROUP), c), mat.dtype)
+    out[:, :r] = mat.reshape(r, chunks, c).transpose(1, 0, 2)
+    return out

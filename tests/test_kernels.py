@@ -25,7 +25,7 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import lora, lora_mgpu, paged_attention, paged_attention_mgpu
-from slora_jax.pool import PoolLayout
+from slora_jax.pool import PoolLayout, matrix_align
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
@@ -39,27 +39,33 @@ def _bf16(rng, shape):
 
 
 def lora_case(rng, *, h, t, s, max_rank, ranks, token_slot, page_size=8, pages_per_slot=None,
-              spare_pages=8):
+              spare_pages=8, widths=None):
     """A pool with `s` adapter slots on randomly scattered pages, and a token batch.
 
-    Each slot holds one A^T/B pair somewhere inside its own pages, at a random
-    (generally not 8-aligned) row offset, as `PoolLayout.adapter_offsets` packs them.
+    Each slot holds one A^T [r, in] / B [r, out] pair (`widths`, default (h, h)) inside
+    its own pages, at random offsets aligned as `PoolLayout.adapter_offsets` aligns
+    them (8 rows of the matrix's view), in their stored form (`matrix_form`).
     """
-    rows_needed = 2 * max_rank + 24
+    w_in, w_out = widths or (h, h)
+    lay = PoolLayout(num_layers=1, num_pages=1, page_size=page_size, row_width=h,
+                     num_kv_heads=1, head_dim=h, max_rank=max_rank, module_shapes=())
+    a_al, b_al = matrix_align(w_in, h), matrix_align(w_out, h)
+    a_off = rng.integers(0, 12, s) // a_al * a_al
+    b_off = a_off + lay.matrix_rows(max_rank, w_in) + rng.integers(0, 12, s)
+    b_off = -(-b_off // b_al) * b_al
+    rows_needed = int(b_off.max()) + lay.matrix_rows(max_rank, w_out)
     pa = pages_per_slot or -(-rows_needed // page_size)
     num_pages = s * pa + spare_pages
     perm = rng.permutation(num_pages)
     slot_pages = jnp.asarray(perm[:s * pa].reshape(s, pa), jnp.int32)
     rows = _bf16(rng, (num_pages * page_size, h))
-    a_off = rng.integers(0, 12, s)
-    b_off = a_off + max_rank + rng.integers(0, 12, s)
     return dict(
         rows=rows, slot_pages=slot_pages,
         a_offset=jnp.asarray(a_off, jnp.int32), b_offset=jnp.asarray(b_off, jnp.int32),
         rank=jnp.asarray(ranks, jnp.int32),
         scale=jnp.asarray(2.0 ** rng.integers(-2, 2, s), jnp.float32),
         token_slot=jnp.asarray(token_slot, jnp.int32),
-        x=_bf16(rng, (t, h)),
+        x=_bf16(rng, (t, w_in)),
         xa=_bf16(rng, (t, max_rank)).astype(jnp.float32),
         max_rank=max_rank, page_size=page_size)
 
@@ -127,20 +133,37 @@ def test_expand_matches_reference(kind):
                            token_slot=ts), H)
 
 
-def test_max_rank_64_spans_two_row_tiles():
-    """Rank 64 at an unaligned offset covers 9 row groups: the kernels' 128-row path."""
+def test_max_rank_128_spans_two_row_tiles():
+    """Rank 128 covers 16 row groups: the kernels' 128-row path (two 64-row halves,
+    the second skipped for slots of rank <= 64)."""
     rng = np.random.default_rng()
     ts = rng.integers(0, 3, 6)
-    c = lora_case(rng, h=H, t=6, s=3, max_rank=64, ranks=[64, 64, 1], token_slot=ts)
+    c = lora_case(rng, h=H, t=6, s=3, max_rank=128, ranks=[128, 64, 1], token_slot=ts)
     check_shrink(c)
     check_expand(c, H)
+
+
+@pytest.mark.parametrize("h,f", [(H, 3 * H // 2), (2 * H, 3 * H)])
+def test_mlp_widths_read_column_chunks(h, f):
+    """gate/up B and the down A^T: widths F that neither divide nor are multiples of H
+    are stored in gcd(F, H)-column chunks; the kernels read each chunk's rank rows."""
+    rng = np.random.default_rng()
+    ts = rng.integers(-1, 4, 10)
+    ranks = [16, 3, 8, 0]
+    down = lora_case(rng, h=h, t=10, s=4, max_rank=16, ranks=ranks, token_slot=ts,
+                     widths=(f, h))
+    check_shrink(down)                              # down: A^T of width F
+    up = lora_case(rng, h=h, t=10, s=4, max_rank=16, ranks=ranks, token_slot=ts,
+                   widths=(h, f))
+    check_expand(up, f)                             # gate/up: B of width F
 
 
 def test_expand_narrow_width_packs_rank_rows():
     """A k/v B of width kv_size = H/2: two rank rows per pool row, read via a view."""
     rng = np.random.default_rng()
     ts = rng.integers(-1, 4, 10)
-    c = lora_case(rng, h=2 * H, t=10, s=4, max_rank=16, ranks=[16, 1, 8, 0], token_slot=ts)
+    c = lora_case(rng, h=2 * H, t=10, s=4, max_rank=16, ranks=[16, 1, 8, 0], token_slot=ts,
+                  widths=(2 * H, H))
     check_expand(c, H, block_n=64)
 
 
@@ -193,11 +216,12 @@ def test_plan_covers_each_token_once():
 def test_unsupported_width_falls_back_with_a_log(caplog):
     rng = np.random.default_rng()
     c = lora_case(rng, h=H, t=4, s=2, max_rank=8, ranks=[8, 4], token_slot=[0, 1, 1, -1])
+    w = 5 * H // 4                                # column chunks of gcd(160, 128) = 32
     with caplog.at_level(logging.WARNING, logger="pallas_kernels.lora_mgpu"):
-        check_expand(c, 3 * H // 2, fallback=True)    # an MLP-like width straddling rows
+        check_expand(c, w, fallback=True)
     with caplog.at_level(logging.WARNING, logger="pallas_kernels.lora_mgpu"):
         lora_mgpu.lora_expand(c["xa"], c["rows"], c["slot_pages"], c["b_offset"], c["rank"],
-                              c["scale"], c["token_slot"], out_features=3 * H // 2,
+                              c["scale"], c["token_slot"], out_features=w,
                               page_size=c["page_size"])
     msgs = [r.getMessage() for r in caplog.records if "reference" in r.getMessage()]
     assert len(msgs) == 1                      # said once, not on every call
@@ -252,6 +276,22 @@ def test_gpu_lora_llama7b_shapes(kind, max_rank):
     check_shrink(c)
     check_expand(c, 4096)
     check_expand(c, 1024)                       # Llama-3-8B k/v B: 4 rank rows per pool row
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("f", [11008, 14336])
+def test_gpu_lora_mlp_widths(f):
+    """Llama-7B / Llama-3-8B MLP: down A^T [r, F] and gate/up B [r, F] in column chunks."""
+    rng = np.random.default_rng()
+    ts, ranks = _batch(rng, "mixed", 64, 64, 64)
+    for widths, side in (((f, 4096), "down"), ((4096, f), "up")):
+        c = lora_case(rng, h=4096, t=len(ts), s=len(ranks), max_rank=64, ranks=ranks,
+                      token_slot=ts, page_size=16, spare_pages=64, widths=widths)
+        if side == "down":
+            check_shrink(c)
+        else:
+            check_expand(c, f)
 
 
 @pytest.mark.gpu

@@ -7,8 +7,9 @@ the compiled step still updates the pool in place.
 
 Both steps run on identical copies of one pool, filled by a reference prefill
 of mixed prompts over adapters of ranks 1..max_rank on q/k/v/o (plus one on
-gate/up/down, whose widths take the logged reference path). Each kernel is
-checked alone, then both. Tolerance: the LoRA kernels and the reference both
+gate/up/down, whose MLP width F = 320 the kernels read in gcd(F, H) = 64-column
+chunks). Each kernel is checked alone, then both; the prefill step (MBGMM and the
+packed causal attention kernel) likewise. Tolerance: the LoRA kernels and the reference both
 round scale*xa to bf16 before the expand, so they differ only by float32
 summation order (exactly 0 in the interpreter); attention rounds the scaled q
 and P to bf16 (as bf16 flash kernels do): ~1e-2 of the logits' scale. An adapter
@@ -118,6 +119,49 @@ def _check(mc, batch, context, seed):
 def test_pallas_decode_step_matches_reference():
     """Interpreted on the CPU: 8 requests over 5 adapters (ranks 1..16) and base-only."""
     _check(SMALL, batch=8, context=40, seed=3)
+
+
+def _check_prefill(mc, batch, context, seed):
+    """The prefill step (packed prompts of odd lengths, every adapter and base-only)
+    with each Pallas backend vs the references: last-token logits and the K/V it wrote."""
+    eng, params = _engine(mc, batch, context, seed)
+    rng = np.random.default_rng(seed)
+    names = [None] + [f"a{i}" for i in range(len(ADAPTERS))]
+    req_names = [names[i % len(names)] for i in range(batch)]
+    order = sorted({n for n in req_names if n})
+    slots = [eng._make_resident(n) for n in order]
+    req_slot = [order.index(n) if n else -1 for n in req_names]
+    lens = [int(n) for n in rng.integers(1, context - 1, batch)]
+    prompts = [list(map(int, rng.integers(0, mc.vocab_size, n))) for n in lens]
+    kv = [eng.allocator.alloc(("r", i), eng.layout.kv_pages_for(context), "kv")
+          for i in range(batch)]
+    pb = prefill_batch(prompts, kv, req_slot, [Sampling()] * batch, slots, eng.ec, eng.layout)
+    out = {}
+    for lora_b, attn_b in BACKENDS:
+        spec = eng.spec.with_(lora_backend=lora_b, attention_backend=attn_b, logits="last")
+        pool, res = prefill(params, jax.tree.map(jnp.copy, eng.pool), pb, spec=spec)
+        out[lora_b, attn_b] = (np.asarray(res.logits[:batch], np.float32), pool)
+    ref, ref_pool = out["reference", "reference"]
+    scale = np.abs(ref).max(axis=-1)
+    for key in BACKENDS[1:]:
+        got, got_pool = out[key]
+        assert np.all(np.isfinite(got)), key
+        err = np.abs(got - ref).max(axis=-1) / scale
+        assert err.max() < 2e-2, (key, float(err.max()))
+        for a, b in zip(ref_pool.layers, got_pool.layers):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            assert np.abs(a - b).max() <= 5e-2 * np.abs(a).max(), key
+
+
+def test_pallas_prefill_step_matches_reference():
+    """Interpreted on the CPU: 6 prompts of 1..70 tokens over 5 adapters and base-only."""
+    _check_prefill(SMALL, batch=6, context=72, seed=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_pallas_prefill_step_llama7b_layers():
+    _check_prefill(LLAMA7B_2L, batch=8, context=600, seed=7)
 
 
 @pytest.mark.gpu
