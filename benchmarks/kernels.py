@@ -1,254 +1,262 @@
-"""Kernel benchmark: Mosaic GPU LoRA (shrink/expand) and paged decode attention vs XLA.
+"""Kernel benchmark: Mosaic GPU LoRA and attention kernels against XLA and library baselines.
 
 Times, in one run and with CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`):
-  * LoRA shrink and expand of one module at decode (one token per request, B up to
-    512, distinct adapters drawn from a pool of `--adapters` loaded adapters) and at
-    prefill (segments of many tokens per adapter), ranks 8/16/32/64 and mixed:
-      - `pallas`     : pallas_kernels.lora_mgpu (the whole call: XLA plan + kernel),
-                       with `kernel_us` = the Mosaic kernel alone (what a step pays per
-                       module once XLA shares the plan between modules);
-      - `xla-gather` : baseline (a), the jnp reference (gather per token + padded einsum);
-      - `xla-onehot` : baseline (b), one-hot einsum over stacked padded slots [n, H, r].
-  * Decode attention over pool pages (Llama-7B MHA and Llama-3-8B GQA):
-      - `pallas`     : pallas_kernels.paged_attention_mgpu;
-      - `xla-gather` : the jnp reference (gathers the pages, then attends);
-      - `xla-contig` : baseline (d), XLA attention on contiguous K/V [B, ctx, nkv, hd].
+  * LoRA shrink and expand at decode (one token per request, B up to 512, distinct
+    adapters drawn from a pool of `--adapters` loaded adapters), attention modules
+    (q, or o and v under GQA) and MLP modules (gate: in H / out F, down: in F / out H),
+    ranks 8..64 and mixed. Backends:
+      - `pallas`         : `pallas_kernels.lora.lora_shrink/lora_expand(backend="pallas")`,
+                           the whole call (XLA plan + kernel); `kernel_us` = the Mosaic
+                           kernel alone. `fallback` = true when the dispatch used the
+                           reference for this shape (no Pallas kernel in the jaxpr);
+      - `pallas-planned` : the same with the batch plan built outside (what one module
+                           pays in a step, where XLA shares the plan);
+      - `xla-gather`     : baseline (a), the jnp reference (backend="reference");
+      - `xla-onehot`     : baseline (b), one-hot einsum over stacked padded slots.
+  * LoRA at prefill (segments of 256..2048 tokens, one adapter each; 512, 2048, 8192
+    tokens), module q: `pallas-planned`, `xla-gather`, and `dense` (one plain matmul of
+    the same tokens and rank:
+    x[T,H]·A[H,r], xa[T,r]·B[r,out]; the target is LoRA within 1.5x of it, `vs_dense`),
+    `ragged-dot` (`jax.lax.ragged_dot`, weights stacked per segment [G, H, r]) and
+    `tokamax` (`tokamax.ragged_dot`, when tokamax is installed). Mixed ranks: dense and
+    ragged-dot at the max rank.
+  * Decode attention over pool pages (Llama-7B MHA, Llama-3-8B GQA), 1K..16K context:
+    `pallas` (paged_attention_mgpu), `triton-paged` (JAX's Pallas-Triton paged attention
+    on the same K/V as [n_kv, pages, tokens_per_page, hd]), `xla-gather` (reference),
+    `xla-contig` (XLA on contiguous K/V, no paging).
+  * Causal prefill attention over packed prompts: `pallas` (the dispatch; it may still
+    fall back to the reference), `xla-ref` (reference, T <= 2048), `cudnn`
+    (`jax.nn.dot_product_attention(implementation="cudnn")` on [B, S, N, hd]),
+    `mgpu-flash` (`jax.experimental.pallas.ops.gpu.attention_mgpu`, causal).
 Bytes are the fewest an op must move: each distinct adapter once at its own rank, each
-KV byte once, activations in and out. `achieved_GBps` = bytes / median time, beside
-the copy bandwidth measured in the same run (XLA, 1 GiB, read + write). To keep inputs
-out of the 50 MB L2, each timed call runs the op on several independent batches
-(different adapters / pages) and the time is divided by their number.
+KV byte once, activations in and out. `achieved_GBps` = bytes / median time, beside the
+copy bandwidth measured in the same run (XLA, 1 GiB, read + write). Prefill rows also
+have `flops` (LoRA: each token at its adapter's rank; dense/ragged-dot: at the rank they
+compute; attention: the causal half) and `tflops`, beside a dense bf16 8192^3 matmul
+measured in the same run (`matmul_tflops`). To keep inputs out of the 50 MB L2, each
+timed call runs the op on several independent batches and divides the time. `wall_s` is
+a row's wall time (tracing, compiling and timing), for planning runs.
 
-    python benchmarks/kernels.py --quick      # a few small configs (CPU: interpreter)
+The whole default run fits one device call: config groups run in priority order (decode
+LoRA at B >= 128, MLP, prefill LoRA, decode attention at 4K+, prefill attention, then
+the rest), each up to its share of `--budget-s`; configs left out are listed and written
+as `skipped` rows. `--only` picks families: lora (decode, MLP, one-hot), lora-prefill,
+attention (decode), prefill-attention.
+
+    python benchmarks/kernels.py --quick      # CPU: tiny stand-ins through the interpreter
     python benchmarks/kernels.py              # the GPU run; writes benchmarks/results/
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
+import zlib
 
+T_START = time.time()     # the budget counts from here: process start, before JAX starts
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels import lora, lora_mgpu, paged_attention, paged_attention_mgpu  # noqa: E402
-from slora_jax.pool import PoolLayout  # noqa: E402
+from kernels_setup import (MIXED_RANKS, MODELS, ON_GPU, PAGE_SIZE, AdapterPool,  # noqa: E402
+                           add_ratios, copy_bandwidth, desc, fmt_row, git_commit, groups,
+                           matmul_rate, measure, randn, repeats, summary, uses_kernel,
+                           write_results)
+from pallas_kernels import lora, lora_mgpu, paged_attention  # noqa: E402
+from slora_jax.pool import PoolLayout, kv_page_view  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-ON_GPU = jax.default_backend() == "gpu"
-L2_BYTES = 50 << 20
-
-MODELS = {   # hidden, kv heads, head dim, intermediate
-    "llama-7b": dict(h=4096, nkv=32, hd=128, f=11008),
-    "llama3-8b": dict(h=4096, nkv=8, hd=128, f=14336),
-    # Stand-ins for --quick off the GPU, where the kernels run in the interpreter.
-    "tiny-mha": dict(h=256, nkv=2, hd=64, f=512),
-    "tiny-gqa": dict(h=256, nkv=1, hd=64, f=512),
-}
-QUICK_STANDIN = {"llama-7b": "tiny-mha", "llama3-8b": "tiny-gqa"}
+FAMILIES = ("lora", "lora-prefill", "attention", "prefill-attention")
+REF_MAX_T = 2048          # the O(T^2)-memory prefill reference runs up to this many tokens
+GATHER_MAX_KV = 4.5e9     # the decode gather reference materialises K/V in f32: bytes cap
+TIER_A_FRACTION = 0.9     # of the budget for the priority groups; the rest runs after
 
 
-# --- timing -----------------------------------------------------------------------
-
-def measure(f, args, iters):
-    """Median per-call time (us) and per-kernel medians {name: us}."""
-    if ON_GPU:
-        from jax.experimental.mosaic.gpu import profiler
-        _, ts = profiler.measure(f, aggregate=False, iterations=iters)(*args)
-        if iters == 1:
-            ts = [ts]
-        totals = [sum(ms for _, ms in it) for it in ts]
-        kernels: dict[str, list[float]] = {}
-        for it in ts:
-            per: dict[str, float] = {}
-            for name, ms in it:
-                per[name] = per.get(name, 0.0) + ms
-            for name, ms in per.items():
-                kernels.setdefault(name, []).append(ms)
-        return statistics.median(totals) * 1e3, {k: statistics.median(v) * 1e3
-                                                 for k, v in kernels.items()}
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(ts), {}
+def _tokamax():
+    try:
+        import tokamax
+        return tokamax
+    except Exception:
+        return None
 
 
-def copy_bandwidth(iters):
-    n = (256 << 20) if ON_GPU else (4 << 20)
-    x = jnp.ones((n,), jnp.float32)
-    us, _ = measure(jax.jit(lambda a: a * 1.0001), (x,), iters)
-    return 2 * x.nbytes / (us * 1e-6) / 1e9
+class Runner:
+    """Times rows and keeps them; honours the time budget and the --backends filter."""
+
+    def __init__(self, args, copy_gbps, mm_tflops):
+        self.args, self.copy, self.mm = args, copy_gbps, mm_tflops
+        self.t0 = T_START
+        self.rows: list[dict] = []
+        self.backends = set(args.backends.split(",")) if args.backends else None
+
+    def over(self, deadline=None):
+        now = time.time()
+        return now > self.t0 + self.args.budget_s or (deadline is not None and now > deadline)
+
+    def emit(self, name, backend, params, f=None, fargs=(), *, reps=1, nbytes=0, flops=None,
+             check_kernel=False, fallback=None, skip=None, error=None):
+        if self.backends and backend not in self.backends:
+            return None
+        row = dict(name=name, backend=backend, phase=params.get("phase", "decode"),
+                   params=params, bytes=int(nbytes), copy_GBps=round(self.copy, 1),
+                   matmul_tflops=round(self.mm, 1))
+        if flops:
+            row["flops"] = int(flops)
+        if fallback is not None:
+            row["fallback"] = bool(fallback)
+        if skip is None and error is None and self.over():
+            skip = "time budget"
+        if skip or error:
+            row.update({"skipped": skip} if skip else {"error": error})
+        else:
+            t = time.time()
+            try:
+                if check_kernel:
+                    row["fallback"] = not uses_kernel(f, fargs)
+                us, kernels = measure(f, fargs, self.args.iters)
+                per = us / reps
+                gbps = nbytes / per / 1e3
+                row.update(median_us=round(per, 2), achieved_GBps=round(gbps, 1),
+                           pct_copy=round(100 * gbps / self.copy, 1),
+                           kernels_us={k: round(v / reps, 2) for k, v in kernels.items()})
+                mg = [v for k, v in kernels.items() if k.startswith("mgpu_")]
+                if mg:
+                    row["kernel_us"] = round(sum(mg) / reps, 2)
+                if flops:
+                    tf = flops / per / 1e6
+                    row.update(tflops=round(tf, 2), pct_matmul=round(100 * tf / self.mm, 1))
+            except Exception as e:   # a failed config is a result too; keep going
+                row["error"] = _err(e)
+            row["wall_s"] = round(time.time() - t, 1)
+        self.rows.append(row)
+        print(fmt_row(row), flush=True)
+        return row
 
 
-def repeats(bytes_per_call: int, cap: int = 8) -> int:
-    """Independent batches per timed call so that their inputs overflow the L2."""
-    if not ON_GPU:
-        return 1
-    return int(min(cap, max(1, -(-2 * L2_BYTES // max(bytes_per_call, 1)))))
+def _err(e):
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
 
 
-# --- LoRA setup ---------------------------------------------------------------------
+# --- LoRA -------------------------------------------------------------------------------
 
-class AdapterPool:
-    """`n` adapters of one layer in a random pool: for each, A^T/B of every q/k/v/o
-    module at its rank, packed as `PoolLayout.adapter_offsets` packs them, on pages
-    scattered by a random permutation."""
-
-    def __init__(self, model, n, ranks, page_size, seed):
-        m = MODELS[model]
-        h, kv = m["h"], m["nkv"] * m["hd"]
-        self.h, self.kv, self.page_size = h, kv, page_size
-        self.shapes = {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h)}
-        self.ranks = np.asarray(ranks, np.int32)
-        offs, lens = [], []
-        for r in self.ranks:
-            row, off = 0, {}
-            for mod, (fin, fout) in self.shapes.items():
-                a = row
-                row += -(-int(r) * fin // h)
-                off[mod] = (a, row)
-                row += -(-int(r) * fout // h)
-            offs.append(off)
-            lens.append(row)
-        self.offsets = offs
-        self.pages_per = -(-max(lens) // page_size)
-        num_pages = n * self.pages_per + 1
-        rng = np.random.default_rng(seed)
-        self.pages = (rng.permutation(num_pages - 1) + 1).reshape(n, self.pages_per)
-        key = jax.random.key(seed)
-        self.rows = jax.random.normal(key, (num_pages * page_size, h), jnp.bfloat16)
-
-    def batch(self, adapters, module, side):
-        """Slot tables for the given adapters: pages, offset (A or B), rank, scale."""
-        i = 0 if side == "a" else 1
-        return (jnp.asarray(self.pages[adapters], jnp.int32),
-                jnp.asarray([self.offsets[a][module][i] for a in adapters], jnp.int32),
-                jnp.asarray(self.ranks[adapters], jnp.int32),
-                jnp.full((len(adapters),), 0.5, jnp.float32))
-
-
-def _standin(cfgs):
-    """Off the GPU the kernels run in the interpreter: tiny models, tiny batches."""
-    if ON_GPU:
-        return cfgs
-    small = dict(b=min, n=min, ctx=min)
-    return [dict(c, model=QUICK_STANDIN[c["model"]],
-                 **{k: small[k](c[k], 256 if k == "ctx" else 8) for k in small if k in c})
-            for c in cfgs]
-
-
-def lora_configs(quick, subset=None):
-    if subset == "second":   # what a first full run ran out of time for
-        return [dict(model="llama-7b", phase="decode", b=128, n=128, rank="mixed"),
-                dict(model="llama-7b", phase="decode", b=512, n=512, rank="mixed"),
-                dict(model="llama-7b", phase="decode", b=512, n=64, rank=8),
-                dict(model="llama3-8b", phase="decode", b=256, n=256, rank="mixed")]
-    if quick:
-        return _standin([dict(model="llama-7b", phase="decode", b=128, n=128, rank=16),
-                         dict(model="llama-7b", phase="decode", b=512, n=512, rank=64),
-                         dict(model="llama-7b", phase="decode", b=512, n=512, rank="mixed"),
-                         dict(model="llama3-8b", phase="decode", b=256, n=256, rank="mixed"),
-                         dict(model="llama-7b", phase="prefill", b=2048, n=8, rank=16)])
-    out = []
-    for b in (1, 32, 128, 512):
-        for r in (8, 64, "mixed") if b != 128 else (8, 16, 32, 64, "mixed"):
-            out.append(dict(model="llama-7b", phase="decode", b=b, n=b, rank=r))
-    for r in (8, "mixed"):
-        out.append(dict(model="llama-7b", phase="decode", b=512, n=64, rank=r))
-    for r in (16, "mixed"):
-        out.append(dict(model="llama3-8b", phase="decode", b=256, n=256, rank=r))
-    for b, n, r in ((2048, 8, 16), (4096, 32, "mixed")):
-        out.append(dict(model="llama-7b", phase="prefill", b=b, n=n, rank=r))
-    return out
-
-
-# pallas: the whole call (plan + kernel); pallas-planned: with the plan computed outside,
-# as XLA shares it between the modules and layers of a step; xla-gather: baseline (a).
-BACKENDS_LORA = ("pallas", "pallas-planned", "xla-gather")
-
-
-def _batched(one, backend):
-    """One jitted call over independent batches (to overflow the L2)."""
-    if backend == "pallas-planned":
-        return jax.jit(lambda rows, bs, plans: [one(rows, *b, plan=p) for b, p in zip(bs, plans)])
-    return jax.jit(lambda rows, bs, plans: [one(rows, *b) for b in bs])
-
-
-def run_lora(cfg, pool, max_rank, args, copy_gbps, emit):
-    rng = np.random.default_rng(hash(str(cfg)) % 2**32)
-    t, n = cfg["b"], cfg["n"]
-    gqa = MODELS[cfg["model"]]["nkv"] * MODELS[cfg["model"]]["hd"] < pool.h
-    module = "o" if gqa else "q"        # o: its rows start unaligned under GQA
-    h = pool.h
-    batches, used = [], []
-    probe = rng.choice(len(pool.ranks), n, replace=False)
-    k = repeats(int(pool.ranks[probe].sum()) * h * 2 * 2)
+def run_lora(cfg, pool, R):
+    """Shrink/expand rows of one batch config, for each (op, module) in cfg["ops"]."""
+    t, n, ps, max_rank = cfg["b"], cfg["n"], pool.page_size, pool.max_rank
+    prefill = cfg["phase"] == "prefill"
+    rng = np.random.default_rng(zlib.crc32(json.dumps(cfg, sort_keys=True).encode()))
+    widths = [pool.shapes[mod][0 if op == "shrink" else 1] for op, mod in cfg["ops"]]
+    k = repeats(int(n * pool.ranks.mean() * max(widths) * 2 + t * max(widths) * 2))
+    batches = []
     for _ in range(k):
-        adapters = rng.choice(len(pool.ranks), n, replace=False)
-        ts = rng.permutation(t) % n if cfg["phase"] == "decode" else \
-            np.sort(rng.integers(0, n, t))
-        x = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (t, h), jnp.bfloat16)
-        batches.append((adapters, jnp.asarray(ts, jnp.int32), x))
-        used.append(int(pool.ranks[adapters][np.unique(ts)].sum()))
-    used = float(np.mean(used))        # rank rows of the distinct adapters a batch reads
-    params = dict(cfg, module=module, max_rank=max_rank, repeats=k)
-    ps = pool.page_size
+        adapters = rng.choice(len(pool), n, replace=False)
+        ts = np.repeat(np.arange(n), cfg["segs"]) if prefill else rng.permutation(t) % n
+        batches.append((adapters, jnp.asarray(ts, jnp.int32)))
+    used = float(np.mean([pool.ranks[a].sum() for a, _ in batches]))   # every slot has tokens
+    tok_rank = float(np.mean([pool.ranks[a][np.asarray(ts)].sum() for a, ts in batches]))
+    params = {kk: v for kk, v in cfg.items() if kk != "ops"}
+    params.update(max_rank=max_rank, repeats=k)
+    if prefill:
+        params["dense_rank"] = max_rank
+    try:
+        plans = jax.jit(lambda tss: [lora_mgpu.batch_plan(x, n) for x in tss])(
+            [ts for _, ts in batches])
+        plan_err = None
+    except Exception as e:
+        plans, plan_err = None, _err(e)
+    keys = iter(range(1 << 20))
+    xs = {}
+    xa = [jax.random.normal(jax.random.key(i), (t, max_rank), jnp.float32) for i in range(k)]
+    scale = jnp.full((n,), 0.5, jnp.float32)
+    # At prefill the plan is shared by every module and layer: planned only.
+    backends = ("pallas-planned", "xla-gather") if prefill else \
+        ("pallas", "pallas-planned", "xla-gather")
+    for op, mod in cfg["ops"]:
+        w_in, w_out = pool.shapes[mod]
+        width = w_in if op == "shrink" else w_out
+        p = dict(params, module=mod, width=width)
+        if op == "shrink" and w_in not in xs:
+            xs[w_in] = [randn(jax.random.key(1000 + next(keys)), (t, w_in)) for _ in range(k)]
+        bs = [((xs[w_in][i] if op == "shrink" else xa[i]),
+               *pool.slots(a, mod, "a" if op == "shrink" else "b"), scale, ts)
+              for i, (a, ts) in enumerate(batches)]
+        if op == "shrink":
+            nbytes = used * width * 2 + t * width * 2 + t * max_rank * 4
+        else:
+            nbytes = used * width * 2 + t * max_rank * 4 + t * width * 4
+        flops = 2 * width * tok_rank if prefill else None
+        name = f"lora_{op}"
+        fell_back = False
+        for backend in backends:
+            common = dict(reps=k, nbytes=nbytes, flops=flops)
+            if backend == "pallas-planned" and plans is None:
+                R.emit(name, backend, p, error=f"plan: {plan_err}", **common)
+                continue
+            if backend.startswith("pallas") and fell_back:   # the other pallas row did
+                R.emit(name, backend, p, skip="falls back to the reference, as the other "
+                       "pallas row", fallback=True, **common)
+                continue
+            f = _lora_fn(op, backend, max_rank, width, ps)
+            pl_ = plans if backend == "pallas-planned" else [None] * k
+            row = R.emit(name, backend, p, f, (pool.rows, bs, pl_),
+                         check_kernel=backend.startswith("pallas"), **common)
+            fell_back = fell_back or bool(row and row.get("fallback"))
+        if prefill:
+            _prefill_baselines(name, op, p, t, width, max_rank, cfg["segs"], k, R)
 
-    bt = lora_mgpu.pick_block_tokens(t, n)
-    plans = jax.jit(lambda tss: [lora_mgpu.plan_batch(ts_, n, bt) for ts_ in tss])(
-        [b[1] for b in batches])
 
-    def shrink_fn(backend):
-        def one(rows, pages, off, rank, ts, x, plan=None):
-            if backend.startswith("pallas"):
-                return lora_mgpu.lora_shrink(x, rows, pages, off, rank, ts, max_rank=max_rank,
-                                             page_size=ps, plan=plan)
-            return lora.lora_shrink_reference(x, rows, pages, off, rank, ts, max_rank=max_rank,
-                                              page_size=ps)
-        return _batched(one, backend)
+def _lora_fn(op, backend, max_rank, width, ps):
+    be = "reference" if backend == "xla-gather" else "pallas"
 
-    def expand_fn(backend, width):
-        def one(rows, pages, off, rank, scale, ts, xa, plan=None):
-            if backend.startswith("pallas"):
-                return lora_mgpu.lora_expand(xa, rows, pages, off, rank, scale, ts,
-                                             out_features=width, page_size=ps, plan=plan)
-            return lora.lora_expand_reference(xa, rows, pages, off, rank, scale, ts,
-                                              out_features=width, page_size=ps)
-        return _batched(one, backend)
-
-    sb = [(*pool.batch(a, module, "a")[:3], ts, x) for a, ts, x in batches]
-    shrink_bytes = used * h * 2 + t * h * 2 + t * max_rank * 4
-    for backend in BACKENDS_LORA:
-        emit("lora_shrink", backend, params, shrink_fn(backend), (pool.rows, sb, plans), k,
-             shrink_bytes, copy_gbps, args.iters)
-    widths = [(module, pool.shapes[module][1])]
-    if gqa:
-        widths.append(("v", pool.kv))                    # k/v B: kv_size < H
-    for mod, width in widths:
-        xa = [jax.random.normal(jax.random.key(i), (t, max_rank), jnp.float32)
-              for i in range(k)]
-        eb = [(*pool.batch(a, mod, "b"), ts, xa[i]) for i, (a, ts, _) in enumerate(batches)]
-        expand_bytes = used * width * 2 + t * max_rank * 4 + t * width * 4
-        for backend in BACKENDS_LORA:
-            emit("lora_expand", backend, dict(params, module=mod, width=width),
-                 expand_fn(backend, width), (pool.rows, eb, plans), k, expand_bytes, copy_gbps,
-                 args.iters)
+    def one(rows, act, pages, off, rank, scale, ts, plan):
+        if op == "shrink":
+            return lora.lora_shrink(act, rows, pages, off, rank, ts, max_rank=max_rank,
+                                    page_size=ps, backend=be, plan=plan)
+        return lora.lora_expand(act, rows, pages, off, rank, scale, ts, out_features=width,
+                                page_size=ps, backend=be, plan=plan)
+    return jax.jit(lambda rows, bs, plans: [one(rows, *b, pl_) for b, pl_ in zip(bs, plans)])
 
 
-def run_onehot(b, n_slots, rank, h, copy_gbps, emit, iters):
+def _prefill_baselines(name, op, p, t, width, r, segs, k, R):
+    """dense, ragged-dot and tokamax for one prefill op: bf16 in, f32 out, rank r."""
+    g = len(segs)
+    gs = jnp.asarray(segs, jnp.int32)
+    key = jax.random.key(t + width + r)
+    if op == "shrink":          # x[T, in] · A[in, r]
+        acts = [randn(jax.random.fold_in(key, i), (t, width)) for i in range(k)]
+        wshape, act_b, out_b = (width, r), t * width * 2, t * r * 4
+    else:                       # xa[T, r] · B[r, out]
+        acts = [randn(jax.random.fold_in(key, i), (t, r)) for i in range(k)]
+        wshape, act_b, out_b = (r, width), t * r * 2, t * width * 4
+    flops = 2 * t * width * r
+    dense_w = [randn(jax.random.fold_in(key, 100 + i), wshape) for i in range(k)]
+    R.emit(name, "dense", p, jax.jit(lambda ws, xs: [
+        jnp.dot(x, w, preferred_element_type=jnp.float32) for x, w in zip(xs, ws)]),
+        (dense_w, acts), reps=k, nbytes=act_b + width * r * 2 + out_b, flops=flops)
+    del dense_w
+    stacked = [randn(jax.random.fold_in(key, 200 + i), (g, *wshape)) for i in range(k)]
+    nbytes = act_b + g * width * r * 2 + out_b
+    R.emit(name, "ragged-dot", p, jax.jit(lambda ws, xs: [
+        jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
+        for x, w in zip(xs, ws)]), (stacked, acts), reps=k, nbytes=nbytes, flops=flops)
+    tk = _tokamax()
+    if tk is not None:
+        def tk_dot(x, w):
+            try:
+                return tk.ragged_dot(x, w, group_sizes=gs, preferred_element_type=jnp.float32)
+            except TypeError:
+                return tk.ragged_dot(x, w, group_sizes=gs).astype(jnp.float32)
+        R.emit(name, "tokamax", p, jax.jit(lambda ws, xs: [tk_dot(x, w) for x, w in zip(xs, ws)]),
+               (stacked, acts), reps=k, nbytes=nbytes, flops=flops)
+
+
+def run_onehot(cfg, R):
     """Baseline (b): vLLM-style stacked padded slots, selected by a one-hot einsum."""
+    b, n_slots, rank, h = cfg["b"], cfg["n_slots"], cfg["rank"], cfg["h"]
     key = jax.random.key(n_slots)
     a = jax.random.normal(key, (n_slots, h, rank), jnp.bfloat16)
     bm = jax.random.normal(key, (n_slots, rank, h), jnp.bfloat16)
@@ -263,63 +271,61 @@ def run_onehot(b, n_slots, rank, h, copy_gbps, emit, iters):
                           preferred_element_type=jnp.float32)
     distinct = len(np.unique(np.asarray(ts)))
     nbytes = distinct * rank * h * 2 * 2 + b * h * 2 + b * h * 4
-    emit("lora_shrink+expand", "xla-onehot", dict(model="llama-7b", phase="decode", b=b,
-                                                  n=n_slots, rank=rank, distinct=distinct),
-         f, (a, bm, x, ts), 1, nbytes, copy_gbps, iters)
+    R.emit("lora_shrink+expand", "xla-onehot", dict(phase="decode", b=b, n=n_slots, rank=rank,
+                                                    h=h, distinct=distinct),
+           f, (a, bm, x, ts), nbytes=nbytes)
 
 
-# --- attention ------------------------------------------------------------------------
+# --- attention ----------------------------------------------------------------------------
 
-def attn_configs(quick, subset=None):
-    if subset == "second":
-        return [dict(model=m, b=b, ctx=4096) for m in ("llama-7b", "llama3-8b")
-                for b in (1, 16, 64)]
-    if quick:
-        return _standin([dict(model="llama-7b", b=16, ctx=4096),
-                         dict(model="llama3-8b", b=64, ctx=4096)])
-    out = []
-    for model in ("llama-7b", "llama3-8b"):
-        for b, ctx in ((1, 4096), (16, 1024), (16, 4096), (16, 8192), (64, 1024), (64, 4096)):
-            out.append(dict(model=model, b=b, ctx=ctx))
-    return out
-
-
-def run_attention(cfg, copy_gbps, emit, iters, page_size):
+def run_attention(cfg, R):
     m = MODELS[cfg["model"]]
     h, nkv, hd = m["h"], m["nkv"], m["hd"]
     b, ctx = cfg["b"], cfg["ctx"]
     nq = h // hd
     kv_bytes = b * ctx * 2 * nkv * hd * 2
     k = repeats(kv_bytes, cap=4)
-    tpp = page_size * h // (2 * nkv * hd)
+    tpp = PAGE_SIZE * h // (2 * nkv * hd)
     pk = -(-ctx // tpp)
     num_pages = k * b * pk + 1
-    layout = PoolLayout(num_layers=1, num_pages=num_pages, page_size=page_size, row_width=h,
+    layout = PoolLayout(num_layers=1, num_pages=num_pages, page_size=PAGE_SIZE, row_width=h,
                         num_kv_heads=nkv, head_dim=hd, max_rank=8, module_shapes=())
     key = jax.random.key(ctx + b)
-    layer = jax.random.normal(key, (num_pages, page_size, h), jnp.bfloat16)
+    layer = randn(key, (num_pages, PAGE_SIZE, h))
     perm = np.random.default_rng(b).permutation(num_pages - 1) + 1
     tables = [jnp.asarray(perm[i * b * pk:(i + 1) * b * pk].reshape(b, pk), jnp.int32)
               for i in range(k)]
     lengths = jnp.full((b,), ctx, jnp.int32)
     q = jax.random.normal(key, (b, nq, hd), jnp.bfloat16)
-    params = dict(cfg, nkv=nkv, g=nq // nkv, tokens_per_page=tpp, repeats=k)
-    nbytes = kv_bytes + b * nq * hd * (2 + 4)
+    params = dict(cfg, phase="decode", nkv=nkv, g=nq // nkv, tokens_per_page=tpp, repeats=k)
+    common = dict(reps=k, nbytes=kv_bytes + b * nq * hd * (2 + 4))
 
     def paged(backend):
         def one(layer, pages):
-            if backend == "pallas":
-                return paged_attention_mgpu.decode_attention(q, layer, pages, lengths, layout)
-            return paged_attention.decode_attention_reference(q, layer, pages, lengths, layout)
+            return paged_attention.decode_attention(q, layer, pages, lengths, layout,
+                                                    backend=backend)
         return jax.jit(lambda layer, ts: [one(layer, p) for p in ts])
 
-    for backend in ("pallas", "xla-gather"):
-        emit("decode_attention", backend, params, paged(backend), (layer, tables), k, nbytes,
-             copy_gbps, iters)
+    R.emit("decode_attention", "pallas", params, paged("pallas"), (layer, tables),
+           check_kernel=True, **common)
+    if ON_GPU:   # JAX's Pallas-Triton paged attention on the same pages
+        from jax.experimental.pallas.ops.gpu import paged_attention as triton_pa
+        view = jax.jit(lambda l: tuple(jnp.moveaxis(kv_page_view(l, layout)[:, i], 2, 0)
+                                       for i in (0, 1)))
+        kp, vp = view(layer)                                  # [nkv, P, tpp, hd] each
+        ks = max(d for d in range(1, 17) if pk % d == 0)
+        ppcb = max(d for d in (8, 4, 2, 1) if (pk // ks) % d == 0)
+        f = jax.jit(lambda kp, vp, ts: [triton_pa.paged_attention(
+            q, kp, vp, p, lengths, k_splits=ks, pages_per_compute_block=ppcb) for p in ts])
+        R.emit("decode_attention", "triton-paged", dict(params, k_splits=ks, ppcb=ppcb), f,
+               (kp, vp, tables), **common)
+        del kp, vp
+    R.emit("decode_attention", "xla-gather", params, paged("reference"), (layer, tables),
+           skip=(f"K/V {kv_bytes / 1e9:.1f} GB: the reference's f32 copies would not fit"
+                 if kv_bytes > GATHER_MAX_KV and ON_GPU else None), **common)
     del layer
     # (d): XLA on contiguous caches, no paging.
-    kc = [jax.random.normal(jax.random.key(i), (2, b, ctx, nkv, hd), jnp.bfloat16)
-          for i in range(k)]
+    kc = [randn(jax.random.key(i), (2, b, ctx, nkv, hd)) for i in range(k)]
 
     def contig(caches):
         outs = []
@@ -330,171 +336,164 @@ def run_attention(cfg, copy_gbps, emit, iters, page_size):
             outs.append(jnp.einsum("bhgl,blhd->bhgd", p.astype(c.dtype), c[1],
                                    preferred_element_type=jnp.float32).reshape(b, nq, hd))
         return outs
-    emit("decode_attention", "xla-contig", params, jax.jit(contig), (kc,), k, nbytes,
-         copy_gbps, iters)
+    R.emit("decode_attention", "xla-contig", params, jax.jit(contig), (kc,), **common)
 
 
-# --- driver ---------------------------------------------------------------------------
+def run_prefill_attention(cfg, R):
+    """Causal prefill over `nseq` packed prompts of `s` tokens each."""
+    m = MODELS[cfg["model"]]
+    h, nkv, hd = m["h"], m["nkv"], m["hd"]
+    nq, nseq, s = h // hd, cfg["nseq"], cfg["s"]
+    t = nseq * s
+    key = jax.random.key(t)
+    q = randn(jax.random.fold_in(key, 0), (t, nq, hd))
+    k_ = randn(jax.random.fold_in(key, 1), (t, nkv, hd))
+    v = randn(jax.random.fold_in(key, 2), (t, nkv, hd))
+    sid = jnp.asarray(np.repeat(np.arange(nseq), s), jnp.int32)
+    pos = jnp.asarray(np.tile(np.arange(s), nseq), jnp.int32)
+    params = dict(cfg, phase="prefill", t=t, nq=nq, nkv=nkv)
+    flops = nseq * 2 * s * s * nq * hd             # 4 s^2 nq hd per prompt, causal half
+    in_bytes = q.nbytes + k_.nbytes + v.nbytes
+
+    def nbytes(f, args):
+        out = jax.eval_shape(f, *args)
+        return in_bytes + sum(o.size * o.dtype.itemsize for o in jax.tree.leaves(out))
+
+    def packed(backend):
+        return jax.jit(lambda q, k, v, sid, pos: paged_attention.prefill_attention(
+            q, k, v, sid, pos, backend=backend))
+    args = (q, k_, v, sid, pos)
+    f = packed("pallas")
+    try:
+        kern, err = uses_kernel(f, args), None
+    except Exception as e:
+        kern, err = False, _err(e)
+    skip = None if kern or t <= REF_MAX_T else \
+        f"falls back to the O(T^2) reference: not run above T={REF_MAX_T}"
+    R.emit("prefill_attention", "pallas", params, f, args, nbytes=nbytes(f, args), flops=flops,
+           fallback=not kern if err is None else None, skip=skip, error=err)
+    f = packed("reference")
+    R.emit("prefill_attention", "xla-ref", params, f, args, nbytes=nbytes(f, args), flops=flops,
+           skip=None if t <= REF_MAX_T else f"O(T^2) memory: T <= {REF_MAX_T} only")
+    if not ON_GPU:
+        return
+    q4, k4, v4 = (a.reshape(nseq, s, *a.shape[1:]) for a in (q, k_, v))
+    f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                             implementation="cudnn"))
+    R.emit("prefill_attention", "cudnn", params, f, (q4, k4, v4),
+           nbytes=in_bytes + q4.nbytes, flops=flops)
+    f, err, blocks = None, None, None
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+        for bq, bkv in ((64, 256), (64, 128), (64, 64)):
+            conf = am.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=2, causal=True)
+            g = jax.jit(lambda q, k, v, conf=conf: am.attention(q, k, v, config=conf))
+            try:
+                jax.block_until_ready(g(q4, k4, v4))
+                f, err, blocks = g, None, (bq, bkv)
+                break
+            except Exception as e:   # too much SMEM: try smaller blocks; else report
+                err = _err(e)
+                if "shared memory" not in str(e):
+                    break
+    except Exception as e:
+        err = _err(e)
+    R.emit("prefill_attention", "mgpu-flash", dict(params, blocks=blocks), f, (q4, k4, v4),
+           nbytes=in_bytes + q4.nbytes, flops=flops, error=err)
+
+
+# --- driver -------------------------------------------------------------------------------
+
+def run_config(g, c, R, pools, n_adapters):
+    if g["label"] == "lora-onehot":
+        run_onehot(c, R)
+    elif g["family"].startswith("lora"):
+        key = (c["model"], c["rank"])
+        if key not in pools:
+            pools.clear()                       # one pool at a time
+            ranks = (np.random.default_rng(1).choice(MIXED_RANKS, n_adapters)
+                     if c["rank"] == "mixed" else np.full(n_adapters, c["rank"]))
+            pools[key] = AdapterPool(c["model"], ranks, PAGE_SIZE, seed=7)
+        run_lora(c, pools[key], R)
+    elif g["family"] == "attention":
+        run_attention(c, R)
+    else:
+        run_prefill_attention(c, R)
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 1)[1])
     ap.add_argument("--quick", action="store_true", help="a few small configs")
-    ap.add_argument("--iters", type=int, default=20, help="timed calls per config (median)")
-    ap.add_argument("--adapters", type=int, default=2000, help="adapters loaded in the pool")
-    ap.add_argument("--only", choices=("lora", "attention"), help="one kernel family")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="timed calls per config (median); default 20 on the GPU, 1 off it")
+    ap.add_argument("--adapters", type=int, default=2000,
+                    help="adapters loaded in the pool (at most 64 off the GPU)")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated kernel families: {', '.join(FAMILIES)}")
     ap.add_argument("--budget-s", type=float, default=480.0,
-                    help="stop starting new configs after this many seconds")
-    ap.add_argument("--subset", choices=("second",), default=None,
-                    help="'second': the configs a first full run left out (mixed ranks, "
-                         "shared adapters, GQA, one-hot, attention)")
+                    help="stop starting new configs after this many seconds (each group "
+                         "of configs gets a share; configs left out are listed)")
     ap.add_argument("--backends", default=None,
                     help="comma-separated backends to time (default: all)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
     args = ap.parse_args(argv)
-    t_start = time.time()
+    only = set(args.only.split(",")) if args.only else set(FAMILIES)
+    if only - set(FAMILIES):
+        ap.error(f"--only: unknown {sorted(only - set(FAMILIES))} (have {', '.join(FAMILIES)})")
+    if args.iters is None:
+        args.iters = 20 if ON_GPU else 1
+    n_adapters = args.adapters if ON_GPU else min(args.adapters, 64)
     dev = jax.devices()[0]
     device = getattr(dev, "device_kind", dev.platform)
-    commit = os.environ.get("GIT_COMMIT") or _git_commit()
-    copy_gbps = copy_bandwidth(args.iters)
-    print(f"device={device} jax={jax.__version__} commit={commit} copy={copy_gbps:.0f} GB/s",
-          flush=True)
-    rows: list[dict] = []
-
-    def emit(name, backend, params, f, fargs, reps, nbytes, copy, iters):
-        if args.backends and backend not in args.backends.split(","):
-            return
-        row = dict(name=name, backend=backend, phase=params.get("phase", "decode"),
-                   params=params, bytes=int(nbytes), copy_GBps=round(copy, 1))
-        if time.time() - t_start > args.budget_s:
-            row.update(skipped="time budget")
-            rows.append(row)
-            return
-        try:
-            us, kernels = measure(f, fargs, iters)
-            per = us / reps
-            row.update(median_us=round(per, 2), achieved_GBps=round(nbytes / per / 1e3, 1),
-                       pct_copy=round(100 * nbytes / per / 1e3 / copy, 1),
-                       kernels_us={kk: round(v / reps, 2) for kk, v in kernels.items()})
-            mg = [v for kk, v in kernels.items() if kk.startswith("mgpu_")]
-            if mg:
-                row["kernel_us"] = round(sum(mg) / reps, 2)
-        except Exception as e:   # a failed config is a result too; keep going
-            row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        rows.append(row)
-        print(_fmt_row(row), flush=True)
-
-    page_size = 16
-    if args.only in (None, "lora"):
-        all_cfgs = lora_configs(args.quick, args.subset)
-        for model in dict.fromkeys(c["model"] for c in all_cfgs):
-            cfgs = [c for c in all_cfgs if c["model"] == model]
-            if not cfgs:
+    commit = os.environ.get("SLORA_COMMIT") or os.environ.get("GIT_COMMIT") or git_commit()
+    copy_gbps, mm = copy_bandwidth(args.iters), matmul_rate(args.iters)
+    print(f"device={device} jax={jax.__version__} commit={commit} copy={copy_gbps:.0f} GB/s "
+          f"matmul={mm:.1f} TFLOP/s (bf16)", flush=True)
+    if "lora-prefill" in only and _tokamax() is None:
+        print("tokamax is not installed: skipping the tokamax ragged_dot baseline", flush=True)
+    if not ON_GPU:
+        print("off the GPU: skipping triton-paged, cudnn and mgpu-flash (GPU only)", flush=True)
+    R = Runner(args, copy_gbps, mm)
+    todo = [g for g in groups(args.quick) if g["family"] in only]
+    has_b = any(g["tier"] == "b" for g in todo)
+    total = sum(g["share"] for g in todo if g["tier"] == "a") or 1.0
+    cum, skipped, pools = 0.0, [], {}
+    for g in todo:
+        if g["tier"] == "a":
+            cum += g["share"]
+            frac = (TIER_A_FRACTION if has_b else 1.0) * cum / total
+        else:
+            frac = 1.0
+        deadline = R.t0 + args.budget_s * frac
+        print(f"== {g['label']}: {len(g['configs'])} configs, until "
+              f"{deadline - R.t0:.0f} s (now {time.time() - R.t0:.0f} s)", flush=True)
+        if not g["family"].startswith("lora"):
+            pools.clear()                       # free the adapter pool for the KV caches
+        for c in g["configs"]:
+            if R.over(deadline):
+                skipped.append((g["label"], c))
+                R.rows.append(dict(name=g["label"], backend="*", phase=c.get("phase", ""),
+                                   params={kk: v for kk, v in c.items() if kk != "ops"},
+                                   skipped="time budget"))
                 continue
-            mixed = np.random.default_rng(1).choice([8, 16, 32, 64], args.adapters)
-            n_ad = len(mixed)
-            for rank in sorted({c["rank"] for c in cfgs}, key=str):
-                ranks = mixed if rank == "mixed" else np.full(n_ad, rank)
-                pool = AdapterPool(model, n_ad, ranks, page_size, seed=7)
-                max_rank = 64 if rank == "mixed" else int(rank)
-                for c in cfgs:
-                    if c["rank"] == rank:
-                        run_lora(c, pool, max_rank, args, copy_gbps, emit)
-                del pool
-        if not args.quick or args.subset:
-            for n_slots in (8, 64, 1000):
-                run_onehot(128, n_slots, 16, 4096, copy_gbps, emit, args.iters)
-    if args.only in (None, "attention"):
-        for c in attn_configs(args.quick, args.subset):
-            run_attention(c, copy_gbps, emit, args.iters, page_size)
-
-    _add_speedups(rows)
-    _write(rows, args, device, commit, copy_gbps)
-    _summary(rows, copy_gbps)
-
-
-def _summary(rows, copy_gbps):
-    """One line per op and config: each backend's time in us (and % of copy bandwidth)."""
-    table: dict[tuple, dict] = {}
-    for r in rows:
-        p = r["params"]
-        desc = " ".join(f"{k}={p[k]}" for k in ("model", "phase", "module", "width", "b", "n",
-                                                 "rank", "ctx") if k in p)
-        cell = (f"{r['median_us']:.1f}({r['pct_copy']:.0f}%)" if "median_us" in r
-                else "err" if "error" in r else "skip")
-        if "kernel_us" in r:
-            cell += f"[k{r['kernel_us']:.1f}]"
-        table.setdefault((r["name"], desc), {})[r["backend"]] = cell
-    print(f"\nSUMMARY (us per call, % of copy {copy_gbps:.0f} GB/s, [k = Mosaic kernel alone])")
-    for (name, desc), cells in table.items():
-        print(f"{name[:12]:<12} {desc[:62]:<62} " + " ".join(f"{b}={c}" for b, c in cells.items()))
-
-
-def _add_speedups(rows):
-    base = {}
-    for r in rows:
-        if r.get("backend") in ("xla-gather", "xla-onehot") and "median_us" in r \
-                and r["name"] != "lora_shrink+expand":
-            base[(r["name"], json.dumps(r["params"], sort_keys=True))] = r["median_us"]
-    for r in rows:
-        ref = base.get((r["name"], json.dumps(r["params"], sort_keys=True)))
-        if ref and "median_us" in r:
-            r["speedup_vs_xla_gather"] = round(ref / r["median_us"], 2)
-
-
-def _fmt_row(r):
-    p = r["params"]
-    desc = " ".join(f"{k}={p[k]}" for k in ("model", "module", "width", "b", "n", "rank", "ctx")
-                    if k in p)
-    if "error" in r:
-        return f"{r['name']:<18} {r['backend']:<11} {desc}  ERROR {r['error']}"
-    kern = f" kernel {r['kernel_us']:.1f}us" if "kernel_us" in r else ""
-    return (f"{r['name']:<18} {r['backend']:<11} {desc:<58} {r['median_us']:>9.1f}us "
-            f"{r['achieved_GBps']:>7.0f} GB/s ({r['pct_copy']:.0f}% copy){kern}")
-
-
-def _git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
-                                       cwd=os.path.dirname(os.path.abspath(__file__)),
-                                       stderr=subprocess.DEVNULL).decode().strip()
-    except Exception:
-        return "unknown"
-
-
-def _write(rows, args, device, commit, copy_gbps):
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    tag = "".join(ch if ch.isalnum() else "-" for ch in device).strip("-").lower()
-    base = args.out or os.path.join(os.environ.get("BENCH_OUT", RESULTS),
-                                    f"kernels_{tag}_{stamp}{'_quick' if args.quick else ''}")
-    base = base[:-5] if base.endswith(".json") else base
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    meta = dict(device=device, jax=jax.__version__, commit=commit, copy_GBps=round(copy_gbps, 1),
-                command="python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
-                timer="cupti" if ON_GPU else "wall", date=stamp)
-    with open(base + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    lines = [f"# Kernel benchmark ({device})", "",
-             f"JAX {meta['jax']}, commit `{commit}`, timer {meta['timer']}, copy bandwidth "
-             f"{meta['copy_GBps']} GB/s (XLA, 1 GiB read + write), {stamp} UTC.", "",
-             f"Command: `{meta['command']}`", "",
-             "| op | backend | params | median us | kernel us | GB/s | % copy | vs xla-gather |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        p = r["params"]
-        desc = ", ".join(f"{k}={p[k]}" for k in ("model", "phase", "module", "width", "b", "n",
-                                                  "rank", "ctx") if k in p)
-        if "median_us" not in r:
-            lines.append(f"| {r['name']} | {r['backend']} | {desc} | "
-                         f"{r.get('error', r.get('skipped', ''))} | | | | |")
-            continue
-        lines.append(f"| {r['name']} | {r['backend']} | {desc} | {r['median_us']} | "
-                     f"{r.get('kernel_us', '')} | {r['achieved_GBps']} | {r['pct_copy']} | "
-                     f"{r.get('speedup_vs_xla_gather', '')} |")
-    with open(base + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {base}.json and {base}.md")
+            try:
+                run_config(g, c, R, pools, n_adapters)
+            except Exception as e:   # setup failed (e.g. out of memory): say so, go on
+                pools.clear()
+                R.rows.append(dict(name=g["label"], backend="*", phase=c.get("phase", ""),
+                                   params={kk: v for kk, v in c.items() if kk != "ops"},
+                                   error=_err(e)))
+                print(f"{g['label']}: {desc(c)} ERROR {_err(e)}", flush=True)
+    pools.clear()
+    if skipped:
+        print(f"\nSKIPPED (time budget, {args.budget_s:.0f} s): {len(skipped)} configs", flush=True)
+        for label, c in skipped:
+            print(f"  {label}: {desc({kk: v for kk, v in c.items() if kk != 'ops'})}")
+    add_ratios(R.rows)
+    write_results(R.rows, args, device, commit, copy_gbps, mm)
+    summary(R.rows, copy_gbps, mm)
 
 
 if __name__ == "__main__":
