@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_run.sh serve   # benchmarks/serve_load.py, 100 then 1000 adapters
 #   bash benchmarks/gpu_run.sh pallas  # GPU tests of the kernels and of the Pallas step, then
 #                                      # the e2e step with the Pallas backends (4 layers, then 32)
+#   bash benchmarks/gpu_run.sh tests   # every `gpu` test (kernels, prefill attention, steps)
+#   bash benchmarks/gpu_run.sh kernels # benchmarks/kernels.py, all families
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -34,5 +36,11 @@ case "$1" in
         --lora-backend pallas --attention-backend pallas \
         --breakdown "${BREAKDOWN:-0}" --out "$OUTDIR" 2>&1 | grep -v "^|"
     done ;;
-  *) echo "usage: $0 e2e|serve|pallas" >&2; exit 2 ;;
+  tests)
+    JAX_PLATFORMS=cuda timeout "${TEST_S:-570}" python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+      tests/test_kernels.py tests/test_prefill_attention.py tests/test_pallas_step.py 2>&1 | tail -25 ;;
+  kernels)
+    python3 benchmarks/kernels.py --budget-s "${BUDGET_S:-520}" ${ONLY:+--only "$ONLY"} \
+      --out "$OUTDIR/kernels.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -90 ;;
+  *) echo "usage: $0 e2e|serve|pallas|tests|kernels" >&2; exit 2 ;;
 esac

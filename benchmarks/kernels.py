@@ -207,6 +207,37 @@ def run_lora(cfg, pool, R):
             fell_back = fell_back or bool(row and row.get("fallback"))
         if prefill:
             _prefill_baselines(name, op, p, t, width, max_rank, cfg["segs"], k, R)
+    if not prefill:
+        _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k)
+
+
+def _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k):
+    """lora_apply (the module's whole LoRA term): at decode, the fused Pallas kernel
+    (`pallas-planned`, plan shared as in a step) vs the two references (`xla-gather`)."""
+    t, ps, max_rank = cfg["b"], pool.page_size, pool.max_rank
+    mods = [m for m in dict.fromkeys(mod for _, mod in cfg["ops"])
+            if ("shrink", m) in cfg["ops"] and ("expand", m) in cfg["ops"]]
+    for mod in mods:
+        w_in, w_out = pool.shapes[mod]
+        p = dict(params, module=mod, width=w_out, width_in=w_in)
+        bs = []
+        for i, (a, ts) in enumerate(batches):
+            pages, a_off, rank = pool.slots(a, mod, "a")[:3]
+            b_off = pool.slots(a, mod, "b")[1]
+            bs.append((xs[w_in][i], pages, a_off, b_off, rank, scale, ts))
+        nbytes = used * (w_in + w_out) * 2 + t * w_in * 2 + t * w_out * 4
+        for backend, be in (("pallas-planned", "pallas"), ("xla-gather", "reference")):
+            if be == "pallas" and plans is None:
+                continue
+
+            def one(rows, x, pages, a_off, b_off, rank, sc, ts, plan, be=be):
+                return lora.lora_apply(x, rows, pages, a_off, b_off, rank, sc, ts,
+                                       max_rank=max_rank, out_features=w_out, page_size=ps,
+                                       backend=be, plan=plan)
+            f = jax.jit(lambda rows, bs, pls, one=one: [one(rows, *b, q) for b, q in zip(bs, pls)])
+            pl_ = plans if be == "pallas" else [None] * k
+            R.emit("lora_apply", backend, p, f, (pool.rows, bs, pl_),
+                   check_kernel=be == "pallas", reps=k, nbytes=nbytes, flops=None)
 
 
 def _lora_fn(op, backend, max_rank, width, ps):
@@ -383,6 +414,9 @@ def run_prefill_attention(cfg, R):
     R.emit("prefill_attention", "cudnn", params, f, (q4, k4, v4),
            nbytes=in_bytes + q4.nbytes, flops=flops)
     f, err, blocks = None, None, None
+    # JAX's Mosaic flash attention rejects bf16 in 0.11.2 (a bf16 -> f16 copy inside):
+    # it runs on f16 inputs, the same bytes and FLOPs.
+    q4, k4, v4 = (a.astype(jnp.float16) for a in (q4, k4, v4))
     try:
         from jax.experimental.pallas.ops.gpu import attention_mgpu as am
         for bq, bkv in ((64, 256), (64, 128), (64, 64)):

@@ -125,3 +125,22 @@ def lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot, *, out_
                                      out_features=out_features, page_size=page_size,
                                      plan=plan)
     raise ValueError(f"unknown LoRA backend '{backend}' (have {BACKENDS})")
+
+
+def lora_apply(x, rows, slot_pages, a_offset, b_offset, rank, scale, token_slot, *, max_rank,
+               out_features, page_size, backend="reference", plan=None):
+    """The whole LoRA term of one module, s·(x·A)·B per token: the dispatch point the
+    model calls. Pallas: one fused kernel (shrink + expand) for decode-sized batches,
+    the two kernels otherwise (prefill: MBGMM). See the two references for the contract."""
+    backend = resolve_backend(backend)
+    if backend == "pallas":
+        from pallas_kernels import lora_mgpu
+        if x.shape[0] <= lora_mgpu.FUSED_MAX_TOKENS:
+            return lora_mgpu.lora_fused(x, rows, slot_pages, a_offset, b_offset, rank, scale,
+                                        token_slot, max_rank=max_rank, out_features=out_features,
+                                        page_size=page_size, plan=plan)
+    xa = lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot, max_rank=max_rank,
+                     page_size=page_size, backend=backend, plan=plan)
+    return lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot,
+                       out_features=out_features, page_size=page_size, backend=backend,
+                       plan=plan)

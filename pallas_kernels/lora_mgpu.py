@@ -491,3 +491,233 @@ def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset:
                         plan["order"], xs, rows_c, num_tokens=t, num_groups=num_groups,
                         block_tokens=bt, block_n=bn, num_stages=stages, num_splits=splits,
                         width=out_features, chunk_width=c, interpret=interpret)
+
+
+# --- fused shrink + expand (decode) ---------------------------------------------------
+
+FUSED_MAX_TOKENS = 512   # batches up to this many tokens (decode) use the fused kernel
+FUSED_SMEM = 100 << 10   # SMEM per block for the larger phase: two blocks fit on an SM
+TOKEN_ROWS = 64          # the wgmma M side: tokens of one item, padded
+
+
+def _fused_kernel(grpa_ref, grpb_ref, tile_ref, lo_ref, hi_ref, rk_ref, sc_ref, order_ref,
+                  x_ref, rows_a_ref, rows_b_ref, out_ref, xs_smem, o_smem, abars, bbars, *,
+                  num_groups, block_tokens, block_k, num_k, block_n, num_n, k_stages,
+                  n_stages, n_rows_a, n_rows_b, chunk_a, chunk_b, predicate):
+    w = lax.axis_index("w")
+    split = lax.axis_index("s")
+    lo, hi = lo_ref[w], hi_ref[w]
+    dt = xs_smem.dtype
+    r_pad = num_groups * GROUP
+
+    def rows_of(grp_ref, chunk_width, c0, block):
+        """(column in the chunk view, group rows) of column c0 of the matrix."""
+        if grp_ref.shape[1] == 1:
+            return c0, [pl.multiple_of(grp_ref[w, 0, g], GROUP) for g in range(num_groups)]
+        ch = c0 // chunk_width
+        col = pl.multiple_of(c0 - ch * chunk_width, block)
+        return col, [pl.multiple_of(grp_ref[w, ch, g], GROUP) for g in range(num_groups)]
+
+    @pl.when(hi > lo)
+    def _item():
+        tok0 = pl.multiple_of(tile_ref[w] * block_tokens, block_tokens)
+        ga0 = [grpa_ref[w, 0, g] for g in range(num_groups)]
+        gb0 = [grpb_ref[w, 0, g] for g in range(num_groups)]
+
+        # Phase 1, shrink over the whole input: xa[tok, r] = x_tile · A_rows^T. Only
+        # the tile's tokens are copied into the 64 token rows; the other rows hold
+        # stale SMEM, which only reaches output rows that are never stored.
+        def shrink_scope(a_smem, x_smem):
+            def issue(ks, stage):
+                k0 = pl.multiple_of(ks * block_k, block_k)
+                col, grp = rows_of(grpa_ref, chunk_a, k0, block_k)
+                for g in range(num_groups):
+                    plgpu.copy_gmem_to_smem(
+                        rows_a_ref.at[pl.ds(grp[g], GROUP), pl.ds(col, block_k)],
+                        a_smem.at[stage, pl.ds(g * GROUP, GROUP)], abars.at[stage],
+                        **_copy_if(predicate, ga0[g] < n_rows_a))
+                plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(tok0, block_tokens), pl.ds(k0, block_k)],
+                                        x_smem.at[stage, pl.ds(0, block_tokens)],
+                                        abars.at[stage])
+
+            for s in range(min(k_stages, num_k)):
+                issue(s, s)
+
+            def acc_scope(acc_ref):
+                @pl.loop(0, num_k)
+                def _k_loop(ks):
+                    stage = lax.rem(ks, k_stages)
+                    plgpu.barrier_wait(abars.at[stage])
+                    plgpu.wgmma(acc_ref, x_smem.at[stage], a_smem.at[stage].T)
+                    plgpu.wgmma_wait(0)
+
+                    @pl.when(ks + k_stages < num_k)
+                    def _refill():
+                        issue(ks + k_stages, stage)
+                return acc_ref[...]
+            return pl.run_scoped(acc_scope, plgpu.ACC((TOKEN_ROWS, r_pad), jnp.float32))
+
+        acc = pl.run_scoped(
+            shrink_scope,
+            plgpu.SMEM((k_stages, r_pad, block_k), dt, transforms=smem_transforms(block_k, dt)),
+            plgpu.SMEM((k_stages, TOKEN_ROWS, block_k), dt,
+                       transforms=smem_transforms(block_k, dt)))
+        # Columns past the slot's rank (stale rows of A, or none at all for tokens
+        # without adapter) are zeroed; the rest scaled and rounded as the reference does.
+        col = plgpu.broadcasted_iota(jnp.int32, (TOKEN_ROWS, r_pad), 1, layout=plgpu.Layout.WGMMA)
+        xs_smem[...] = jnp.where(col < rk_ref[w], acc * sc_ref[w], 0.0).astype(dt)
+        plgpu.commit_smem()
+
+        # Phase 2, expand this split's columns: y[tok, n] = xs · B_rows[:, n]. K in
+        # 64-row halves; a half past the rank is skipped whole, and in a half in use
+        # the groups past the rank are zero-filled (copied from past the pool).
+        half_used = [gb0[kh * 8] < n_rows_b for kh in range(num_groups // 8)]
+        n_base = split * (num_n * block_n)
+
+        def expand_scope(b_smem):
+            def issue(ns, stage):
+                n0 = pl.multiple_of(n_base + ns * block_n, block_n)
+                col, grp = rows_of(grpb_ref, chunk_b, n0, block_n)
+                for g in range(num_groups):
+                    plgpu.copy_gmem_to_smem(
+                        rows_b_ref.at[pl.ds(grp[g], GROUP), pl.ds(col, block_n)],
+                        b_smem.at[stage, pl.ds(g * GROUP, GROUP)], bbars.at[stage],
+                        **_copy_if(predicate, half_used[g // 8]))
+
+            for s in range(min(n_stages, num_n)):
+                issue(s, s)
+
+            @pl.loop(0, num_n)
+            def _n_loop(ns):
+                stage = lax.rem(ns, n_stages)
+                plgpu.barrier_wait(bbars.at[stage])
+
+                def acc_scope(acc_ref):
+                    for kh in range(num_groups // 8):
+                        ks = slice(kh * 64, (kh + 1) * 64)
+                        pl.when(half_used[kh])(lambda ks=ks: plgpu.wgmma(
+                            acc_ref, xs_smem.at[:, ks], b_smem.at[stage, ks]))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref[...]
+                y = pl.run_scoped(acc_scope, plgpu.ACC((TOKEN_ROWS, block_n), jnp.float32))
+
+                @pl.when(ns + n_stages < num_n)
+                def _refill():
+                    issue(ns + n_stages, stage)
+
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last chunk's rows are out
+                o_smem[...] = y
+                plgpu.commit_smem()
+                n0 = pl.multiple_of(n_base + ns * block_n, block_n)
+
+                @pl.loop(lo, hi)
+                def _store_row(p):
+                    plgpu.copy_smem_to_gmem(
+                        o_smem.at[pl.ds(p - tok0, 1)],
+                        out_ref.at[pl.ds(order_ref[p], 1), pl.ds(n0, block_n)])
+
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(expand_scope, plgpu.SMEM((n_stages, r_pad, block_n), dt,
+                                               transforms=smem_transforms(block_n, dt)))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "num_tokens", "num_groups", "block_tokens", "block_k", "block_n", "k_stages", "n_stages",
+    "num_splits", "width", "chunk_a", "chunk_b", "interpret"))
+def _fused_call(grp_a, grp_b, item_tile, item_lo, item_hi, item_rank, item_scale, order, x_sorted,
+                rows_a, rows_b, *, num_tokens, num_groups, block_tokens, block_k, block_n,
+                k_stages, n_stages, num_splits, width, chunk_a, chunk_b, interpret):
+    w_max = grp_a.shape[0]
+    r_pad = num_groups * GROUP
+    dt = rows_a.dtype
+    body = functools.partial(
+        _fused_kernel, num_groups=num_groups, block_tokens=block_tokens, block_k=block_k,
+        num_k=x_sorted.shape[1] // block_k, block_n=block_n,
+        num_n=width // (block_n * num_splits), k_stages=k_stages, n_stages=n_stages,
+        n_rows_a=rows_a.shape[0], n_rows_b=rows_b.shape[0], chunk_a=chunk_a, chunk_b=chunk_b,
+        predicate=not interpret)
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_tokens, width), jnp.float32),
+        grid=(w_max, num_splits),
+        grid_names=("w", "s"),
+        kernel_name="mgpu_lora_fused",
+        scratch_types=[
+            plgpu.SMEM((TOKEN_ROWS, r_pad), dt, transforms=smem_transforms(r_pad, dt)),
+            plgpu.SMEM((TOKEN_ROWS, block_n), jnp.float32),
+            plgpu.Barrier(num_arrivals=num_groups + 1, num_barriers=k_stages),
+            plgpu.Barrier(num_arrivals=num_groups, num_barriers=n_stages),
+        ],
+        compiler_params=plgpu.CompilerParams(),
+        interpret=interpret,
+    )(grp_a, grp_b, item_tile, item_lo, item_hi, item_rank, item_scale, order, x_sorted,
+      rows_a, rows_b)
+
+
+def lora_fused(x: jax.Array, rows: jax.Array, slot_pages: jax.Array, a_offset: jax.Array,
+               b_offset: jax.Array, rank: jax.Array, scale: jax.Array, token_slot: jax.Array, *,
+               max_rank: int, out_features: int, page_size: int, block_k: int | None = None,
+               block_n: int | None = None, num_splits: int | None = None,
+               plan: dict | None = None, interpret=None) -> jax.Array:
+    """y[t] = round(scale·x[t]·A) · B for the slot of each token, in one kernel (MBGMV):
+    x [T, in] -> [T, out] float32; the contract of
+    `lora_expand_reference(lora_shrink_reference(...))`.
+
+    One block per (work item, split of the output columns): it computes its tokens'
+    xa over the whole input (tokens on the 64-row wgmma M side, rank rows on N),
+    keeps it in SMEM (scaled, zero past the slot's rank, bf16), and multiplies it
+    by its share of B's columns. Each split recomputes the small shrink (A is re-read
+    from L2), and nothing goes through HBM between the two products: one launch per
+    module instead of two, and none of the XLA glue between them.
+    """
+    t, k = x.shape
+    n_rows, h = rows.shape
+    s = slot_pages.shape[0]
+    ca, chunks_a = matrix_form(k, h)
+    cb, chunks_b = matrix_form(out_features, h)
+    bt = pick_block_tokens(t, s)     # as the plan was built (`batch_plan`)
+    num_groups = _num_groups(max_rank)
+    r_pad = num_groups * GROUP
+    bk = block_k or next((b for b in (256, 128, 64)
+                          if 2 * (r_pad + TOKEN_ROWS) * b * 2 <= FUSED_SMEM and ca % b == 0), 64)
+    bn = block_n or next((b for b in (128, 64) if cb % b == 0), 64)
+    why = (_unsupported(k, h, ca, page_size, bk, rows.dtype)
+           or _unsupported(out_features, h, cb, page_size, bn, rows.dtype))
+    if why:
+        xa = lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot, max_rank=max_rank,
+                         page_size=page_size, plan=plan, interpret=interpret)
+        return lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot,
+                           out_features=out_features, page_size=page_size, plan=plan,
+                           interpret=interpret)
+    if interpret is None:
+        interpret = default_interpret()
+    if plan is None:
+        plan = plan_batch(token_slot, s, bt)
+    w_max = plan["item_tile"].shape[0]
+    splits = num_splits or _splits(w_max, out_features // bn)
+    if (out_features // bn) % splits:
+        raise ValueError(f"num_splits={splits} does not divide the {out_features // bn} "
+                         f"column blocks of {bn}")
+    num_k = k // bk
+    k_stages = max(2, min(4, FUSED_SMEM // ((r_pad + TOKEN_ROWS) * bk * 2), num_k))
+    o_bytes = TOKEN_ROWS * bn * 4 + TOKEN_ROWS * r_pad * 2
+    n_stages = max(2, min(4, (FUSED_SMEM - o_bytes) // (r_pad * bn * 2),
+                          out_features // bn // splits))
+    grp_a = _group_rows(slot_pages, a_offset, rank, plan["item_slot"], num_groups=num_groups,
+                        chunks=chunks_a, per=h // ca, page_size=page_size,
+                        num_rows=n_rows * (h // ca))
+    grp_b = _group_rows(slot_pages, b_offset, rank, plan["item_slot"], num_groups=num_groups,
+                        chunks=chunks_b, per=h // cb, page_size=page_size,
+                        num_rows=n_rows * (h // cb))
+    live = plan["item_slot"] < s
+    sl = jnp.minimum(plan["item_slot"], s - 1)
+    item_rank = jnp.where(live, rank[sl], 0).astype(jnp.int32)
+    item_scale = jnp.where(live, scale[sl], 0.0).astype(jnp.float32)
+    x_sorted = x.astype(rows.dtype)[_pad_rows(plan["order"], 8)]
+    return _fused_call(grp_a, grp_b, plan["item_tile"], plan["item_lo"], plan["item_hi"],
+                       item_rank, item_scale, plan["order"], x_sorted,
+                       rows.reshape(-1, ca), rows.reshape(-1, cb), num_tokens=t,
+                       num_groups=num_groups, block_tokens=bt, block_k=bk, block_n=bn,
+                       k_stages=k_stages, n_stages=n_stages, num_splits=splits,
+                       width=out_features, chunk_a=ca, chunk_b=cb, interpret=interpret)

@@ -102,16 +102,12 @@ class _Lora:
         i = MODULES.index(module)
         lb, lay = self.lora, self.spec.layout
         rows = adapter_row_view(pool_layer)
-        rank = lb.slot_rank[:, i]
-        xa = lora_ops.lora_shrink(x, rows, lb.slot_pages, lb.slot_offset[:, i, 0], rank,
-                                  self.token_slot, max_rank=lay.max_rank,
-                                  page_size=lay.page_size, backend=self.spec.lora_backend,
-                                  plan=self.plan)
-        return lora_ops.lora_expand(xa, rows, lb.slot_pages, lb.slot_offset[:, i, 1], rank,
-                                    lb.slot_scale[:, i], self.token_slot,
-                                    out_features=lay.module_shapes[i][1],
-                                    page_size=lay.page_size, backend=self.spec.lora_backend,
-                                    plan=self.plan)
+        return lora_ops.lora_apply(x, rows, lb.slot_pages, lb.slot_offset[:, i, 0],
+                                   lb.slot_offset[:, i, 1], lb.slot_rank[:, i],
+                                   lb.slot_scale[:, i], self.token_slot, max_rank=lay.max_rank,
+                                   out_features=lay.module_shapes[i][1],
+                                   page_size=lay.page_size, backend=self.spec.lora_backend,
+                                   plan=self.plan)
 
 
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
