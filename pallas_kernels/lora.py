@@ -130,8 +130,9 @@ def lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot, *, out_
 def lora_apply(x, rows, slot_pages, a_offset, b_offset, rank, scale, token_slot, *, max_rank,
                out_features, page_size, backend="reference", plan=None):
     """The whole LoRA term of one module, s·(x·A)·B per token: the dispatch point the
-    model calls. Pallas: one fused kernel (shrink + expand) for decode-sized batches,
-    the two kernels otherwise (prefill: MBGMM). See the two references for the contract."""
+    model calls. Pallas: the shrink and expand kernels, or the fused kernel for batches
+    of at most `lora_mgpu.FUSED_MAX_TOKENS` tokens (off by default: see there). See the
+    two references for the contract."""
     backend = resolve_backend(backend)
     if backend == "pallas":
         from pallas_kernels import lora_mgpu

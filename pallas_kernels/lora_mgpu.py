@@ -73,6 +73,12 @@ def _round_up(a: int, b: int) -> int:
     return -(-a // b) * b
 
 
+def _multiple_of(v, m: int):
+    """pl.multiple_of for traced values; Python ints (unrolled prologue steps) as they are
+    (the GPU lowering takes no hint on a constant)."""
+    return v if isinstance(v, int) else pl.multiple_of(v, m)
+
+
 def _copy_if(predicate: bool, cond) -> dict:
     """Skip a copy on the GPU. The interpreter takes no predicate: there the copy
     runs, from a row past the pool, and TMA's zero fill gives the same result."""
@@ -495,7 +501,12 @@ def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset:
 
 # --- fused shrink + expand (decode) ---------------------------------------------------
 
-FUSED_MAX_TOKENS = 512   # batches up to this many tokens (decode) use the fused kernel
+# Batches up to this many tokens would take the fused kernel in `lora.lora_apply`. Off
+# (0): in the 32-layer Llama-7B decode step on the H100 it was slower than the two
+# kernels (lora/base 1.27-1.65 vs 1.09-1.28; results/e2e_decode_llama-7b_gpu_fused.md):
+# each of a block's N splits runs the whole K loop of the shrink serially, where the
+# shrink kernel spreads K over blocks. Kept, tested, for shapes where that pays.
+FUSED_MAX_TOKENS = 0
 FUSED_SMEM = 100 << 10   # SMEM per block for the larger phase: two blocks fit on an SM
 TOKEN_ROWS = 64          # the wgmma M side: tokens of one item, padded
 
@@ -515,7 +526,7 @@ def _fused_kernel(grpa_ref, grpb_ref, tile_ref, lo_ref, hi_ref, rk_ref, sc_ref, 
         if grp_ref.shape[1] == 1:
             return c0, [pl.multiple_of(grp_ref[w, 0, g], GROUP) for g in range(num_groups)]
         ch = c0 // chunk_width
-        col = pl.multiple_of(c0 - ch * chunk_width, block)
+        col = _multiple_of(c0 - ch * chunk_width, block)
         return col, [pl.multiple_of(grp_ref[w, ch, g], GROUP) for g in range(num_groups)]
 
     @pl.when(hi > lo)
@@ -529,7 +540,7 @@ def _fused_kernel(grpa_ref, grpb_ref, tile_ref, lo_ref, hi_ref, rk_ref, sc_ref, 
         # stale SMEM, which only reaches output rows that are never stored.
         def shrink_scope(a_smem, x_smem):
             def issue(ks, stage):
-                k0 = pl.multiple_of(ks * block_k, block_k)
+                k0 = _multiple_of(ks * block_k, block_k)
                 col, grp = rows_of(grpa_ref, chunk_a, k0, block_k)
                 for g in range(num_groups):
                     plgpu.copy_gmem_to_smem(
