@@ -351,6 +351,8 @@ def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_re
     @pl.when(hi > lo)
     def _item():
         tok0 = pl.multiple_of(tile_ref[w] * block_tokens, block_tokens)
+        first = order_ref[lo]
+        whole = (hi - lo == block_tokens) & (order_ref[hi - 1] - first == block_tokens - 1)
         chunked = grp_ref.shape[1] > 1
         grp0 = [pl.multiple_of(grp_ref[w, 0, g], GROUP) for g in range(num_groups)]
         # K in 64-row halves; a half past the slot's last group is skipped whole. In
@@ -405,10 +407,21 @@ def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_re
             plgpu.commit_smem()
             n0 = pl.multiple_of(n_base + ns * block_n, block_n)
 
-            @pl.loop(lo, hi)
-            def _store_row(p):
-                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(p - tok0, 1)],
-                                        out_ref.at[pl.ds(order_ref[p], 1), pl.ds(n0, block_n)])
+            # A whole tile of tokens that are consecutive in the batch (a prefill
+            # segment: the sort is stable, so increasing) goes out in one copy; other
+            # items store each token's row at its place.
+            @pl.when(whole)
+            def _store_tile():
+                plgpu.copy_smem_to_gmem(o_smem, out_ref.at[pl.ds(first, block_tokens),
+                                                           pl.ds(n0, block_n)])
+
+            @pl.when(jnp.logical_not(whole))
+            def _store_rows():
+                @pl.loop(lo, hi)
+                def _store_row(p):
+                    plgpu.copy_smem_to_gmem(
+                        o_smem.at[pl.ds(p - tok0, 1)],
+                        out_ref.at[pl.ds(order_ref[p], 1), pl.ds(n0, block_n)])
 
         plgpu.wait_smem_to_gmem(0)
 
