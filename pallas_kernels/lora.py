@@ -129,17 +129,8 @@ def lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot, *, out_
 
 def lora_apply(x, rows, slot_pages, a_offset, b_offset, rank, scale, token_slot, *, max_rank,
                out_features, page_size, backend="reference", plan=None):
-    """The whole LoRA term of one module, s·(x·A)·B per token: the dispatch point the
-    model calls. Pallas: the shrink and expand kernels, or the fused kernel for batches
-    of at most `lora_mgpu.FUSED_MAX_TOKENS` tokens (off by default: see there). See the
-    two references for the contract."""
-    backend = resolve_backend(backend)
-    if backend == "pallas":
-        from pallas_kernels import lora_mgpu
-        if x.shape[0] <= lora_mgpu.FUSED_MAX_TOKENS:
-            return lora_mgpu.lora_fused(x, rows, slot_pages, a_offset, b_offset, rank, scale,
-                                        token_slot, max_rank=max_rank, out_features=out_features,
-                                        page_size=page_size, plan=plan)
+    """The whole LoRA term of one module, s·(x·A)·B per token (shrink, then expand):
+    the dispatch point the model calls. See the two references for the contract."""
     xa = lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot, max_rank=max_rank,
                      page_size=page_size, backend=backend, plan=plan)
     return lora_expand(xa, rows, slot_pages, b_offset, rank, scale, token_slot,

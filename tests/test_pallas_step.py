@@ -62,9 +62,9 @@ def _engine(mc, batch, context, seed):
     return eng, params
 
 
-def _decode_both(mc, batch, context, seed):
-    """Logits and new pools of one decode step, reference and Pallas, same inputs."""
-    eng, params = _engine(mc, batch, context, seed)
+def _requests(eng, mc, batch, context, seed):
+    """`batch` random prompts of 1..context-2 tokens over every adapter and base-only,
+    their adapters resident and KV pages allocated: (req_slot, slots, lens, kv, prefill batch)."""
     rng = np.random.default_rng(seed)
     names = [None] + [f"a{i}" for i in range(len(ADAPTERS))]
     req_names = [names[int(i)] for i in rng.integers(0, len(names), batch)]
@@ -76,8 +76,15 @@ def _decode_both(mc, batch, context, seed):
     prompts = [list(map(int, rng.integers(0, mc.vocab_size, n))) for n in lens]
     kv = [eng.allocator.alloc(("r", i), eng.layout.kv_pages_for(context), "kv")
           for i in range(batch)]
+    pb = prefill_batch(prompts, kv, req_slot, [Sampling()] * batch, slots, eng.ec, eng.layout)
+    return req_slot, slots, lens, kv, pb
+
+
+def _decode_both(mc, batch, context, seed):
+    """Logits and new pools of one decode step, reference and Pallas, same inputs."""
+    eng, params = _engine(mc, batch, context, seed)
+    req_slot, slots, lens, kv, pb = _requests(eng, mc, batch, context, seed)
     samp = [Sampling()] * batch
-    pb = prefill_batch(prompts, kv, req_slot, samp, slots, eng.ec, eng.layout)
     eng.pool, first = prefill(params, eng.pool, pb, spec=eng.spec)
     db = decode_batch(list(map(int, np.asarray(first.tokens)[:batch])), lens, kv, req_slot,
                       samp, slots, eng.ec, eng.layout)
@@ -125,17 +132,7 @@ def _check_prefill(mc, batch, context, seed):
     """The prefill step (packed prompts of odd lengths, every adapter and base-only)
     with each Pallas backend vs the references: last-token logits and the K/V it wrote."""
     eng, params = _engine(mc, batch, context, seed)
-    rng = np.random.default_rng(seed)
-    names = [None] + [f"a{i}" for i in range(len(ADAPTERS))]
-    req_names = [names[i % len(names)] for i in range(batch)]
-    order = sorted({n for n in req_names if n})
-    slots = [eng._make_resident(n) for n in order]
-    req_slot = [order.index(n) if n else -1 for n in req_names]
-    lens = [int(n) for n in rng.integers(1, context - 1, batch)]
-    prompts = [list(map(int, rng.integers(0, mc.vocab_size, n))) for n in lens]
-    kv = [eng.allocator.alloc(("r", i), eng.layout.kv_pages_for(context), "kv")
-          for i in range(batch)]
-    pb = prefill_batch(prompts, kv, req_slot, [Sampling()] * batch, slots, eng.ec, eng.layout)
+    pb = _requests(eng, mc, batch, context, seed)[-1]
     out = {}
     for lora_b, attn_b in BACKENDS:
         spec = eng.spec.with_(lora_backend=lora_b, attention_backend=attn_b, logits="last")
