@@ -75,6 +75,19 @@ def timed_loop(step, state, n):
     return state, gpu, wall
 
 
+def show_breakdown(name: str, top: int):
+    """Print the `top` costliest kernels of the last timed loop; return them as rows."""
+    bd = getattr(timed_loop, "last_breakdown", None)
+    timed_loop.last_breakdown = None
+    if not top or not bd:
+        return None
+    print(f"  costliest kernels of the {name} step (us/step, launches/step):")
+    for us, cnt, kname in bd[:top]:
+        print(f"    {us:9.1f} {cnt:5d}  {kname[:100]}")
+    print(f"    {sum(c for _, c, _ in bd):5d} launches/step in all")
+    return [{"us": us, "launches": cnt, "kernel": kname[:200]} for us, cnt, kname in bd[:top]]
+
+
 def copy_bandwidth() -> float:
     n = (256 << 20) if jax.devices()[0].platform == "gpu" else (8 << 20)
     f = jax.jit(lambda a: a * 1.0001)
@@ -225,7 +238,7 @@ def main(argv=None):
                                   slots, ec, lay)
             base_b = decode_batch(list(range(b)), pos, kv, [-1] * b, samp, slots, ec, lay)
             step = functools.partial(decode, spec=spec)
-            res, wall, compile_s = {}, {}, {}
+            res, wall, compile_s, breakdowns = {}, {}, {}, {}
             for name, batch in (("slora", lora_b), ("base", base_b)):
                 t0 = time.perf_counter()
                 pool, _ = step(params, pool, batch)            # compile + warm up
@@ -233,12 +246,7 @@ def main(argv=None):
                 compile_s[name] = time.perf_counter() - t0
                 pool, g, w = timed_loop(lambda p: step(params, p, batch)[0], pool, args.iters)
                 res[name], wall[name] = (g or w), w
-                bd = getattr(timed_loop, "last_breakdown", None)
-                if args.breakdown and bd and name == "slora":
-                    print(f"  costliest kernels of the {name} step (us/step, launches/step):")
-                    for us, cnt, kname in bd[:args.breakdown]:
-                        print(f"    {us:9.1f} {cnt:5d}  {kname[:100]}")
-                    print(f"    {sum(c for _, c, _ in bd):5d} launches/step in all")
+                breakdowns[name] = show_breakdown(name, args.breakdown)
             del pool
             cache = tuple((jnp.zeros((b, ctx, mc.num_kv_heads, mc.head_dim), dtype),
                            jnp.zeros((b, ctx, mc.num_kv_heads, mc.head_dim), dtype))
@@ -248,6 +256,7 @@ def main(argv=None):
             cache, _ = xstep(params, cache, toks, posa)
             cache, g, w = timed_loop(lambda c: xstep(params, c, toks, posa)[0], cache, args.iters)
             res["xla"], wall["xla"] = (g or w), w
+            breakdowns["xla"] = show_breakdown("xla", args.breakdown)
             del cache
             kv_bytes = b * ctx * 2 * mc.kv_size * 2 * mc.num_layers
             floor_us = (params_bytes(params) + kv_bytes) / (copy_gbps * 1e9) * 1e6
@@ -264,6 +273,8 @@ def main(argv=None):
                    "bytes_bound_ratio": (floor_us + lora_floor_us) / floor_us,
                    "tokens_per_s": b / (res["slora"] * 1e-6),
                    "wall_us": wall, "compile_s": compile_s, "layers": mc.num_layers}
+            if args.breakdown:
+                row["breakdown"] = breakdowns
             rows.append(row)
             print(f"B={b:4d} ctx={ctx:5d} adapters={n_ad:4d}  slora {res['slora']:9.1f} us  "
                   f"base {res['base']:9.1f} us  xla {res['xla']:9.1f} us  "

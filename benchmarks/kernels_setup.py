@@ -355,6 +355,8 @@ def fmt_row(r):
 
 
 def git_commit():
+    if os.environ.get("SLORA_COMMIT"):        # the device copy's .git may be stale
+        return os.environ["SLORA_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         c = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here,
