@@ -54,8 +54,8 @@ def sweep_shape(model, b, ctx, configs, iters, copy_gbps):
     ref = None
     rows = []
     for cfg in [None] + configs:
-        kw = {} if cfg is None else dict(block_kv=cfg[0], num_splits=cfg[1], num_stages=cfg[2])
-        if cfg is not None and cfg[1] > -(-ctx // cfg[0]):
+        kw = {} if cfg is None else dict(cfg)
+        if cfg is not None and cfg["num_splits"] > -(-ctx // cfg["block_kv"]):
             continue                      # more splits than steps
         f = jax.jit(lambda layer, pages, kw=kw: pam.decode_attention(q, layer, pages, lengths,
                                                                     layout, **kw))
@@ -75,6 +75,12 @@ def sweep_shape(model, b, ctx, configs, iters, copy_gbps):
     return rows
 
 
+def _short(cfg):
+    if cfg == "default":
+        return "default"
+    return " ".join(f"{k.split('_')[-1]}={v}" for k, v in cfg.items())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="llama-7b:1:4096,llama-7b:1:16384,llama-7b:16:4096,"
@@ -82,18 +88,25 @@ def main(argv=None):
                     "llama-3-8b:256:256,llama-3-8b:64:4096")
     ap.add_argument("--block-kv", default="64,128")
     ap.add_argument("--splits", default="1,2,4,8,16,32")
-    ap.add_argument("--stages", default="4")
+    ap.add_argument("--stages", default="4", help="stages at block_kv 64 (128 takes 2)")
+    ap.add_argument("--heads", default="0,1", help="max KV heads per block (0: the default)")
     ap.add_argument("--budget-s", type=float, default=480, help="stop sweeping after this")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     if args.quick:
-        args.shapes, args.block_kv, args.splits, args.stages, args.iters = \
-            "tiny:2:128", "64", "1,2", "2", 2
-    configs = list(itertools.product([int(v) for v in args.block_kv.split(",")],
-                                     [int(v) for v in args.splits.split(",")],
-                                     [int(v) for v in args.stages.split(",")]))
+        args.shapes, args.block_kv, args.splits, args.stages, args.heads, args.iters = \
+            "tiny:2:128", "64", "1,2", "2", "0,1", 2
+    configs = []
+    for bkv, sp, st, hp in itertools.product(*(
+            [int(v) for v in a.split(",")]
+            for a in (args.block_kv, args.splits, args.stages, args.heads))):
+        cfg = dict(block_kv=bkv, num_splits=sp, num_stages=st if bkv <= 64 else 2)
+        if hp:
+            cfg["max_heads_per_block"] = hp
+        if cfg not in configs:
+            configs.append(cfg)
     copy_gbps = copy_bandwidth(args.iters)
     rows = []
     t0 = time.perf_counter()
@@ -107,15 +120,22 @@ def main(argv=None):
              f"{jax.__version__}, commit {git_commit()[:10]})", "",
              f"`{' '.join(sys.argv)}`; copy {copy_gbps:.0f} GB/s", "",
              "| model | B | ctx | default us | default % copy | best config | best us | "
-             "best % copy |", "|---|---|---|---|---|---|---|---|"]
+             "best % copy | best, one head per block | us | % copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, grp in itertools.groupby(rows, key=lambda r: (r["model"], r["b"], r["ctx"])):
         grp = list(grp)
         d = next((r for r in grp if r["config"] == "default"), None)
         best = min(grp, key=lambda r: r["us"])
         if d is None:
             continue
+        one = [r for r in grp if r["config"] != "default"
+               and r["config"].get("max_heads_per_block") == 1]
+        b1 = min(one, key=lambda r: r["us"]) if one else None
+        tail = (f"{_short(b1['config'])} | {b1['us']:.1f} | {b1['pct_copy']:.0f} |" if b1
+                else "- | - | - |")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {d['us']:.1f} | {d['pct_copy']:.0f} | "
-                     f"{best['config']} | {best['us']:.1f} | {best['pct_copy']:.0f} |")
+                     f"{_short(best['config'])} | {best['us']:.1f} | {best['pct_copy']:.0f} | "
+                     + tail)
     os.makedirs(args.out, exist_ok=True)
     tag = f"tune_decode_attention_{jax.devices()[0].platform}"
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, commit=git_commit(),

@@ -269,30 +269,46 @@ def _num_groups(max_rank: int) -> int:
 
 def lora_shrink(x: jax.Array, rows: jax.Array, slot_pages: jax.Array, a_offset: jax.Array,
                 rank: jax.Array, token_slot: jax.Array, *, max_rank: int, page_size: int,
-                block_tokens: int | None = None, block_k: int | None = None,
-                num_stages: int | None = None, num_splits: int | None = None,
-                plan: dict | None = None, interpret=None) -> jax.Array:
+                **kw) -> jax.Array:
     """xa[t] = x[t] · A_{slot(t)}: x [T, in], rows [N, H] -> [T, max_rank] float32.
 
     See `pallas_kernels.lora.lora_shrink_reference` for the contract; offsets must be
     8-aligned in the matrix's view, as `PoolLayout.adapter_offsets` places them.
-    `plan`, if given, is `plan_batch(token_slot, S, block_tokens)` for the same
-    block_tokens.
+    Keywords as `lora_shrink_multi`.
+    """
+    return lora_shrink_multi(x, rows, slot_pages, a_offset[:, None], rank[:, None], token_slot,
+                             max_rank=max_rank, page_size=page_size, **kw)[0]
+
+
+def lora_shrink_multi(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
+                      a_offsets: jax.Array, ranks: jax.Array, token_slot: jax.Array, *,
+                      max_rank: int, page_size: int, block_tokens: int | None = None,
+                      block_k: int | None = None, num_stages: int | None = None,
+                      num_splits: int | None = None, plan: dict | None = None,
+                      interpret=None) -> jax.Array:
+    """The shrinks of M modules that read the same x (q/k/v; gate/up) in one launch.
+
+    a_offsets, ranks: [S, M]. Returns [M, T, max_rank] float32: module m's rank rows
+    are rows m·ceil(max_rank/8)·8 on of each work item's wgmma tile, so the M
+    matrices cost one pass over x and one launch. `plan`, if given, is
+    `plan_batch(token_slot, S, block_tokens)` for the same block_tokens.
     """
     t, k = x.shape
     n_rows, h = rows.shape
-    s = slot_pages.shape[0]
+    s, n_mod = a_offsets.shape
     c, chunks = matrix_form(k, h)
     bt = block_tokens or pick_block_tokens(t, s)
-    num_groups = _num_groups(max_rank)
+    per_mod = -(-max_rank // GROUP)                      # groups of one module
+    num_groups = _round_up(n_mod * per_mod, 8)            # wgmma M: a multiple of 64 rows
     m = num_groups * GROUP
     bk = block_k or next((b for b in (256, 128, 64)
                           if (m + bt) * b * 2 <= STAGE_BYTES and c % b == 0), 64)
     why = _unsupported(k, h, c, page_size, bk, rows.dtype)
     if why:
         _fallback(f"shrink in={k}, H={h}: {why}")
-        return lora_ref.lora_shrink_reference(x, rows, slot_pages, a_offset, rank, token_slot,
-                                              max_rank=max_rank, page_size=page_size)
+        return jnp.stack([lora_ref.lora_shrink_reference(
+            x, rows, slot_pages, a_offsets[:, j], ranks[:, j], token_slot, max_rank=max_rank,
+            page_size=page_size) for j in range(n_mod)])
     if interpret is None:
         interpret = default_interpret()
     per = h // c
@@ -302,20 +318,26 @@ def lora_shrink(x: jax.Array, rows: jax.Array, slot_pages: jax.Array, a_offset: 
     splits = num_splits or _splits(w_max, k // bk)
     stages = num_stages or max(2, min(4, SMEM_BYTES // ((m + bt) * bk * 2), k // bk // splits))
     hi = jnp.where(plan["item_slot"] < s, plan["item_hi"], plan["item_lo"])   # no-adapter: skip
-    grp = _group_rows(slot_pages, a_offset, rank, plan["item_slot"], num_groups=num_groups,
-                      chunks=chunks, per=per, page_size=page_size, num_rows=rows_c.shape[0])
+    grp = jnp.concatenate([_group_rows(
+        slot_pages, a_offsets[:, j], ranks[:, j], plan["item_slot"], num_groups=per_mod,
+        chunks=chunks, per=per, page_size=page_size, num_rows=rows_c.shape[0])
+        for j in range(n_mod)], axis=-1)
+    grp = jnp.pad(grp, ((0, 0), (0, 0), (0, num_groups - grp.shape[-1])),
+                  constant_values=rows_c.shape[0])
     x_sorted = x.astype(rows.dtype)[_pad_rows(plan["order"], 8)]
     out = _shrink_call(grp, plan["item_tile"], plan["item_lo"], hi, x_sorted, rows_c,
                        num_groups=num_groups, block_tokens=bt, block_k=bk, num_stages=stages,
                        num_splits=splits, chunk_width=c, interpret=interpret)  # [splits, W, M, bt]
-    # Each token's column, rank rows from 0, summed over the splits.
+    # Each token's column, each module's rank rows from 0, summed over the splits.
     key = plan["key"]
     sl = jnp.minimum(key, s - 1)
     pos = plan["where"]
     item = plan["pos_item"][pos]
     i = jnp.arange(max_rank, dtype=jnp.int32)
-    vals = out[:, item[:, None], i[None, :], (pos % bt)[:, None]].sum(0)
-    keep = (key < s)[:, None] & (i[None, :] < rank[sl][:, None])
+    j = jnp.arange(n_mod, dtype=jnp.int32)
+    row = j[:, None, None] * (per_mod * GROUP) + i[None, None, :]               # [M, 1, R]
+    vals = out[:, item[None, :, None], row, (pos % bt)[None, :, None]].sum(0)   # [M, T, R]
+    keep = (key < s)[None, :, None] & (i[None, None, :] < ranks[sl].T[:, :, None])
     return jnp.where(keep, vals, 0.0)
 
 
@@ -337,9 +359,11 @@ def _unsupported(width, h, c, page_size, block, dtype) -> str | None:
 
 def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_ref, out_ref,
                    xs_smem, b_smem, t_smem, o_smem, xbar, bars, *, num_groups, block_tokens,
-                   block_n, num_n, num_stages, num_rows, chunk_width, predicate):
+                   block_n, num_n, num_stages, num_rows, chunk_width, num_splits, width,
+                   predicate):
     w = lax.axis_index("w")
-    split = lax.axis_index("s")
+    mod = lax.axis_index("s") // num_splits      # the module (of those fused) of this block
+    split = lax.axis_index("s") % num_splits
     lo, hi = lo_ref[w], hi_ref[w]
 
     @pl.when(hi > lo)
@@ -347,21 +371,22 @@ def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_re
         tok0 = pl.multiple_of(tile_ref[w] * block_tokens, block_tokens)
         first = order_ref[lo]
         whole = (hi - lo == block_tokens) & (order_ref[hi - 1] - first == block_tokens - 1)
-        chunked = grp_ref.shape[1] > 1
-        grp0 = [pl.multiple_of(grp_ref[w, 0, g], GROUP) for g in range(num_groups)]
+        chunked = grp_ref.shape[2] > 1
+        grp0 = [pl.multiple_of(grp_ref[w, mod, 0, g], GROUP) for g in range(num_groups)]
         # K in 64-row halves; a half past the slot's last group is skipped whole. In
         # a half in use, groups past the rank are copied from past the pool: zeros,
         # which the wgmma needs (stale SMEM may hold NaN, and NaN * 0 is NaN).
         half_used = [grp0[kh * 8] < num_rows for kh in range(num_groups // 8)]
         n_base = split * (num_n * block_n)
-        plgpu.copy_gmem_to_smem(xs_ref.at[pl.ds(tok0, block_tokens)], xs_smem, xbar)
+        plgpu.copy_gmem_to_smem(xs_ref.at[mod, pl.ds(tok0, block_tokens)], xs_smem, xbar)
 
         def issue(ns, stage):
             n0 = pl.multiple_of(n_base + ns * block_n, block_n)
             if chunked:     # the chunk's own run of rank rows, at column n0 % C
                 ch = n0 // chunk_width
                 col = pl.multiple_of(n0 - ch * chunk_width, block_n)
-                grp = [pl.multiple_of(grp_ref[w, ch, g], GROUP) for g in range(num_groups)]
+                grp = [pl.multiple_of(grp_ref[w, mod, ch, g], GROUP)
+                       for g in range(num_groups)]
             else:
                 col, grp = n0, grp0
             for g in range(num_groups):
@@ -399,7 +424,7 @@ def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_re
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last chunk's rows are out
             o_smem[...] = acc_t
             plgpu.commit_smem()
-            n0 = pl.multiple_of(n_base + ns * block_n, block_n)
+            n0 = pl.multiple_of(mod * width + n_base + ns * block_n, block_n)   # out column
 
             # A whole tile of tokens that are consecutive in the batch (a prefill
             # segment: the sort is stable, so increasing) goes out in one copy; other
@@ -426,18 +451,18 @@ def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_re
 def _expand_call(group_rows, item_tile, item_lo, item_hi, order, xs, rows_c, *, num_tokens,
                  num_groups, block_tokens, block_n, num_stages, num_splits, width, chunk_width,
                  interpret):
-    w_max = group_rows.shape[0]
-    k = xs.shape[1]
+    w_max, n_mod = group_rows.shape[:2]
+    k = xs.shape[2]
     num_n = width // (block_n * num_splits)
     dt = rows_c.dtype
     body = functools.partial(_expand_kernel, num_groups=num_groups, block_tokens=block_tokens,
                              block_n=block_n, num_n=num_n, num_stages=num_stages,
                              num_rows=rows_c.shape[0], chunk_width=chunk_width,
-                             predicate=not interpret)
+                             num_splits=num_splits, width=width, predicate=not interpret)
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((num_tokens, width), jnp.float32),
-        grid=(w_max, num_splits),
+        out_type=jax.ShapeDtypeStruct((num_tokens, n_mod * width), jnp.float32),
+        grid=(w_max, n_mod * num_splits),
         grid_names=("w", "s"),
         kernel_name="mgpu_lora_expand",
         scratch_types=[
@@ -455,16 +480,31 @@ def _expand_call(group_rows, item_tile, item_lo, item_hi, order, xs, rows_c, *, 
 
 def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset: jax.Array,
                 rank: jax.Array, scale: jax.Array, token_slot: jax.Array, *, out_features: int,
-                page_size: int, block_tokens: int | None = None, block_n: int | None = None,
-                num_stages: int | None = None, num_splits: int | None = None,
-                plan: dict | None = None, interpret=None) -> jax.Array:
+                page_size: int, **kw) -> jax.Array:
     """y[t] = scale_{slot(t)} · xa[t] · B_{slot(t)}: xa [T, R] f32 -> [T, out] float32.
 
     See `pallas_kernels.lora.lora_expand_reference` for the contract (offsets 8-aligned
     in the matrix's view, as `PoolLayout.adapter_offsets` places them). xa·scale is
-    rounded to the pool dtype (bf16) for the tensor-core product.
+    rounded to the pool dtype (bf16) for the tensor-core product. Keywords as
+    `lora_expand_multi`.
     """
-    t, max_rank = xa.shape
+    return lora_expand_multi(xa[None], rows, slot_pages, b_offset[:, None], rank[:, None],
+                             scale[:, None], token_slot, out_features=out_features,
+                             page_size=page_size, **kw)
+
+
+def lora_expand_multi(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
+                      b_offsets: jax.Array, ranks: jax.Array, scales: jax.Array,
+                      token_slot: jax.Array, *, out_features: int, page_size: int,
+                      block_tokens: int | None = None, block_n: int | None = None,
+                      num_stages: int | None = None, num_splits: int | None = None,
+                      plan: dict | None = None, interpret=None) -> jax.Array:
+    """The expands of M modules of one output width in one launch.
+
+    xa: [M, T, R] f32 (`lora_shrink_multi`); b_offsets, ranks, scales: [S, M].
+    Returns [T, M · out_features] float32, module m in columns [m·out, (m+1)·out).
+    """
+    n_mod, t, max_rank = xa.shape
     n_rows, h = rows.shape
     s = slot_pages.shape[0]
     c, chunks = matrix_form(out_features, h)
@@ -477,29 +517,31 @@ def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset:
     why = _unsupported(out_features, h, c, page_size, bn, rows.dtype)
     if why:
         _fallback(f"expand out={out_features}, H={h}: {why}")
-        return lora_ref.lora_expand_reference(xa, rows, slot_pages, b_offset, rank, scale,
-                                              token_slot, out_features=out_features,
-                                              page_size=page_size)
+        return jnp.concatenate([lora_ref.lora_expand_reference(
+            xa[j], rows, slot_pages, b_offsets[:, j], ranks[:, j], scales[:, j], token_slot,
+            out_features=out_features, page_size=page_size) for j in range(n_mod)], axis=1)
     if interpret is None:
         interpret = default_interpret()
     per = h // c
     rows_c = rows.reshape(n_rows * per, c)                  # free view: rank rows are rows
     plan = plan if plan is not None else plan_batch(token_slot, s, bt)
     w_max = plan["item_tile"].shape[0]
-    splits = num_splits or _splits(w_max, out_features // bn)
+    splits = num_splits or _splits(w_max * n_mod, out_features // bn)
     stages = num_stages or max(2, min(4, SMEM_BYTES // (k * bn * 2),
                                       out_features // bn // splits))
-    grp = _group_rows(slot_pages, b_offset, rank, plan["item_slot"], num_groups=num_groups,
-                      chunks=chunks, per=per, page_size=page_size, num_rows=rows_c.shape[0])
-    # xs[p, i] = scale * xa[token(p), i] below the slot's rank; tokens with no adapter
-    # get a zero row.
+    grp = jnp.stack([_group_rows(
+        slot_pages, b_offsets[:, j], ranks[:, j], plan["item_slot"], num_groups=num_groups,
+        chunks=chunks, per=per, page_size=page_size, num_rows=rows_c.shape[0])
+        for j in range(n_mod)], axis=1)                                     # [W, M, chunks, G]
+    # xs[m, p, i] = scale * xa[m, token(p), i] below the slot's rank; tokens with no
+    # adapter get a zero row.
     order = _pad_rows(plan["order"], 8)
     key = jnp.where(jnp.arange(order.shape[0]) < t, plan["key"][order], s)
     sl = jnp.minimum(key, s - 1)
-    i = jnp.arange(k, dtype=jnp.int32)[None, :]
-    live = (key < s)[:, None] & (i < rank[sl][:, None])
-    vals = xa[order[:, None], jnp.minimum(i, max_rank - 1)] * scale[sl][:, None]
-    xs = jnp.where(live, vals, 0.0).astype(rows.dtype)
+    i = jnp.arange(k, dtype=jnp.int32)[None, None, :]
+    live = (key < s)[None, :, None] & (i < ranks[sl].T[:, :, None])
+    vals = xa[:, order[:, None], jnp.minimum(i[0], max_rank - 1)] * scales[sl].T[:, :, None]
+    xs = jnp.where(live, vals, 0.0).astype(rows.dtype)                     # [M, T8, K]
     return _expand_call(grp, plan["item_tile"], plan["item_lo"], plan["item_hi"],
                         plan["order"], xs, rows_c, num_tokens=t, num_groups=num_groups,
                         block_tokens=bt, block_n=bn, num_stages=stages, num_splits=splits,

@@ -5,10 +5,12 @@ The kernel behind `pallas_kernels.paged_attention.decode_attention` when
 request's K/V pages where they lie in the pool (token-level paging with pages
 of `tokens_per_page` tokens: K block then V block, see `slora_jax.pool`).
 
-One block per (request, KV head, context split). The G = n_heads / n_kv query
-heads that share a KV head are the rows of one wgmma (padded to 64: the H100
-has no narrower wgmma), so each K/V byte is read once for all of them (GQA).
-Each step takes `block_kv` tokens = `block_kv / tokens_per_page` pages, one TMA
+One block per (request, group of KV heads, context split). The G = n_heads /
+n_kv query heads that share a KV head are rows of one wgmma, so each K/V byte
+is read once for all of them (GQA); the query rows of several KV heads (padded
+to 8 each) are stacked to fill the wgmma's 64 rows (the H100 has no narrower
+one), and the block runs one pipelined loop over (head, KV step), keeping only
+the current head's rows at each step. Each step takes `block_kv` tokens = `block_kv / tokens_per_page` pages, one TMA
 copy per page for K and one for V (the H100 has no TMA gather), pipelined
 `num_stages` deep; the softmax is the online (flash) form in float32 with
 exp2. With `num_splits > 1` the context is split across blocks and XLA merges
@@ -48,12 +50,11 @@ def _fallback(what: str) -> None:
 
 def _decode_kernel(q_ref, kv_ref, pages_ref, len_ref, o_ref, m_ref, l_ref,
                    q_smem, k_smem, v_smem, p_smem, o_smem, ml_smem, qbar, bars, *,
-                   block_kv, tpp, num_stages, num_splits, window, rows_q, pk, nkv):
+                   block_kv, tpp, num_stages, num_splits, window, rows_q, hpb, pk, nkv):
     b = lax.axis_index("b")
-    h = lax.axis_index("h")
+    hg = lax.axis_index("h")                                # group of hpb KV heads
     split = lax.axis_index("s")
     hd = q_smem.shape[1]
-    col = pl.multiple_of(h * hd, 64)
     ppb = block_kv // tpp                                   # pages per step
     length = len_ref[b]
     last = (length + block_kv - 1) // block_kv              # steps over [0, length)
@@ -62,37 +63,48 @@ def _decode_kernel(q_ref, kv_ref, pages_ref, len_ref, o_ref, m_ref, l_ref,
         first = jnp.maximum(length - window, 0) // block_kv
     per_split = (last - first + num_splits - 1) // num_splits
     s0 = jnp.minimum(first + split * per_split, last)
-    s1 = jnp.minimum(s0 + per_split, last)
-    n_steps = s1 - s0
+    n_steps = jnp.minimum(s0 + per_split, last) - s0        # per head
+    n_div = jnp.maximum(n_steps, 1)
+    total = hpb * n_steps            # one pipelined loop over (head, step), head-major
 
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(pl.multiple_of((b * nkv + h) * rows_q, 8), rows_q)],
-                            q_smem.at[pl.ds(0, rows_q)], qbar)
+    q_rows = hpb * rows_q
+    q0 = pl.multiple_of((b * nkv + hg * hpb) * rows_q, 8)
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q0, q_rows)], q_smem.at[pl.ds(0, q_rows)], qbar)
 
-    def issue(step, stage):
-        for j in range(ppb):
-            pidx = jnp.minimum(step * ppb + j, pk - 1)
+    def issue(i, stage):
+        j = i // n_div
+        step = s0 + i % n_div
+        col = pl.multiple_of((hg * hpb + j) * hd, 64)
+        for jj in range(ppb):
+            pidx = jnp.minimum(step * ppb + jj, pk - 1)
             page = pages_ref[b, pidx]
-            dst = pl.ds(j * tpp, tpp)
+            dst = pl.ds(jj * tpp, tpp)
             plgpu.copy_gmem_to_smem(kv_ref.at[page, pl.ds(0, tpp), pl.ds(col, hd)],
                                     k_smem.at[stage, dst], bars.at[stage])
             plgpu.copy_gmem_to_smem(kv_ref.at[page, pl.ds(tpp, tpp), pl.ds(col, hd)],
                                     v_smem.at[stage, dst], bars.at[stage])
 
     for i in range(num_stages):
-        @pl.when(i < n_steps)
+        @pl.when(i < total)
         def _prologue(i=i):
-            issue(s0 + i, i)
+            issue(i, i)
     plgpu.barrier_wait(qbar)
 
     rows = q_smem.shape[0]
     m_i = plgpu.layout_cast(jnp.full((rows,), _M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l_i = plgpu.layout_cast(jnp.full((rows,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     acc = plgpu.layout_cast(jnp.full((rows, hd), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    # Row r of the tile is a query row of head r // rows_q: a step of head j scores
+    # every row against head j's keys and keeps only head j's rows (the others get
+    # p = 0 and alpha = 1, so their state is untouched).
+    row_head = plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 0,
+                                      layout=plgpu.Layout.WGMMA) // rows_q
 
     def step_body(i, carry):
         acc, m_i, l_i = carry
         stage = lax.rem(i, num_stages)
-        step = s0 + i
+        j = i // n_div
+        step = s0 + i % n_div
         plgpu.barrier_wait(bars.at[stage])
 
         def qk_scope(qk_ref):
@@ -105,6 +117,8 @@ def _decode_kernel(q_ref, kv_ref, pages_ref, len_ref, o_ref, m_ref, l_ref,
         live = pos < length
         if window is not None:
             live = live & (pos >= length - window)
+        if hpb > 1:
+            live = live & (row_head == j)
         s = jnp.where(live, s, -jnp.inf)
         m_new = jnp.maximum(m_i, s.max(axis=1))
         alpha = jnp.exp2(m_i - m_new)
@@ -122,21 +136,21 @@ def _decode_kernel(q_ref, kv_ref, pages_ref, len_ref, o_ref, m_ref, l_ref,
             return pv_ref[...]
         acc = acc + pl.run_scoped(pv_scope, plgpu.ACC((rows, hd), jnp.float32))
 
-        @pl.when(i + num_stages < n_steps)
+        @pl.when(i + num_stages < total)
         def _refill():
-            issue(step + num_stages, stage)
+            issue(i + num_stages, stage)
         return acc, m_new, l_i
 
-    acc, m_i, l_i = lax.fori_loop(0, n_steps, step_body, (acc, m_i, l_i))
+    acc, m_i, l_i = lax.fori_loop(0, total, step_body, (acc, m_i, l_i))
 
     o_smem[...] = acc
     ml_smem[0] = m_i
     ml_smem[1] = l_i
     plgpu.commit_smem()
-    blk = (b * nkv + h) * num_splits + split
-    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows_q)], o_ref.at[blk])
-    plgpu.copy_smem_to_gmem(ml_smem.at[0, pl.ds(0, rows_q)], m_ref.at[blk])
-    plgpu.copy_smem_to_gmem(ml_smem.at[1, pl.ds(0, rows_q)], l_ref.at[blk])
+    blk = (b * (nkv // hpb) + hg) * num_splits + split
+    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, q_rows)], o_ref.at[blk])
+    plgpu.copy_smem_to_gmem(ml_smem.at[0, pl.ds(0, q_rows)], m_ref.at[blk])
+    plgpu.copy_smem_to_gmem(ml_smem.at[1, pl.ds(0, q_rows)], l_ref.at[blk])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -158,23 +172,23 @@ def _decode_unsupported(layout: PoolLayout, dtype, block_kv: int) -> str | None:
 # Jitted with its static configuration: traced and lowered once per step
 # function, not once per layer (Mosaic GPU lowering of each call costs seconds).
 @functools.partial(jax.jit, static_argnames=(
-    "bsz", "nkv", "block_kv", "tpp", "num_stages", "num_splits", "window", "rows_q",
+    "bsz", "nkv", "block_kv", "tpp", "num_stages", "num_splits", "window", "rows_q", "hpb",
     "interpret"))
 def _decode_call(qs, kv, kv_pages, lengths, *, bsz, nkv, block_kv, tpp, num_stages, num_splits,
-                 window, rows_q, interpret):
+                 window, rows_q, hpb, interpret):
     hd = qs.shape[-1]
     dt = kv.dtype
     bkv = block_kv
-    nblk = bsz * nkv * num_splits
+    nblk = bsz * (nkv // hpb) * num_splits
     body = functools.partial(_decode_kernel, block_kv=bkv, tpp=tpp, num_stages=num_stages,
-                             num_splits=num_splits, window=window, rows_q=rows_q,
+                             num_splits=num_splits, window=window, rows_q=rows_q, hpb=hpb,
                              pk=kv_pages.shape[1], nkv=nkv)
     return plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((nblk, rows_q, hd), jnp.float32),
-                  jax.ShapeDtypeStruct((nblk, rows_q), jnp.float32),
-                  jax.ShapeDtypeStruct((nblk, rows_q), jnp.float32)),
-        grid=(bsz, nkv, num_splits),
+        out_type=(jax.ShapeDtypeStruct((nblk, hpb * rows_q, hd), jnp.float32),
+                  jax.ShapeDtypeStruct((nblk, hpb * rows_q), jnp.float32),
+                  jax.ShapeDtypeStruct((nblk, hpb * rows_q), jnp.float32)),
+        grid=(bsz, nkv // hpb, num_splits),
         grid_names=("b", "h", "s"),
         kernel_name="mgpu_paged_decode_attention",
         scratch_types=[
@@ -192,10 +206,19 @@ def _decode_call(qs, kv, kv_pages, lengths, *, bsz, nkv, block_kv, tpp, num_stag
     )(qs, kv, kv_pages, lengths)
 
 
+def heads_per_block(nkv: int, rows_q: int, cap: int | None = None) -> int:
+    """KV heads one block serves: their query rows stacked fill the 64 rows of a wgmma
+    (the H100's narrowest), so small G (MHA: 1) costs no more tensor-core work per head
+    and each block runs a long pipelined loop instead of a short one."""
+    most = min(64 // rows_q, cap or nkv)
+    return max(d for d in range(1, most + 1) if nkv % d == 0)
+
+
 def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, lengths: jax.Array,
                      layout: PoolLayout, sliding_window: int | None = None, *,
                      block_kv: int | None = None, num_stages: int = 4,
-                     num_splits: int | None = None, interpret=None) -> jax.Array:
+                     num_splits: int | None = None, max_heads_per_block: int | None = None,
+                     interpret=None) -> jax.Array:
     """q: [B, n_heads, hd]; layer: [P, page_size, H]; kv_pages: [B, Pk]; lengths: [B].
 
     Returns [B, n_heads, hd] float32. See `decode_attention_reference`.
@@ -204,19 +227,23 @@ def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, length
     nkv, tpp = layout.num_kv_heads, layout.tokens_per_page
     pk = kv_pages.shape[1]
     bkv = block_kv or max(64, tpp)
+    g = nq // nkv
+    rows_q = -(-g // 8) * 8
     why = _decode_unsupported(layout, layer.dtype, bkv)
+    if rows_q > 64:
+        why = f"{g} query heads per KV head (at most 64)"
     if why:
         _fallback(f"decode attention: {why}")
         return attn_ref.decode_attention_reference(q, layer, kv_pages, lengths, layout,
                                                    sliding_window)
     if interpret is None:
         interpret = default_interpret()
-    g = nq // nkv
-    rows_q = -(-g // 8) * 8
+    hpb = heads_per_block(nkv, rows_q, max_heads_per_block)
+    groups = nkv // hpb
     max_steps = -(-pk * tpp // bkv)
     if num_splits is None:
         # Enough blocks to fill the GPU twice over, never more splits than steps.
-        num_splits = max(1, min(max_steps, -(-264 // (bsz * nkv))))
+        num_splits = max(1, min(max_steps, -(-264 // (bsz * groups))))
     dt = layer.dtype
     # Fold the softmax scale and log2(e) into q; pad each KV head's G query rows to 8.
     qs = (q.astype(jnp.float32) * (hd ** -0.5 * _LOG2E)).astype(dt).reshape(bsz, nkv, g, hd)
@@ -226,11 +253,17 @@ def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, length
     o, m, l = _decode_call(qs, kv, kv_pages.astype(jnp.int32), lengths.astype(jnp.int32),
                            bsz=bsz, nkv=nkv, block_kv=bkv, tpp=tpp, num_stages=num_stages,
                            num_splits=num_splits, window=sliding_window, rows_q=rows_q,
-                           interpret=interpret)
-    # Merge the splits (flash-decoding): weights exp2(m_j - max m).
+                           hpb=hpb, interpret=interpret)
+    # [block = (b, group, split), head in group, row] -> [b, KV head, split, row]
+    o = o.reshape(bsz, groups, num_splits, hpb, rows_q, hd).transpose(0, 1, 3, 2, 4, 5)
     o = o.reshape(bsz, nkv, num_splits, rows_q, hd)[:, :, :, :g]
-    m = m.reshape(bsz, nkv, num_splits, rows_q)[:, :, :, :g]
+    l = l.reshape(bsz, groups, num_splits, hpb, rows_q).transpose(0, 1, 3, 2, 4)
     l = l.reshape(bsz, nkv, num_splits, rows_q)[:, :, :, :g]
+    if num_splits == 1:
+        return (o[:, :, 0] / l[:, :, 0, :, None]).reshape(bsz, nq, hd)
+    # Merge the splits (flash-decoding): weights exp2(m_j - max m).
+    m = m.reshape(bsz, groups, num_splits, hpb, rows_q).transpose(0, 1, 3, 2, 4)
+    m = m.reshape(bsz, nkv, num_splits, rows_q)[:, :, :, :g]
     wgt = jnp.exp2(m - m.max(axis=2, keepdims=True))
     out = (o * wgt[..., None]).sum(axis=2) / (l * wgt).sum(axis=2)[..., None]
     return out.reshape(bsz, nq, hd)

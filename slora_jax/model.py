@@ -95,19 +95,29 @@ class _Lora:
             self.plan = lora_mgpu.batch_plan(token_slot, lora.slot_pages.shape[0])
 
     def delta(self, x: jax.Array, module: str, pool_layer: jax.Array) -> jax.Array | float:
-        if self.lora is None or self.lora.slot_pages.shape[0] == 0:
-            return 0.0            # no adapter in the batch: no LoRA work at all
-        if module not in self.spec.layout.lora_modules:
-            return 0.0            # no adapter may target it
-        i = MODULES.index(module)
+        return self.deltas(x, (module,), pool_layer)[0]
+
+    def deltas(self, x: jax.Array, modules: tuple[str, ...],
+               pool_layer: jax.Array) -> tuple[jax.Array | float, ...]:
+        """LoRA terms of modules that read the same x (q/k/v, gate/up): one dispatch, so
+        the Pallas backend runs one shrink and one expand per width for all of them."""
+        out: list[jax.Array | float] = [0.0] * len(modules)
         lb, lay = self.lora, self.spec.layout
-        rows = adapter_row_view(pool_layer)
-        return lora_ops.lora_apply(x, rows, lb.slot_pages, lb.slot_offset[:, i, 0],
-                                   lb.slot_offset[:, i, 1], lb.slot_rank[:, i],
-                                   lb.slot_scale[:, i], self.token_slot, max_rank=lay.max_rank,
-                                   out_features=lay.module_shapes[i][1],
-                                   page_size=lay.page_size, backend=self.spec.lora_backend,
-                                   plan=self.plan)
+        if lb is None or lb.slot_pages.shape[0] == 0:
+            return tuple(out)     # no adapter in the batch: no LoRA work at all
+        live = [j for j, m in enumerate(modules) if m in lay.lora_modules]
+        if not live:
+            return tuple(out)     # no adapter may target them
+        idx = jnp.asarray([MODULES.index(modules[j]) for j in live])
+        ys = lora_ops.lora_apply_modules(
+            x, adapter_row_view(pool_layer), lb.slot_pages, lb.slot_offset[:, idx, 0],
+            lb.slot_offset[:, idx, 1], lb.slot_rank[:, idx], lb.slot_scale[:, idx],
+            self.token_slot, max_rank=lay.max_rank,
+            out_features=tuple(lay.module_shapes[MODULES.index(modules[j])][1] for j in live),
+            page_size=lay.page_size, backend=self.spec.lora_backend, plan=self.plan)
+        for j, y in zip(live, ys):
+            out[j] = y
+        return tuple(out)
 
 
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -126,9 +136,10 @@ def transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax.Ar
     new_layers = []
     for li, (lp, pl) in enumerate(zip(params.layers, pool.layers)):
         h = rms_norm(x, lp.attn_norm, mc.rms_norm_eps)
-        q = (_mm(h, lp.wq) + lo.delta(h, "q", pl)).astype(dtype)
-        k = (_mm(h, lp.wk) + lo.delta(h, "k", pl)).astype(dtype)
-        v = (_mm(h, lp.wv) + lo.delta(h, "v", pl)).astype(dtype)
+        dq, dk, dv = lo.deltas(h, ("q", "k", "v"), pl)
+        q = (_mm(h, lp.wq) + dq).astype(dtype)
+        k = (_mm(h, lp.wk) + dk).astype(dtype)
+        v = (_mm(h, lp.wv) + dv).astype(dtype)
         q = apply_rope(q.reshape(t, mc.num_heads, mc.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(t, mc.num_kv_heads, mc.head_dim), positions, inv_freq)
         v = v.reshape(t, mc.num_kv_heads, mc.head_dim)
@@ -140,8 +151,9 @@ def transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax.Ar
         att = att.reshape(t, mc.q_size).astype(dtype)
         x = (x.astype(jnp.float32) + _mm(att, lp.wo) + lo.delta(att, "o", pl)).astype(dtype)
         h = rms_norm(x, lp.mlp_norm, mc.rms_norm_eps)
-        gate = (_mm(h, lp.w_gate) + lo.delta(h, "gate", pl))
-        up = (_mm(h, lp.w_up) + lo.delta(h, "up", pl))
+        dg, du = lo.deltas(h, ("gate", "up"), pl)
+        gate = _mm(h, lp.w_gate) + dg
+        up = _mm(h, lp.w_up) + du
         act = (jax.nn.silu(gate.astype(dtype).astype(jnp.float32))
                * up.astype(dtype).astype(jnp.float32)).astype(dtype)
         x = (x.astype(jnp.float32) + _mm(act, lp.w_down) + lo.delta(act, "down", pl)).astype(dtype)

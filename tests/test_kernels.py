@@ -133,6 +133,64 @@ def test_expand_matches_reference(kind):
                            token_slot=ts), H)
 
 
+def multi_case(rng, *, h, t, s, max_rank, ranks, out_widths, token_slot, page_size=8):
+    """A pool whose `s` slots each hold M = len(out_widths) A^T [r, h] / B [r, out_m]
+    pairs (q/k/v-like: one input, several outputs), at random aligned offsets inside
+    the slot's randomly scattered pages; ranks: [s, M] (0: the slot skips the module)."""
+    lay = PoolLayout(num_layers=1, num_pages=1, page_size=page_size, row_width=h,
+                     num_kv_heads=1, head_dim=h, max_rank=max_rank, module_shapes=())
+    n_mod = len(out_widths)
+    a_off, b_off = np.zeros((s, n_mod), np.int64), np.zeros((s, n_mod), np.int64)
+    end = np.zeros(s, np.int64)
+    for j, w in enumerate(out_widths):
+        a_al, b_al = matrix_align(h, h), matrix_align(w, h)
+        a = -(-(end + rng.integers(0, 12, s)) // a_al) * a_al
+        b = -(-(a + lay.matrix_rows(max_rank, h) + rng.integers(0, 12, s)) // b_al) * b_al
+        a_off[:, j], b_off[:, j] = a, b
+        end = b + lay.matrix_rows(max_rank, w)
+    pa = -(-int(end.max()) // page_size)
+    num_pages = s * pa + 8
+    slot_pages = jnp.asarray(rng.permutation(num_pages)[:s * pa].reshape(s, pa), jnp.int32)
+    return dict(rows=_bf16(rng, (num_pages * page_size, h)), slot_pages=slot_pages,
+                a_offsets=jnp.asarray(a_off, jnp.int32), b_offsets=jnp.asarray(b_off, jnp.int32),
+                ranks=jnp.asarray(ranks, jnp.int32),
+                scales=jnp.asarray(2.0 ** rng.integers(-2, 2, (s, n_mod)), jnp.float32),
+                token_slot=jnp.asarray(token_slot, jnp.int32), x=_bf16(rng, (t, h)),
+                max_rank=max_rank, page_size=page_size, out_widths=tuple(out_widths))
+
+
+def check_modules(c):
+    """`lora_apply_modules` with the kernels (one shrink, one expand per width) against
+    each module's reference `lora_apply`."""
+    lora_mgpu._warned.clear()
+    args = (c["x"], c["rows"], c["slot_pages"], c["a_offsets"], c["b_offsets"], c["ranks"],
+            c["scales"], c["token_slot"])
+    opts = dict(max_rank=c["max_rank"], out_features=c["out_widths"], page_size=c["page_size"])
+    got = lora.lora_apply_modules(*args, **opts, backend="pallas")
+    ref = lora.lora_apply_modules(*args, **opts, backend="reference")
+    assert not lora_mgpu._warned, "the kernel fell back to the reference"
+    for g, r, w in zip(got, ref, c["out_widths"]):
+        g, r = np.asarray(g), np.asarray(r)
+        assert g.shape == r.shape == (c["x"].shape[0], w) and not np.isnan(g).any()
+        # xa is rounded to bf16 before the expand on both paths; the bound is f32
+        # rounding of two chained sums of ~H and ~r terms.
+        np.testing.assert_allclose(g, r, rtol=2e-3, atol=5e-2)
+
+
+@pytest.mark.parametrize("kind,max_rank,widths", [
+    ("mixed", 16, (H, H, H)),                 # MHA q/k/v: one shrink, one expand
+    ("all_distinct", 64, (H, H // 2, H // 2)),  # GQA: 192 shrink rows; expands q, then k|v
+    ("one_adapter", 8, (H, H)),               # gate/up-like pair
+    ("no_adapters", 16, (H, H, H))])
+def test_fused_modules_match_reference(kind, max_rank, widths):
+    rng = np.random.default_rng()
+    ts, _ = _batch(rng, kind, 12, 12, max_rank)
+    ranks = rng.choice([0, 1, 5, 8, max_rank], (12, len(widths)))
+    c = multi_case(rng, h=H, t=len(ts), s=12, max_rank=max_rank, ranks=ranks,
+                   out_widths=widths, token_slot=ts)
+    check_modules(c)
+
+
 def test_max_rank_128_spans_two_row_tiles():
     """Rank 128 covers 16 row groups: the kernels' 128-row path (two 64-row halves,
     the second skipped for slots of rank <= 64)."""
@@ -252,13 +310,19 @@ def check_decode(layout, args, window=None, **kw):
     np.testing.assert_allclose(got, ref, atol=2e-2 * max(1.0, np.abs(ref).max()), rtol=0)
 
 
-@pytest.mark.parametrize("g,window,splits", [(1, None, 1), (3, None, 2), (4, 40, 3)])
-def test_decode_attention_matches_reference(g, window, splits):
+@pytest.mark.parametrize("nkv,g,window,splits,heads", [
+    (2, 1, None, 1, None), (2, 3, None, 2, None), (2, 4, 40, 3, None),
+    (4, 1, None, 2, 2),       # two groups of two KV heads per request
+    (2, 9, None, 1, None),    # 16 query rows per KV head
+    (2, 1, None, 2, 1)])      # one KV head per block
+def test_decode_attention_matches_reference(nkv, g, window, splits, heads):
     rng = np.random.default_rng()
-    # 2 KV heads of 64, page rows of 256: 8 tokens per page, 64-token steps of 8 pages.
-    layout, args = attn_case(rng, nkv=2, g=g, hd=64, page_size=8, row_width=256, batch=3,
-                             pages_per_req=20, lengths=[1, 64, int(rng.integers(65, 161))])
-    check_decode(layout, args, window, block_kv=64, num_splits=splits)
+    # KV heads of 64, page rows of 128 * nkv: 8 tokens per page, 64-token steps of 8 pages.
+    layout, args = attn_case(rng, nkv=nkv, g=g, hd=64, page_size=8, row_width=128 * nkv,
+                             batch=3, pages_per_req=20,
+                             lengths=[1, 64, int(rng.integers(65, 161))])
+    check_decode(layout, args, window, block_kv=64, num_splits=splits,
+                 max_heads_per_block=heads)
 
 
 # --- on the GPU, at model shapes ------------------------------------------------------
@@ -292,6 +356,19 @@ def test_gpu_lora_mlp_widths(f):
             check_shrink(c)
         else:
             check_expand(c, f)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("widths", [(4096, 4096, 4096), (4096, 1024, 1024), (14336, 14336)])
+def test_gpu_fused_modules(widths):
+    """Llama-7B q/k/v, Llama-3-8B q/k/v (GQA) and gate/up: one shrink launch, one expand
+    per width, at max_rank 64 (the q/k/v shrink's wgmma has 192 rows)."""
+    rng = np.random.default_rng()
+    ts, _ = _batch(rng, "mixed", 128, 64, 64)
+    ranks = rng.choice([0, 1, 8, 16, 64], (64, len(widths)))
+    check_modules(multi_case(rng, h=4096, t=len(ts), s=64, max_rank=64, ranks=ranks,
+                             out_widths=widths, token_slot=ts, page_size=16))
 
 
 @pytest.mark.gpu
