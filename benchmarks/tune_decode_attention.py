@@ -89,7 +89,7 @@ def main(argv=None):
     ap.add_argument("--block-kv", default="64,128")
     ap.add_argument("--splits", default="1,2,4,8,16,32")
     ap.add_argument("--stages", default="4", help="stages at block_kv 64 (128 takes 2)")
-    ap.add_argument("--heads", default="0,1", help="max KV heads per block (0: the default)")
+    ap.add_argument("--heads", default="0,1", help="KV heads per block (0: the default)")
     ap.add_argument("--budget-s", type=float, default=480, help="stop sweeping after this")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--quick", action="store_true")
@@ -104,7 +104,7 @@ def main(argv=None):
             for a in (args.block_kv, args.splits, args.stages, args.heads))):
         cfg = dict(block_kv=bkv, num_splits=sp, num_stages=st if bkv <= 64 else 2)
         if hp:
-            cfg["max_heads_per_block"] = hp
+            cfg["heads_per_block"] = hp
         if cfg not in configs:
             configs.append(cfg)
     copy_gbps = copy_bandwidth(args.iters)
@@ -129,7 +129,7 @@ def main(argv=None):
         if d is None:
             continue
         one = [r for r in grp if r["config"] != "default"
-               and r["config"].get("max_heads_per_block") == 1]
+               and r["config"].get("heads_per_block") == 1]
         b1 = min(one, key=lambda r: r["us"]) if one else None
         tail = (f"{_short(b1['config'])} | {b1['us']:.1f} | {b1['pct_copy']:.0f} |" if b1
                 else "- | - | - |")

@@ -206,27 +206,48 @@ def _decode_call(qs, kv, kv_pages, lengths, *, bsz, nkv, block_kv, tpp, num_stag
     )(qs, kv, kv_pages, lengths)
 
 
+TARGET_BLOCKS = 128     # about one block per SM (132 on the H100): see `decode_tiling`
+
+
 def heads_per_block(nkv: int, rows_q: int, cap: int | None = None) -> int:
-    """KV heads one block serves: their query rows stacked fill the 64 rows of a wgmma
-    (the H100's narrowest), so small G (MHA: 1) costs no more tensor-core work per head
-    and each block runs a long pipelined loop instead of a short one."""
+    """Most KV heads one block can serve: their query rows stacked fill the 64 rows of
+    a wgmma (the H100's narrowest), so small G (MHA: 1) costs no more tensor-core work
+    per head and each block runs a long pipelined loop instead of a short one."""
     most = min(64 // rows_q, cap or nkv)
     return max(d for d in range(1, most + 1) if nkv % d == 0)
 
 
+def decode_tiling(bsz: int, nkv: int, rows_q: int, max_steps: int) -> tuple[int, int]:
+    """(KV heads per block, context splits): the most heads per block that still gives
+    TARGET_BLOCKS blocks, then context splits only if one head per block is not enough.
+    From `benchmarks/tune_decode_attention.py` on the H100
+    (`results/tune_decode_attention_h100_4acad05.md`): long blocks beat many short ones,
+    and heads beat splits, which cost a merge (Llama-7B B=1 ctx 4096: 1 head x 4 splits
+    29.8 us, 8 heads x 32 splits 36.3 us, both 128 blocks)."""
+    hpb = heads_per_block(nkv, rows_q)
+    while hpb > 1 and bsz * (nkv // hpb) < TARGET_BLOCKS:
+        hpb = max(d for d in range(1, hpb) if nkv % d == 0)
+    splits = max(1, min(max_steps, -(-TARGET_BLOCKS // (bsz * (nkv // hpb)))))
+    return hpb, splits
+
+
 def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, lengths: jax.Array,
                      layout: PoolLayout, sliding_window: int | None = None, *,
-                     block_kv: int | None = None, num_stages: int = 4,
-                     num_splits: int | None = None, max_heads_per_block: int | None = None,
+                     block_kv: int | None = None, num_stages: int | None = None,
+                     num_splits: int | None = None, heads_per_block: int | None = None,
                      interpret=None) -> jax.Array:
     """q: [B, n_heads, hd]; layer: [P, page_size, H]; kv_pages: [B, Pk]; lengths: [B].
 
-    Returns [B, n_heads, hd] float32. See `decode_attention_reference`.
+    Returns [B, n_heads, hd] float32. See `decode_attention_reference`. The tiling
+    (block_kv, num_stages, num_splits, heads_per_block: a divisor of n_kv whose query
+    rows fit 64) defaults to `decode_tiling`'s choice.
     """
     bsz, nq, hd = q.shape
     nkv, tpp = layout.num_kv_heads, layout.tokens_per_page
     pk = kv_pages.shape[1]
-    bkv = block_kv or max(64, tpp)
+    # 128-token steps in two stages beat 64 in four at every shape swept on the H100.
+    bkv = block_kv or max(128, tpp)
+    num_stages = num_stages or (2 if bkv >= 128 else 4)
     g = nq // nkv
     rows_q = -(-g // 8) * 8
     why = _decode_unsupported(layout, layer.dtype, bkv)
@@ -238,12 +259,15 @@ def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, length
                                                    sliding_window)
     if interpret is None:
         interpret = default_interpret()
-    hpb = heads_per_block(nkv, rows_q, max_heads_per_block)
-    groups = nkv // hpb
     max_steps = -(-pk * tpp // bkv)
-    if num_splits is None:
-        # Enough blocks to fill the GPU twice over, never more splits than steps.
-        num_splits = max(1, min(max_steps, -(-264 // (bsz * groups))))
+    hpb, splits = decode_tiling(bsz, nkv, rows_q, max_steps)
+    if heads_per_block:
+        if nkv % heads_per_block or heads_per_block * rows_q > 64:
+            raise ValueError(f"heads_per_block {heads_per_block}: must divide {nkv} KV heads "
+                             f"and stack at most 64 query rows ({rows_q} each)")
+        hpb = heads_per_block
+    num_splits = num_splits or splits
+    groups = nkv // hpb
     dt = layer.dtype
     # Fold the softmax scale and log2(e) into q; pad each KV head's G query rows to 8.
     qs = (q.astype(jnp.float32) * (hd ** -0.5 * _LOG2E)).astype(dt).reshape(bsz, nkv, g, hd)

@@ -336,18 +336,33 @@ def check_decode(layout, args, window=None, **kw):
 
 
 @pytest.mark.parametrize("nkv,g,window,splits,heads", [
-    (2, 1, None, 1, None), (2, 3, None, 2, None), (2, 4, 40, 3, None),
+    (2, 1, None, 1, 2), (2, 3, None, 2, 2), (2, 4, 40, 3, 2),
     (4, 1, None, 2, 2),       # two groups of two KV heads per request
-    (2, 9, None, 1, None),    # 16 query rows per KV head
-    (2, 1, None, 2, 1)])      # one KV head per block
+    (2, 9, None, 1, 2),       # 16 query rows per KV head
+    (2, 1, None, 2, 1),       # one KV head per block
+    (2, 4, None, None, None)])  # the default tiling
 def test_decode_attention_matches_reference(nkv, g, window, splits, heads):
     rng = np.random.default_rng()
     # KV heads of 64, page rows of 128 * nkv: 8 tokens per page, 64-token steps of 8 pages.
     layout, args = attn_case(rng, nkv=nkv, g=g, hd=64, page_size=8, row_width=128 * nkv,
                              batch=3, pages_per_req=20,
                              lengths=[1, 64, int(rng.integers(65, 161))])
-    check_decode(layout, args, window, block_kv=64, num_splits=splits,
-                 max_heads_per_block=heads)
+    check_decode(layout, args, window, block_kv=None if heads is None else 64,
+                 num_splits=splits, heads_per_block=heads)
+
+
+@pytest.mark.parametrize("bsz,nkv,rows_q,steps", [
+    (1, 32, 8, 32), (16, 32, 8, 32), (32, 32, 8, 4), (256, 32, 8, 2), (1, 8, 8, 32),
+    (8, 8, 8, 64), (64, 8, 8, 32), (3, 2, 16, 3), (1, 4, 64, 1), (2, 6, 8, 100)])
+def test_decode_tiling_fills_the_gpu(bsz, nkv, rows_q, steps):
+    """Heads per block divide n_kv and fit 64 query rows; splits never exceed the steps;
+    the blocks reach the target unless even one head and one step per block cannot."""
+    hpb, splits = paged_attention_mgpu.decode_tiling(bsz, nkv, rows_q, steps)
+    assert nkv % hpb == 0 and hpb * rows_q <= 64 and 1 <= splits <= steps
+    blocks = bsz * (nkv // hpb) * splits
+    assert blocks >= min(paged_attention_mgpu.TARGET_BLOCKS, bsz * nkv * steps)
+    if splits > 1:
+        assert hpb == 1       # heads are split before the context
 
 
 # --- on the GPU, at model shapes ------------------------------------------------------
