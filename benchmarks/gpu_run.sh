@@ -7,6 +7,7 @@
 #                                      # the e2e step with the Pallas backends (4 layers, then 32)
 #   bash benchmarks/gpu_run.sh tests   # every `gpu` test (kernels, prefill attention, steps)
 #   bash benchmarks/gpu_run.sh kernels # benchmarks/kernels.py, all families
+#   bash benchmarks/gpu_run.sh tune    # benchmarks/tune_decode_attention.py (tiling sweep)
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -42,5 +43,8 @@ case "$1" in
   kernels)
     python3 benchmarks/kernels.py --budget-s "${BUDGET_S:-520}" ${ONLY:+--only "$ONLY"} \
       --out "$OUTDIR/kernels.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -90 ;;
-  *) echo "usage: $0 e2e|serve|pallas|tests|kernels" >&2; exit 2 ;;
+  tune)
+    python3 benchmarks/tune_decode_attention.py --budget-s "${BUDGET_S:-480}" --out "$OUTDIR" \
+      2>&1 | grep "^|" ;;
+  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune" >&2; exit 2 ;;
 esac

@@ -98,3 +98,19 @@ def test_quick_run_covers_every_family(tmp_path):
     modules = {r["params"].get("module") for r in rows}
     assert {"q", "o", "v", "gate", "down"} <= modules
     assert {r["phase"] for r in rows if r["name"] == "lora_shrink"} == {"decode", "prefill"}
+
+
+def test_tune_decode_attention_quick(tmp_path):
+    """The decode-attention tiling sweep runs end to end (interpreted), writes its JSON and
+    table, and every configuration it times computes the same attention as the default."""
+    tune = _load("tune_decode_attention")
+    tune.main(["--quick", "--out", str(tmp_path)])
+    out = json.load(open(tmp_path / f"tune_decode_attention_{jax.default_backend()}.json"))
+    rows = out["rows"]
+    assert rows[0]["config"] == "default" and len(rows) >= 3
+    assert {"device", "jax", "commit", "command", "copy_GBps"} <= set(out["meta"])
+    assert any(r["config"] != "default" and r["config"].get("heads_per_block") == 1
+               for r in rows)
+    for r in rows:
+        assert r["us"] > 0 and r["max_diff_vs_default"] < 2e-2
+    assert (tmp_path / f"tune_decode_attention_{jax.default_backend()}.md").exists()
