@@ -148,7 +148,7 @@ def lora_apply_modules(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales,
     of each: at decode the launches, not the bytes, are most of the LoRA cost.
     """
     n_mod = len(out_features)
-    if resolve_backend(backend) != "pallas" or n_mod == 1:
+    if resolve_backend(backend) != "pallas":
         return tuple(lora_apply(x, rows, slot_pages, a_offsets[:, j], b_offsets[:, j],
                                 ranks[:, j], scales[:, j], token_slot, max_rank=max_rank,
                                 out_features=out_features[j], page_size=page_size,

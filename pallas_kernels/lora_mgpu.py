@@ -288,8 +288,8 @@ def lora_shrink_multi(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
                       interpret=None) -> jax.Array:
     """The shrinks of M modules that read the same x (q/k/v; gate/up) in one launch.
 
-    a_offsets, ranks: [S, M]. Returns [M, T, max_rank] float32: module m's rank rows
-    are rows m·ceil(max_rank/8)·8 on of each work item's wgmma tile, so the M
+    a_offsets, ranks: [S, M]. Returns [M, T, max_rank] float32. Module m's rank rows
+    start at row m·ceil(max_rank/8)·8 of each work item's wgmma tile, so the M
     matrices cost one pass over x and one launch. `plan`, if given, is
     `plan_batch(token_slot, S, block_tokens)` for the same block_tokens.
     """

@@ -10,8 +10,8 @@ n_kv query heads that share a KV head are rows of one wgmma, so each K/V byte
 is read once for all of them (GQA); the query rows of several KV heads (padded
 to 8 each) are stacked to fill the wgmma's 64 rows (the H100 has no narrower
 one), and the block runs one pipelined loop over (head, KV step), keeping only
-the current head's rows at each step. Each step takes `block_kv` tokens = `block_kv / tokens_per_page` pages, one TMA
-copy per page for K and one for V (the H100 has no TMA gather), pipelined
+the current head's rows at each step. Each step takes `block_kv` tokens =
+`block_kv / tokens_per_page` pages, one TMA copy per page for K and one for V (the H100 has no TMA gather), pipelined
 `num_stages` deep; the softmax is the online (flash) form in float32 with
 exp2. With `num_splits > 1` the context is split across blocks and XLA merges
 the partial results by their log-sum-exp (flash-decoding), which keeps the
@@ -209,24 +209,27 @@ def _decode_call(qs, kv, kv_pages, lengths, *, bsz, nkv, block_kv, tpp, num_stag
 TARGET_BLOCKS = 128     # about one block per SM (132 on the H100): see `decode_tiling`
 
 
-def heads_per_block(nkv: int, rows_q: int, cap: int | None = None) -> int:
-    """Most KV heads one block can serve: their query rows stacked fill the 64 rows of
-    a wgmma (the H100's narrowest), so small G (MHA: 1) costs no more tensor-core work
-    per head and each block runs a long pipelined loop instead of a short one."""
-    most = min(64 // rows_q, cap or nkv)
-    return max(d for d in range(1, most + 1) if nkv % d == 0)
+def decode_tiling(bsz: int, nkv: int, rows_q: int, max_steps: int,
+                  heads_per_block: int | None = None) -> tuple[int, int]:
+    """(KV heads per block, context splits) for ~TARGET_BLOCKS blocks.
 
-
-def decode_tiling(bsz: int, nkv: int, rows_q: int, max_steps: int) -> tuple[int, int]:
-    """(KV heads per block, context splits): the most heads per block that still gives
-    TARGET_BLOCKS blocks, then context splits only if one head per block is not enough.
+    A block's KV heads have their query rows stacked in the 64 rows of one wgmma (the
+    H100's narrowest), so small G (MHA: 1) costs no more tensor-core work per head and
+    the block runs one long pipelined loop. Default: the most heads (a divisor of n_kv
+    whose rows fit 64) that still give TARGET_BLOCKS blocks, then context splits only
+    if one head per block is not enough; `heads_per_block` fixes the heads instead.
     From `benchmarks/tune_decode_attention.py` on the H100
     (`results/tune_decode_attention_h100_4acad05.md`): long blocks beat many short ones,
     and heads beat splits, which cost a merge (Llama-7B B=1 ctx 4096: 1 head x 4 splits
     29.8 us, 8 heads x 32 splits 36.3 us, both 128 blocks)."""
-    hpb = heads_per_block(nkv, rows_q)
-    while hpb > 1 and bsz * (nkv // hpb) < TARGET_BLOCKS:
-        hpb = max(d for d in range(1, hpb) if nkv % d == 0)
+    fits = [d for d in range(1, min(nkv, 64 // rows_q) + 1) if nkv % d == 0]
+    if heads_per_block:
+        if heads_per_block not in fits:
+            raise ValueError(f"heads_per_block {heads_per_block}: must divide {nkv} KV heads "
+                             f"and stack at most 64 query rows ({rows_q} each)")
+        hpb = heads_per_block
+    else:
+        hpb = max([d for d in fits if bsz * (nkv // d) >= TARGET_BLOCKS] or [1])
     splits = max(1, min(max_steps, -(-TARGET_BLOCKS // (bsz * (nkv // hpb)))))
     return hpb, splits
 
@@ -260,12 +263,7 @@ def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, length
     if interpret is None:
         interpret = default_interpret()
     max_steps = -(-pk * tpp // bkv)
-    hpb, splits = decode_tiling(bsz, nkv, rows_q, max_steps)
-    if heads_per_block:
-        if nkv % heads_per_block or heads_per_block * rows_q > 64:
-            raise ValueError(f"heads_per_block {heads_per_block}: must divide {nkv} KV heads "
-                             f"and stack at most 64 query rows ({rows_q} each)")
-        hpb = heads_per_block
+    hpb, splits = decode_tiling(bsz, nkv, rows_q, max_steps, heads_per_block)
     num_splits = num_splits or splits
     groups = nkv // hpb
     dt = layer.dtype

@@ -365,6 +365,14 @@ def test_decode_tiling_fills_the_gpu(bsz, nkv, rows_q, steps):
         assert hpb == 1       # heads are split before the context
 
 
+def test_decode_tiling_refuses_bad_heads_per_block():
+    with pytest.raises(ValueError, match="heads_per_block 3: must divide 8 KV heads"):
+        paged_attention_mgpu.decode_tiling(4, 8, 8, 16, heads_per_block=3)
+    with pytest.raises(ValueError, match="at most 64 query rows"):
+        paged_attention_mgpu.decode_tiling(4, 8, 16, 16, heads_per_block=8)
+    assert paged_attention_mgpu.decode_tiling(4, 8, 16, 16, heads_per_block=4)[0] == 4
+
+
 # --- on the GPU, at model shapes ------------------------------------------------------
 
 @pytest.mark.gpu
