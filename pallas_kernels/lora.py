@@ -146,6 +146,7 @@ def lora_apply_modules(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales,
     [T, out_m] float32, each `lora_apply` of its module. The Pallas backend runs one
     shrink launch for all M and one expand launch per distinct width, instead of M
     of each: at decode the launches, not the bytes, are most of the LoRA cost.
+    `plan` (Pallas only): the token plan or `lora_mgpu.make_group_plan` of this group.
     """
     n_mod = len(out_features)
     if resolve_backend(backend) != "pallas":
@@ -154,15 +155,7 @@ def lora_apply_modules(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales,
                                 out_features=out_features[j], page_size=page_size,
                                 backend=backend, plan=plan) for j in range(n_mod))
     from pallas_kernels import lora_mgpu
-    xa = lora_mgpu.lora_shrink_multi(x, rows, slot_pages, a_offsets, ranks, token_slot,
-                                     max_rank=max_rank, page_size=page_size, plan=plan)
-    outs = [None] * n_mod
-    for width in dict.fromkeys(out_features):               # each distinct width, in order
-        js = [j for j in range(n_mod) if out_features[j] == width]
-        y = lora_mgpu.lora_expand_multi(xa[jnp.asarray(js)], rows, slot_pages,
-                                        b_offsets[:, js], ranks[:, js], scales[:, js],
-                                        token_slot, out_features=width, page_size=page_size,
-                                        plan=plan)
-        for n, j in enumerate(js):
-            outs[j] = y[:, n * width:(n + 1) * width]
-    return tuple(outs)
+    return lora_mgpu.lora_apply_multi(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales,
+                                      token_slot, max_rank=max_rank,
+                                      out_features=tuple(out_features), page_size=page_size,
+                                      plan=plan)

@@ -1,47 +1,51 @@
 """Heterogeneous-batch LoRA (S-LoRA's MBGMV/MBGMM) as Pallas Mosaic GPU kernels.
 
-The kernels behind `pallas_kernels.lora.lora_shrink/lora_expand` when
-`backend="pallas"`: the contract of `lora_shrink_reference` and
-`lora_expand_reference`, computed straight from the adapters' pool pages.
+The kernels behind `pallas_kernels.lora` when `backend="pallas"`: the contract
+of `lora_shrink_reference` and `lora_expand_reference`, computed straight from
+the adapters' pool pages.
 
-The batch plan (XLA, small int arrays, `plan_batch`): tokens are sorted by
-adapter slot, the sorted token array is cut into aligned tiles of
-`block_tokens`, and one *work item* is one (token tile, slot) pair for every
-slot with tokens in that tile (as ragged_dot maps groups to blocks). A slot
-whose tokens fit in one tile has its rows read once, whatever the batch; each
-slot's rows are read only up to its own rank. The plan depends on token_slot
-alone, so inside a jitted step XLA computes it once for every module and layer.
+The token plan (XLA, small int arrays, `plan_batch`): tokens are sorted by
+adapter slot and the sorted array is cut into aligned tiles of `block_tokens`
+(8 at decode); one *item* is one (token tile, slot) pair for every slot with
+tokens in that tile (as ragged_dot maps groups to blocks).
 
-Rows move by TMA in groups of 8 rank rows (one row-tile of a wgmma operand),
-read in the view of the pool in which the matrix's rank rows are rows
-(`slora_jax.pool.matrix_form`): `[*, W]` for a flat matrix whose width W
-divides H, `[*, C]` for a chunked one (an MLP matrix, C = gcd(W, H)), where
-each column chunk is its own run of rank rows. `PoolLayout.adapter_offsets`
-starts every matrix 8-aligned in that view (and pads a chunk's rank rows to
-8), so a slot of rank r reads exactly ceil(r/8) groups per chunk. This needs
-`page_size * H / C % 8 == 0`, so that a group never straddles a page. Copies of
-groups past the rank are skipped (their row index points past the pool, where
-TMA would fill zeros without reading memory).
+Rows move by TMA in *groups* of 8 rank rows, read in the view of the pool in
+which the matrix's rank rows are rows (`slora_jax.pool.matrix_form`: `[*, W]`
+for a flat matrix whose width W divides H, `[*, C]` for a chunked one, C =
+gcd(W, H), where each column chunk is its own run of rank rows).
+`PoolLayout.adapter_offsets` starts every matrix 8-aligned in that view, so a
+slot of rank r owns exactly ceil(r/8) groups per module and chunk. This needs
+`page_size * H / C % 8 == 0`, so that a group never straddles a page.
 
-Shrink (x·A): work item (w, k-split) computes acc[stream rows, tokens] =
-A_rows[:, k] · x_tile[:, k]^T over its share of K = in; XLA sums the splits and
-picks each token's column from its slot's first rank row on.
-Expand ((xa)·B): work item (w, n-split) computes out^T[n, tokens] = B_rows^T ·
-xs_tile^T, where xs is xa scaled and shifted by XLA so that its column j
-multiplies the j-th row of the slot's first group; the result is transposed
-through SMEM and each token's row is stored by its own TMA copy, so there is
-no un-sorting pass. Tokens are the wgmma N side (8 at decode): the M=64 minimum
-falls on the rank rows (shrink) and the output features (expand), not on the
-tokens.
+*Packing* (`GroupPlan`): the groups of all items of a token tile are laid end to
+end and cut into *chunks* of 8 groups, the 64 rows of one wgmma operand, so a
+rank-16 slot fills a quarter of a chunk instead of padding its rows to 64, and
+the bytes a block moves are rank rows of the batch, not padding:
+
+- shrink (x·A), one launch for the M modules that read the same x (q/k/v,
+  gate/up): a chunk computes out[64 rows, tile tokens] = rows · x_tile^T over
+  its share of K = in (grid: tile x chunk lane x K split); each token later
+  takes its own slot's rows from its own column. XLA sums the K splits.
+- expand ((xa)·B), one launch per output width: a tile's chunks are the K of
+  one product, out^T[n, tokens] = B_chunks^T · xs^T, where xs is the
+  block-diagonal [tokens, 64] slice of scale·xa that gives each token only its
+  own slot's rows (zeros elsewhere). A tile's output rows are finished in the
+  block and stored, in sorted order, by one TMA copy per N step; XLA un-sorts
+  them where it adds them to the base output.
+
+Between the two, one XLA gather turns the shrink's chunks into the expand's xs
+(`lora_apply_multi`), so a module group costs two launches and two small XLA
+fusions per layer; the plan itself (sort, packing, pool row of every group)
+depends on the step's slots only and is built once for all layers.
 
 Widths the kernels serve: any W with C % 64 == 0 (C = W for a flat matrix,
-gcd(W, H) for a chunked one), on both sides: q/o (W = H), k/v (W = kv_size),
-gate/up B and the down A^T (W = F). Others (and pool dtypes other than bf16/f16)
-use the reference and say so once in the log.
+gcd(W, H) for a chunked one), on both sides. Others (and pool dtypes other
+than bf16/f16) use the reference and say so once in the log.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -58,11 +62,13 @@ from slora_jax.pool import matrix_form
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
-GROUP = 8               # stream rows per TMA copy: one 8-row tile of a wgmma operand
+GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma operand
+CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
+ROWS = GROUP * CHUNK
 TARGET_BLOCKS = 4 * 132  # split work until about this many blocks (4 per H100 SM)
 STAGE_BYTES = 40 << 10   # SMEM per pipeline stage we aim for
 SMEM_BYTES = 110 << 10   # SMEM per block for the stages: two blocks fit on an SM
-MAX_BLOCK_TOKENS = 32    # tokens per work item at most: 32 beat 64 and 128 in the Llama-7B e2e step
+MAX_BLOCK_TOKENS = 32    # tokens per tile at most: 32 beat 64 and 128 in the Llama-7B e2e step
 
 
 def _fallback(what: str) -> None:
@@ -79,14 +85,12 @@ def _copy_if(predicate: bool, cond) -> dict:
     return {"predicate": cond} if predicate else {}
 
 
-def _splits(items: int, max_splits: int) -> int:
-    """Splits of K (shrink) or N (expand) per item: enough blocks to fill the GPU,
-    a divisor of `max_splits` (the number of chunks)."""
-    want = -(-TARGET_BLOCKS // items)
-    return max(d for d in range(1, max_splits + 1) if max_splits % d == 0 and d <= max(want, 1))
+def _divisor_at_most(n: int, want: int) -> int:
+    """The largest divisor of n that is <= max(want, 1)."""
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(want, 1))
 
 
-# --- the batch plan (XLA) --------------------------------------------------------
+# --- the token plan (XLA) ----------------------------------------------------------
 
 def pick_block_tokens(num_tokens: int, num_slots: int) -> int:
     """Tokens per work item: 8 at decode (one token per request), up to MAX_BLOCK_TOKENS when
@@ -167,63 +171,171 @@ def _group_rows(slot_pages, offset, rank, item_slot, *, num_groups, chunks, per,
     return jnp.where(live, page * ps + srow % ps, num_rows).astype(jnp.int32)
 
 
-def _pad_rows(idx: jax.Array, multiple: int) -> jax.Array:
-    """Pad a row-index vector to a multiple of `multiple` (a TMA tile of rows)."""
-    n = idx.shape[0]
-    return jnp.pad(idx, (0, _round_up(n, multiple) - n))
+# --- packing (XLA, once per step and module group) ---------------------------------
 
+def _pack(plan: dict, ranks: jax.Array, num_tiles: int):
+    """Lay each tile's groups end to end: item w's module-m groups are the packed
+    groups pos[w, m] .. pos[w, m] + groups[w, m] - 1, and tile t owns chunks
+    starts[t] .. starts[t + 1] - 1. ranks: [S, M]. Items come in tile order."""
+    s = ranks.shape[0]
+    slot = plan["item_slot"]
+    valid = (plan["item_hi"] > plan["item_lo"]) & (slot < s)
+    r = jnp.where(valid[:, None], ranks[jnp.minimum(slot, s - 1)], 0)
+    groups = ((r + GROUP - 1) // GROUP).astype(jnp.int32)                    # [W, M]
+    per_item = groups.sum(1)
+    tile = plan["item_tile"]
+    per_tile = jnp.zeros((num_tiles,), jnp.int32).at[tile].add(per_item)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                              jnp.cumsum((per_tile + CHUNK - 1) // CHUNK, dtype=jnp.int32)])
+    before_item = jnp.cumsum(per_item, dtype=jnp.int32) - per_item
+    before_tile = jnp.cumsum(per_tile, dtype=jnp.int32) - per_tile
+    first = starts[tile] * CHUNK + before_item - before_tile[tile]
+    pos = first[:, None] + jnp.cumsum(groups, axis=1, dtype=jnp.int32) - groups
+    return starts, pos, groups
+
+
+def _chunks_bound(num_items: int, num_mod: int, max_groups: int, num_tiles: int) -> int:
+    """Static bound on the chunks of a packing: sum over tiles of ceil(groups / 8)."""
+    return (num_items * num_mod * max_groups + (CHUNK - 1) * num_tiles) // CHUNK + 1
+
+
+def _packed_rows(slot_pages, offsets, ranks, plan, pos, groups, *, bound, chunks, per,
+                 page_size, num_rows, max_groups):
+    """Pool row (width-C view) of every packed group, per column chunk:
+    [bound * 8, chunks]; `num_rows` (past the pool) where no group is packed."""
+    rows = jnp.stack([_group_rows(slot_pages, offsets[:, j], ranks[:, j], plan["item_slot"],
+                                  num_groups=max_groups, chunks=chunks, per=per,
+                                  page_size=page_size, num_rows=num_rows)
+                      for j in range(offsets.shape[1])], axis=1)     # [W, M, chunks, G]
+    g = jnp.arange(max_groups, dtype=jnp.int32)
+    idx = jnp.where(g < groups[:, :, None], pos[:, :, None] + g, bound * CHUNK)
+    out = jnp.full((bound * CHUNK, chunks), num_rows, jnp.int32)
+    return out.at[idx.reshape(-1)].set(rows.transpose(0, 1, 3, 2).reshape(-1, chunks),
+                                       mode="drop")
+
+
+@dataclasses.dataclass
+class GroupPlan:
+    """Everything the kernels of one module group need that does not depend on the
+    layer: built once per step (`group_plan`) and used by every layer."""
+    t: int                      # tokens
+    bt: int                     # tokens per tile
+    num_tiles: int
+    num_slots: int
+    max_rank: int
+    k_in: int                   # shrink input width
+    widths: tuple               # output width of each module
+    plan: dict                  # the token plan (`plan_batch`)
+    ranks: jax.Array            # [S, M]
+    scales: jax.Array           # [S, M]
+    s_bound: int                # shrink chunks, static bound
+    s_starts: jax.Array         # [NT + 1]
+    s_pos: jax.Array            # [W, M]
+    s_rows: jax.Array           # [s_bound * 8, chunks_a]
+    e_bound: int                # expand chunks per module, static bound
+    e_starts: jax.Array         # [M, NT + 1]
+    e_rows: tuple               # per module: [e_bound * 8, chunks_b]
+    e_item: jax.Array           # [M, e_bound * 8] item of each packed group (-1: none)
+    e_group: jax.Array          # [M, e_bound * 8] its group within the item's module
+
+
+def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t, k_in,
+               widths, h, page_size, max_rank, block_tokens, num_rows) -> GroupPlan:
+    """The packing of one module group (see the module docstring). a_offsets,
+    b_offsets, ranks, scales: [S, M]; widths: M output widths; num_rows: pool rows."""
+    s, n_mod = ranks.shape
+    bt = block_tokens
+    nt = -(-t // bt)
+    w_max = plan["item_tile"].shape[0]
+    gmax = -(-max_rank // GROUP)
+    s_bound, s_starts, s_pos, s_rows = 0, None, None, None
+    if k_in is not None:
+        ca, chunks_a = matrix_form(k_in, h)
+        s_bound = _chunks_bound(w_max, n_mod, gmax, nt)
+        s_starts, s_pos, s_groups = _pack(plan, ranks, nt)
+        s_rows = _packed_rows(slot_pages, a_offsets, ranks, plan, s_pos, s_groups,
+                              bound=s_bound, chunks=chunks_a, per=h // ca, page_size=page_size,
+                              num_rows=num_rows * (h // ca), max_groups=gmax)
+    e_bound = _chunks_bound(w_max, 1, gmax, nt)
+    e_starts, e_rows, e_item, e_group = [], [], [], []
+    g = jnp.arange(gmax, dtype=jnp.int32)
+    w_ids = jnp.broadcast_to(jnp.arange(w_max, dtype=jnp.int32)[:, None], (w_max, gmax))
+    for j, width in enumerate(widths):
+        cb, chunks_b = matrix_form(width, h)
+        st, pos, grp = _pack(plan, ranks[:, j:j + 1], nt)
+        e_starts.append(st)
+        e_rows.append(_packed_rows(slot_pages, b_offsets[:, j:j + 1], ranks[:, j:j + 1], plan,
+                                   pos, grp, bound=e_bound, chunks=chunks_b, per=h // cb,
+                                   page_size=page_size, num_rows=num_rows * (h // cb),
+                                   max_groups=gmax))
+        idx = jnp.where(g < grp, pos + g, e_bound * CHUNK).reshape(-1)
+        e_item.append(jnp.full((e_bound * CHUNK,), -1, jnp.int32).at[idx].set(
+            w_ids.reshape(-1), mode="drop"))
+        e_group.append(jnp.full((e_bound * CHUNK,), -1, jnp.int32).at[idx].set(
+            jnp.broadcast_to(g, (w_max, gmax)).reshape(-1), mode="drop"))
+    return GroupPlan(t=t, bt=bt, num_tiles=nt, num_slots=s, max_rank=max_rank, k_in=k_in,
+                     widths=tuple(widths), plan=plan, ranks=ranks, scales=scales,
+                     s_bound=s_bound, s_starts=s_starts, s_pos=s_pos, s_rows=s_rows,
+                     e_bound=e_bound, e_starts=jnp.stack(e_starts) if widths else None,
+                     e_rows=tuple(e_rows), e_item=jnp.stack(e_item) if widths else None,
+                     e_group=jnp.stack(e_group) if widths else None)
 
 # --- shrink kernel ------------------------------------------------------------------
 
-def _shrink_kernel(grp_ref, tile_ref, lo_ref, hi_ref, x_ref, rows_ref, out_ref, a_smem, x_smem,
-                   o_smem, bars, *, num_groups, block_tokens, block_k, num_k, num_stages,
-                   num_rows, chunk_width, predicate):
-    w = lax.axis_index("w")
+def _shrink_kernel(starts_ref, grp_ref, x_ref, rows_ref, out_ref, a_smem, x_smem, o_smem, bars,
+                   *, bt, bk, nk, stages, lanes, chunk_width, num_rows, predicate):
+    """Block (tile * lanes + lane, split): the tile's chunks lane, lane + lanes, ...,
+    each over this split's nk K steps; one pipeline runs through all of them."""
+    b = lax.axis_index("b")
     split = lax.axis_index("s")
+    tile, lane = b // lanes, lax.rem(b, lanes)
+    c0 = starts_ref[tile] + lane
+    mine = (starts_ref[tile + 1] - c0 + lanes - 1) // lanes
+    total = mine * nk
+    tok0 = pl.multiple_of(tile * bt, bt)
 
-    @pl.when(hi_ref[w] > lo_ref[w])
-    def _item():
-        tok0 = pl.multiple_of(tile_ref[w] * block_tokens, block_tokens)
-        chunked = grp_ref.shape[1] > 1
-        grp0 = [pl.multiple_of(grp_ref[w, 0, g], GROUP) for g in range(num_groups)]
-        k_base = split * (num_k * block_k)
+    def issue(step, stage):
+        j = step // nk
+        k0 = (split * nk + step - j * nk) * bk
+        ch = k0 // chunk_width
+        col = pl.multiple_of(k0 - ch * chunk_width, bk)
+        row0 = (c0 + j * lanes) * CHUNK
+        for g in range(CHUNK):
+            r = grp_ref[row0 + g, ch]
+            plgpu.copy_gmem_to_smem(
+                rows_ref.at[pl.ds(pl.multiple_of(r, GROUP), GROUP), pl.ds(col, bk)],
+                a_smem.at[stage, pl.ds(g * GROUP, GROUP)], bars.at[stage],
+                **_copy_if(predicate, r < num_rows))
+        plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(tok0, bt), pl.ds(pl.multiple_of(k0, bk), bk)],
+                                x_smem.at[stage], bars.at[stage])
 
-        def issue(ks, stage):
-            k0 = pl.multiple_of(k_base + ks * block_k, block_k)
-            if chunked:     # the chunk's own run of rank rows, at column k0 % C
-                ch = k0 // chunk_width
-                col = pl.multiple_of(k0 - ch * chunk_width, block_k)
-                grp = [pl.multiple_of(grp_ref[w, ch, g], GROUP) for g in range(num_groups)]
-            else:
-                col, grp = k0, grp0
-            for g in range(num_groups):
-                plgpu.copy_gmem_to_smem(rows_ref.at[pl.ds(grp[g], GROUP), pl.ds(col, block_k)],
-                                        a_smem.at[stage, pl.ds(g * GROUP, GROUP)],
-                                        bars.at[stage], **_copy_if(predicate, grp0[g] < num_rows))
-            plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(tok0, block_tokens), pl.ds(k0, block_k)],
-                                    x_smem.at[stage], bars.at[stage])
+    @pl.when(mine > 0)
+    def _work():
+        for s in range(stages):
+            pl.when(s < total)(functools.partial(issue, s, s))
 
-        for s in range(min(num_stages, num_k)):
-            issue(s, s)
+        @pl.loop(0, mine)
+        def _chunk(j):
+            def acc_scope(acc_ref):
+                @pl.loop(0, nk)
+                def _k(ks):
+                    step = j * nk + ks
+                    stage = lax.rem(step, stages)
+                    plgpu.barrier_wait(bars.at[stage])
+                    plgpu.wgmma(acc_ref, a_smem.at[stage], x_smem.at[stage].T)
+                    plgpu.wgmma_wait(0)
 
-        def acc_scope(acc_ref):
-            @pl.loop(0, num_k)
-            def _k_loop(ks):
-                stage = lax.rem(ks, num_stages)
-                plgpu.barrier_wait(bars.at[stage])
-                plgpu.wgmma(acc_ref, a_smem.at[stage], x_smem.at[stage].T)
-                plgpu.wgmma_wait(0)
+                    @pl.when(step + stages < total)
+                    def _refill():
+                        issue(step + stages, stage)
+                return acc_ref[...]
 
-                @pl.when(ks + num_stages < num_k)
-                def _refill():
-                    issue(ks + num_stages, stage)
-            return acc_ref[...]
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((ROWS, bt), jnp.float32))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)    # the last chunk is out
+            o_smem[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[split, c0 + j * lanes])
 
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((num_groups * GROUP, block_tokens),
-                                                 jnp.float32))
-        o_smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[split, w])
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -231,40 +343,286 @@ def _shrink_kernel(grp_ref, tile_ref, lo_ref, hi_ref, x_ref, rows_ref, out_ref, 
 # lowered once per step function, not once per layer and module: the layers are
 # a Python loop, and Mosaic GPU lowering of each call costs seconds.
 @functools.partial(jax.jit, static_argnames=(
-    "num_groups", "block_tokens", "block_k", "num_stages", "num_splits", "chunk_width",
-    "interpret"))
-def _shrink_call(group_rows, item_tile, item_lo, item_hi, x_sorted, rows_c, *, num_groups,
-                 block_tokens, block_k, num_stages, num_splits, chunk_width, interpret):
-    w_max = group_rows.shape[0]
-    num_k = x_sorted.shape[1] // (block_k * num_splits)
-    m = num_groups * GROUP
+    "bound", "bt", "bk", "stages", "splits", "lanes", "chunk_width", "interpret"))
+def _shrink_call(starts, grp, x_sorted, rows_c, *, bound, bt, bk, stages, splits, lanes,
+                 chunk_width, interpret):
+    nt = starts.shape[0] - 1
     dt = rows_c.dtype
-    body = functools.partial(_shrink_kernel, num_groups=num_groups, block_tokens=block_tokens,
-                             block_k=block_k, num_k=num_k, num_stages=num_stages,
-                             num_rows=rows_c.shape[0], chunk_width=chunk_width,
-                             predicate=not interpret)
+    body = functools.partial(_shrink_kernel, bt=bt, bk=bk, nk=x_sorted.shape[1] // (bk * splits),
+                             stages=stages, lanes=lanes, chunk_width=chunk_width,
+                             num_rows=rows_c.shape[0], predicate=not interpret)
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((num_splits, w_max, m, block_tokens), jnp.float32),
-        grid=(w_max, num_splits),
-        grid_names=("w", "s"),
+        out_type=jax.ShapeDtypeStruct((splits, bound, ROWS, bt), jnp.float32),
+        grid=(nt * lanes, splits),
+        grid_names=("b", "s"),
         kernel_name="mgpu_lora_shrink",
         scratch_types=[
-            plgpu.SMEM((num_stages, m, block_k), dt, transforms=smem_transforms(block_k, dt)),
-            plgpu.SMEM((num_stages, block_tokens, block_k), dt,
-                       transforms=smem_transforms(block_k, dt)),
-            plgpu.SMEM((m, block_tokens), jnp.float32,
-                       transforms=smem_transforms(block_tokens, jnp.float32)),
-            plgpu.Barrier(num_arrivals=num_groups + 1, num_barriers=num_stages),
+            plgpu.SMEM((stages, ROWS, bk), dt, transforms=smem_transforms(bk, dt)),
+            plgpu.SMEM((stages, bt, bk), dt, transforms=smem_transforms(bk, dt)),
+            plgpu.SMEM((ROWS, bt), jnp.float32, transforms=smem_transforms(bt, jnp.float32)),
+            plgpu.Barrier(num_arrivals=CHUNK + 1, num_barriers=stages),
         ],
         compiler_params=plgpu.CompilerParams(),
         interpret=interpret,
-    )(group_rows, item_tile, item_lo, item_hi, x_sorted, rows_c)
+    )(starts, grp, x_sorted, rows_c)
 
 
-def _num_groups(max_rank: int) -> int:
-    """8-row groups of the wgmma M (shrink) / K (expand) side: a multiple of 8 (64 rows)."""
-    return _round_up(-(-max_rank // GROUP), 8)
+# --- expand kernel ------------------------------------------------------------------
+
+def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, b_smem, xs_smem, t_smem,
+                   o_smem, bars, *, bt, bn, num_n, stages, splits, width, chunk_width):
+    """Block (tile, module * splits + split): num_n N steps of bn columns, each the
+    sum over the tile's chunks; one pipeline runs through all (N step, chunk)."""
+    tile = lax.axis_index("t")
+    mod = lax.axis_index("s") // splits
+    split = lax.rem(lax.axis_index("s"), splits)
+    c0 = starts_ref[mod, tile]
+    nch = starts_ref[mod, tile + 1] - c0
+    total = num_n * nch
+    n_base = split * (num_n * bn)
+
+    def issue(step, stage):
+        ns = step // nch
+        chunk = c0 + step - ns * nch
+        n0 = n_base + ns * bn
+        ch = n0 // chunk_width
+        col = pl.multiple_of(n0 - ch * chunk_width, bn)
+        for g in range(CHUNK):
+            # Groups past the packing read from past the pool: TMA fills zeros, which
+            # the product needs (stale SMEM may hold NaN, and NaN * 0 is NaN).
+            r = grp_ref[mod, chunk * CHUNK + g, ch]
+            plgpu.copy_gmem_to_smem(
+                rows_ref.at[pl.ds(pl.multiple_of(r, GROUP), GROUP), pl.ds(col, bn)],
+                b_smem.at[stage, pl.ds(g * GROUP, GROUP)], bars.at[stage])
+        plgpu.copy_gmem_to_smem(xs_ref.at[mod, chunk], xs_smem.at[stage], bars.at[stage])
+
+    for s in range(stages):
+        pl.when(s < total)(functools.partial(issue, s, s))
+
+    @pl.loop(0, num_n)
+    def _n(ns):
+        def acc_scope(acc_ref):
+            @pl.loop(0, nch)
+            def _k(kc):
+                step = ns * nch + kc
+                stage = lax.rem(step, stages)
+                plgpu.barrier_wait(bars.at[stage])
+                plgpu.wgmma(acc_ref, b_smem.at[stage].T, xs_smem.at[stage].T)
+                plgpu.wgmma_wait(0)
+
+                @pl.when(step + stages < total)
+                def _refill():
+                    issue(step + stages, stage)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((bn, bt), jnp.float32))   # zeros: no chunk
+        # Transpose through SMEM, [n, tok] -> [tok, n]: a token's row is contiguous.
+        t_smem[...] = acc
+        plgpu.commit_smem()
+        acc_t = plgpu.load(t_smem.T, layout=plgpu.Layout.WG_STRIDED((bt, bn), vec_size=1))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)       # the last N step is out
+        o_smem[...] = acc_t
+        plgpu.commit_smem()
+        n0 = pl.multiple_of(mod * width + n_base + ns * bn, bn)
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[pl.ds(tile * bt, bt), pl.ds(n0, bn)])
+
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "bt", "bn", "stages", "splits", "width", "chunk_width", "interpret"))
+def _expand_call(starts, grp, xs, rows_c, *, bt, bn, stages, splits, width, chunk_width,
+                 interpret):
+    n_mod, nt = starts.shape[0], starts.shape[1] - 1
+    dt = rows_c.dtype
+    body = functools.partial(_expand_kernel, bt=bt, bn=bn, num_n=width // (bn * splits),
+                             stages=stages, splits=splits, width=width,
+                             chunk_width=chunk_width)
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((nt * bt, n_mod * width), jnp.float32),
+        grid=(nt, n_mod * splits),
+        grid_names=("t", "s"),
+        kernel_name="mgpu_lora_expand",
+        scratch_types=[
+            plgpu.SMEM((stages, ROWS, bn), dt, transforms=smem_transforms(bn, dt)),
+            plgpu.SMEM((stages, bt, ROWS), dt, transforms=smem_transforms(ROWS, dt)),
+            plgpu.SMEM((bn, bt), jnp.float32),
+            plgpu.SMEM((bt, bn), jnp.float32),
+            plgpu.Barrier(num_arrivals=CHUNK + 1, num_barriers=stages),
+        ],
+        compiler_params=plgpu.CompilerParams(),
+        interpret=interpret,
+    )(starts, grp, xs, rows_c)
+
+# --- launches and the XLA between them ----------------------------------------------
+
+def _block_k(c: int, bt: int) -> int:
+    return next((b for b in (256, 128, 64) if (ROWS + bt) * b * 2 <= STAGE_BYTES and c % b == 0),
+                64)
+
+
+def _block_n(c: int, width: int, bt: int) -> int:
+    return next((b for b in (256, 128, 64) if b <= min(width, 16384 // bt) and c % b == 0), 64)
+
+
+def _unsupported(width, h, c, page_size, block, dtype) -> str | None:
+    if width > h and c == width:
+        return "width is a multiple of the row width H (rank rows span pool rows)"
+    if c % 64:
+        return f"column chunk {c} (gcd of the width and H) is not a multiple of 64"
+    if c % block or block % 64:
+        return f"column chunk {c} is not a multiple of the block {block} (a multiple of 64)"
+    if (page_size * (h // c)) % GROUP:
+        return f"page_size {page_size} rows do not hold a multiple of {GROUP} rank rows"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"pool dtype {jnp.dtype(dtype)} is not 16-bit"
+    return None
+
+
+def _why_not(k_in, widths, h, page_size, dtype, bt, block_k=None, block_n=None) -> str | None:
+    """Why the kernels cannot serve this module group (None: they can)."""
+    if k_in is not None:
+        c, _ = matrix_form(k_in, h)
+        why = _unsupported(k_in, h, c, page_size, block_k or _block_k(c, bt), dtype)
+        if why:
+            return f"shrink in={k_in}, H={h}: {why}"
+    for w in widths:
+        c, _ = matrix_form(w, h)
+        why = _unsupported(w, h, c, page_size, block_n or _block_n(c, w, bt), dtype)
+        if why:
+            return f"expand out={w}, H={h}: {why}"
+    return None
+
+
+def _shrink_launch(gp: GroupPlan, x, rows, *, block_k=None, num_stages=None, num_splits=None,
+                   interpret=None):
+    """The shrink kernel over the plan's packing: [splits, s_bound, 64, bt] float32."""
+    t, k = x.shape
+    n_rows, h = rows.shape
+    c, _ = matrix_form(k, h)
+    bt, nt = gp.bt, gp.num_tiles
+    bk = block_k or _block_k(c, bt)
+    splits = num_splits or _divisor_at_most(k // bk, -(-TARGET_BLOCKS // nt))
+    per_tile = -(-min(bt, gp.num_slots + 1) * gp.ranks.shape[1] * (-(-gp.max_rank // GROUP))
+                 // CHUNK)
+    lanes = max(1, min(-(-TARGET_BLOCKS // (nt * splits)), per_tile))
+    stage = (ROWS + bt) * bk * 2
+    stages = num_stages or max(2, min(4, (SMEM_BYTES - ROWS * bt * 4) // stage))
+    order = jnp.pad(gp.plan["order"], (0, nt * bt - t))
+    return _shrink_call(gp.s_starts, gp.s_rows, x.astype(rows.dtype)[order],
+                        rows.reshape(n_rows * (h // c), c), bound=gp.s_bound, bt=bt, bk=bk,
+                        stages=stages, splits=splits, lanes=lanes, chunk_width=c,
+                        interpret=default_interpret() if interpret is None else interpret)
+
+
+def _expand_launch(gp: GroupPlan, xs, rows, mods: list[int], width: int, *, block_n=None,
+                   num_stages=None, num_splits=None, interpret=None):
+    """The expand kernel for modules `mods` (one width): [T, len(mods) * width] float32,
+    in token order."""
+    n_rows, h = rows.shape
+    c, _ = matrix_form(width, h)
+    bt, nt = gp.bt, gp.num_tiles
+    bn = block_n or _block_n(c, width, bt)
+    splits = num_splits or _divisor_at_most(width // bn, -(-TARGET_BLOCKS // (nt * len(mods))))
+    stage = (ROWS * bn + bt * ROWS) * 2
+    stages = num_stages or max(2, min(4, (SMEM_BYTES - 2 * bn * bt * 4) // stage))
+    grp = jnp.stack([gp.e_rows[j] for j in mods])
+    out = _expand_call(gp.e_starts[jnp.asarray(mods)], grp, xs,
+                       rows.reshape(n_rows * (h // c), c), bt=bt, bn=bn, stages=stages,
+                       splits=splits, width=width, chunk_width=c,
+                       interpret=default_interpret() if interpret is None else interpret)
+    return out[gp.plan["where"]]
+
+
+def _xs_layout(gp: GroupPlan, vals, mods: list[int], dtype):
+    """[Mg, e_bound * 8, 8, bt] values of each packed group's rank rows x tile tokens ->
+    the expand's xs [Mg, e_bound, bt, 64]: scaled, zero outside the group's own tokens
+    and past its slot's rank."""
+    plan, s, bt = gp.plan, gp.num_slots, gp.bt
+    m = jnp.asarray(mods)
+    item, grp = gp.e_item[m], gp.e_group[m]                              # [Mg, Q]
+    w = jnp.maximum(item, 0)
+    slot = jnp.minimum(plan["item_slot"][w], s - 1)
+    rank, scale = gp.ranks[slot, m[:, None]], gp.scales[slot, m[:, None]]
+    rr = jnp.arange(GROUP, dtype=jnp.int32)
+    tok = plan["item_tile"][w][..., None] * bt + jnp.arange(bt, dtype=jnp.int32)   # [Mg, Q, bt]
+    mine = (tok >= plan["item_lo"][w][..., None]) & (tok < plan["item_hi"][w][..., None])
+    live = (grp >= 0)[..., None] & (grp[..., None] * GROUP + rr < rank[..., None])  # [Mg, Q, 8]
+    keep = live[..., :, None] & mine[..., None, :]
+    xs = jnp.where(keep, vals * scale[..., None, None], 0.0).astype(dtype)
+    mg = len(mods)
+    return xs.reshape(mg, gp.e_bound, CHUNK, GROUP, bt).transpose(0, 1, 4, 2, 3).reshape(
+        mg, gp.e_bound, bt, ROWS)
+
+
+def _xs_from_shrink(gp: GroupPlan, out_s, mods: list[int], dtype):
+    """The expand's xs straight from the shrink kernel's chunks (sum of the K splits)."""
+    splits = out_s.shape[0]
+    og = out_s.reshape(splits, gp.s_bound * CHUNK, GROUP, gp.bt)
+    m = jnp.asarray(mods)
+    item, grp = gp.e_item[m], gp.e_group[m]
+    src = gp.s_pos[jnp.maximum(item, 0), m[:, None]] + jnp.maximum(grp, 0)      # [Mg, Q]
+    return _xs_layout(gp, og[:, src].sum(0), mods, dtype)
+
+
+def _xs_from_xa(gp: GroupPlan, xa, mods: list[int], dtype):
+    """The expand's xs from xa [Mg, T, R] (module j of xa is module mods[j])."""
+    plan, bt = gp.plan, gp.bt
+    m = jnp.asarray(mods)
+    item, grp = gp.e_item[m], gp.e_group[m]
+    w = jnp.maximum(item, 0)
+    order = jnp.pad(plan["order"], (0, gp.num_tiles * bt - gp.t))
+    tok = order[plan["item_tile"][w][..., None] * bt + jnp.arange(bt, dtype=jnp.int32)]
+    i = jnp.minimum(jnp.maximum(grp, 0)[..., None] * GROUP + jnp.arange(GROUP), xa.shape[2] - 1)
+    j = jnp.arange(len(mods))[:, None, None, None]
+    vals = xa[j, tok[..., None, :], i[..., :, None]]                     # [Mg, Q, 8, bt]
+    return _xs_layout(gp, vals, mods, dtype)
+
+
+def make_group_plan(token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, scales, *,
+                    k_in, widths, max_rank, page_size, plan=None,
+                    block_tokens=None) -> GroupPlan:
+    """`group_plan` from the step's tables; `plan` (the token plan) is reused when its
+    block_tokens is the default one. k_in None: no shrink part; widths (): no expand."""
+    t, s = token_slot.shape[0], slot_pages.shape[0]
+    bt = block_tokens or pick_block_tokens(t, s)
+    if plan is None or bt != pick_block_tokens(t, s):
+        plan = plan_batch(token_slot, s, bt)
+    return group_plan(plan, slot_pages, a_offsets, b_offsets, ranks, scales, t=t, k_in=k_in,
+                      widths=widths, h=rows.shape[1], page_size=page_size, max_rank=max_rank,
+                      block_tokens=bt, num_rows=rows.shape[0])
+
+
+def lora_apply_multi(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales, token_slot, *,
+                     max_rank, out_features, page_size, plan=None, interpret=None):
+    """The LoRA terms of M modules that read the same x (`lora.lora_apply_modules`):
+    one shrink launch, one gather into the expand's packing, one expand launch per
+    distinct width. `plan`: a `GroupPlan` of this group (built once per step), or the
+    token plan, or None. Returns M arrays [T, out_m] float32."""
+    n_mod = len(out_features)
+    why = _why_not(x.shape[1], out_features, rows.shape[1], page_size, rows.dtype,
+                   plan.bt if isinstance(plan, GroupPlan) else
+                   pick_block_tokens(x.shape[0], slot_pages.shape[0]))
+    if why:
+        _fallback(why)
+        return tuple(lora_ref.lora_apply(
+            x, rows, slot_pages, a_offsets[:, j], b_offsets[:, j], ranks[:, j], scales[:, j],
+            token_slot, max_rank=max_rank, out_features=out_features[j], page_size=page_size)
+            for j in range(n_mod))
+    gp = plan if isinstance(plan, GroupPlan) else make_group_plan(
+        token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, scales, k_in=x.shape[1],
+        widths=tuple(out_features), max_rank=max_rank, page_size=page_size, plan=plan)
+    out_s = _shrink_launch(gp, x, rows, interpret=interpret)
+    outs = [None] * n_mod
+    for width in dict.fromkeys(out_features):               # each distinct width, in order
+        js = [j for j in range(n_mod) if out_features[j] == width]
+        y = _expand_launch(gp, _xs_from_shrink(gp, out_s, js, rows.dtype), rows, js, width,
+                           interpret=interpret)
+        for n, j in enumerate(js):
+            outs[j] = y[:, n * width:(n + 1) * width]
+    return tuple(outs)
 
 
 def lora_shrink(x: jax.Array, rows: jax.Array, slot_pages: jax.Array, a_offset: jax.Array,
@@ -288,194 +646,31 @@ def lora_shrink_multi(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
                       interpret=None) -> jax.Array:
     """The shrinks of M modules that read the same x (q/k/v; gate/up) in one launch.
 
-    a_offsets, ranks: [S, M]. Returns [M, T, max_rank] float32. Module m's rank rows
-    start at row m·ceil(max_rank/8)·8 of each work item's wgmma tile, so the M
-    matrices cost one pass over x and one launch. `plan`, if given, is
-    `plan_batch(token_slot, S, block_tokens)` for the same block_tokens.
+    a_offsets, ranks: [S, M]. Returns [M, T, max_rank] float32. `plan`, if given, is
+    `batch_plan(token_slot, S)`.
     """
     t, k = x.shape
-    n_rows, h = rows.shape
-    s, n_mod = a_offsets.shape
-    c, chunks = matrix_form(k, h)
+    s, n_mod = ranks.shape
     bt = block_tokens or pick_block_tokens(t, s)
-    per_mod = -(-max_rank // GROUP)                      # groups of one module
-    num_groups = _round_up(n_mod * per_mod, 8)            # wgmma M: a multiple of 64 rows
-    m = num_groups * GROUP
-    bk = block_k or next((b for b in (256, 128, 64)
-                          if (m + bt) * b * 2 <= STAGE_BYTES and c % b == 0), 64)
-    why = _unsupported(k, h, c, page_size, bk, rows.dtype)
+    why = _why_not(k, (), rows.shape[1], page_size, rows.dtype, bt, block_k=block_k)
     if why:
-        _fallback(f"shrink in={k}, H={h}: {why}")
+        _fallback(why)
         return jnp.stack([lora_ref.lora_shrink_reference(
             x, rows, slot_pages, a_offsets[:, j], ranks[:, j], token_slot, max_rank=max_rank,
             page_size=page_size) for j in range(n_mod)])
-    if interpret is None:
-        interpret = default_interpret()
-    per = h // c
-    rows_c = rows.reshape(n_rows * per, c)                  # free view: rank rows are rows
-    plan = plan if plan is not None else plan_batch(token_slot, s, bt)
-    w_max = plan["item_tile"].shape[0]
-    splits = num_splits or _splits(w_max, k // bk)
-    stages = num_stages or max(2, min(4, SMEM_BYTES // ((m + bt) * bk * 2), k // bk // splits))
-    hi = jnp.where(plan["item_slot"] < s, plan["item_hi"], plan["item_lo"])   # no-adapter: skip
-    grp = jnp.concatenate([_group_rows(
-        slot_pages, a_offsets[:, j], ranks[:, j], plan["item_slot"], num_groups=per_mod,
-        chunks=chunks, per=per, page_size=page_size, num_rows=rows_c.shape[0])
-        for j in range(n_mod)], axis=-1)
-    grp = jnp.pad(grp, ((0, 0), (0, 0), (0, num_groups - grp.shape[-1])),
-                  constant_values=rows_c.shape[0])
-    x_sorted = x.astype(rows.dtype)[_pad_rows(plan["order"], 8)]
-    out = _shrink_call(grp, plan["item_tile"], plan["item_lo"], hi, x_sorted, rows_c,
-                       num_groups=num_groups, block_tokens=bt, block_k=bk, num_stages=stages,
-                       num_splits=splits, chunk_width=c, interpret=interpret)  # [splits, W, M, bt]
-    # Each token's column, each module's rank rows from 0, summed over the splits.
-    key = plan["key"]
-    sl = jnp.minimum(key, s - 1)
-    pos = plan["where"]
-    item = plan["pos_item"][pos]
+    gp = make_group_plan(token_slot, rows, slot_pages, a_offsets, None, ranks,
+                         jnp.ones(ranks.shape, jnp.float32), k_in=k, widths=(),
+                         max_rank=max_rank, page_size=page_size, plan=plan, block_tokens=bt)
+    out_s = _shrink_launch(gp, x, rows, block_k=block_k, num_stages=num_stages,
+                           num_splits=num_splits, interpret=interpret)
+    og = out_s.reshape(out_s.shape[0], gp.s_bound * CHUNK, GROUP, bt)
+    key, pos = gp.plan["key"], gp.plan["where"]
+    w = gp.plan["pos_item"][pos]
     i = jnp.arange(max_rank, dtype=jnp.int32)
-    j = jnp.arange(n_mod, dtype=jnp.int32)
-    row = j[:, None, None] * (per_mod * GROUP) + i[None, None, :]               # [M, 1, R]
-    vals = out[:, item[None, :, None], row, (pos % bt)[None, :, None]].sum(0)   # [M, T, R]
-    keep = (key < s)[None, :, None] & (i[None, None, :] < ranks[sl].T[:, :, None])
-    return jnp.where(keep, vals, 0.0)
-
-
-def _unsupported(width, h, c, page_size, block, dtype) -> str | None:
-    if width > h and c == width:
-        return "width is a multiple of the row width H (rank rows span pool rows)"
-    if c % 64:
-        return f"column chunk {c} (gcd of the width and H) is not a multiple of 64"
-    if c % block or block % 64:
-        return f"column chunk {c} is not a multiple of the block {block} (a multiple of 64)"
-    if (page_size * (h // c)) % GROUP:
-        return f"page_size {page_size} rows do not hold a multiple of {GROUP} rank rows"
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"pool dtype {jnp.dtype(dtype)} is not 16-bit"
-    return None
-
-
-# --- expand kernel ------------------------------------------------------------------
-
-def _expand_kernel(grp_ref, tile_ref, lo_ref, hi_ref, order_ref, xs_ref, rows_ref, out_ref,
-                   xs_smem, b_smem, t_smem, o_smem, xbar, bars, *, num_groups, block_tokens,
-                   block_n, num_n, num_stages, num_rows, chunk_width, num_splits, width,
-                   predicate):
-    w = lax.axis_index("w")
-    mod = lax.axis_index("s") // num_splits      # the module (of those fused) of this block
-    split = lax.axis_index("s") % num_splits
-    lo, hi = lo_ref[w], hi_ref[w]
-
-    @pl.when(hi > lo)
-    def _item():
-        tok0 = pl.multiple_of(tile_ref[w] * block_tokens, block_tokens)
-        first = order_ref[lo]
-        whole = (hi - lo == block_tokens) & (order_ref[hi - 1] - first == block_tokens - 1)
-        chunked = grp_ref.shape[2] > 1
-        grp0 = [pl.multiple_of(grp_ref[w, mod, 0, g], GROUP) for g in range(num_groups)]
-        # K in 64-row halves; a half past the slot's last group is skipped whole. In
-        # a half in use, groups past the rank are copied from past the pool: zeros,
-        # which the wgmma needs (stale SMEM may hold NaN, and NaN * 0 is NaN).
-        half_used = [grp0[kh * 8] < num_rows for kh in range(num_groups // 8)]
-        n_base = split * (num_n * block_n)
-        plgpu.copy_gmem_to_smem(xs_ref.at[mod, pl.ds(tok0, block_tokens)], xs_smem, xbar)
-
-        def issue(ns, stage):
-            n0 = pl.multiple_of(n_base + ns * block_n, block_n)
-            if chunked:     # the chunk's own run of rank rows, at column n0 % C
-                ch = n0 // chunk_width
-                col = pl.multiple_of(n0 - ch * chunk_width, block_n)
-                grp = [pl.multiple_of(grp_ref[w, mod, ch, g], GROUP)
-                       for g in range(num_groups)]
-            else:
-                col, grp = n0, grp0
-            for g in range(num_groups):
-                plgpu.copy_gmem_to_smem(rows_ref.at[pl.ds(grp[g], GROUP), pl.ds(col, block_n)],
-                                        b_smem.at[stage, pl.ds(g * GROUP, GROUP)],
-                                        bars.at[stage], **_copy_if(predicate, half_used[g // 8]))
-
-        for s in range(min(num_stages, num_n)):
-            issue(s, s)
-        plgpu.barrier_wait(xbar)
-
-        @pl.loop(0, num_n)
-        def _n_loop(ns):
-            stage = lax.rem(ns, num_stages)
-            plgpu.barrier_wait(bars.at[stage])
-
-            def acc_scope(acc_ref):
-                for kh in range(num_groups // 8):
-                    ks = slice(kh * 64, (kh + 1) * 64)
-                    pl.when(half_used[kh])(lambda ks=ks: plgpu.wgmma(
-                        acc_ref, b_smem.at[stage, ks].T, xs_smem.at[:, ks].T))
-                plgpu.wgmma_wait(0)
-                return acc_ref[...]
-            acc = pl.run_scoped(acc_scope, plgpu.ACC((block_n, block_tokens), jnp.float32))
-
-            @pl.when(ns + num_stages < num_n)
-            def _refill():
-                issue(ns + num_stages, stage)
-
-            # Transpose through SMEM, [n, tok] -> [tok, n]: a token's row is contiguous.
-            t_smem[...] = acc
-            plgpu.commit_smem()
-            acc_t = plgpu.load(t_smem.T, layout=plgpu.Layout.WG_STRIDED(
-                (block_tokens, block_n), vec_size=1))
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last chunk's rows are out
-            o_smem[...] = acc_t
-            plgpu.commit_smem()
-            n0 = pl.multiple_of(mod * width + n_base + ns * block_n, block_n)   # out column
-
-            # A whole tile of tokens that are consecutive in the batch (a prefill
-            # segment: the sort is stable, so increasing) goes out in one copy; other
-            # items store each token's row at its place.
-            @pl.when(whole)
-            def _store_tile():
-                plgpu.copy_smem_to_gmem(o_smem, out_ref.at[pl.ds(first, block_tokens),
-                                                           pl.ds(n0, block_n)])
-
-            @pl.when(jnp.logical_not(whole))
-            def _store_rows():
-                @pl.loop(lo, hi)
-                def _store_row(p):
-                    plgpu.copy_smem_to_gmem(
-                        o_smem.at[pl.ds(p - tok0, 1)],
-                        out_ref.at[pl.ds(order_ref[p], 1), pl.ds(n0, block_n)])
-
-        plgpu.wait_smem_to_gmem(0)
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "num_tokens", "num_groups", "block_tokens", "block_n", "num_stages", "num_splits",
-    "width", "chunk_width", "interpret"))
-def _expand_call(group_rows, item_tile, item_lo, item_hi, order, xs, rows_c, *, num_tokens,
-                 num_groups, block_tokens, block_n, num_stages, num_splits, width, chunk_width,
-                 interpret):
-    w_max, n_mod = group_rows.shape[:2]
-    k = xs.shape[2]
-    num_n = width // (block_n * num_splits)
-    dt = rows_c.dtype
-    body = functools.partial(_expand_kernel, num_groups=num_groups, block_tokens=block_tokens,
-                             block_n=block_n, num_n=num_n, num_stages=num_stages,
-                             num_rows=rows_c.shape[0], chunk_width=chunk_width,
-                             num_splits=num_splits, width=width, predicate=not interpret)
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((num_tokens, n_mod * width), jnp.float32),
-        grid=(w_max, n_mod * num_splits),
-        grid_names=("w", "s"),
-        kernel_name="mgpu_lora_expand",
-        scratch_types=[
-            plgpu.SMEM((block_tokens, k), dt, transforms=smem_transforms(k, dt)),
-            plgpu.SMEM((num_stages, k, block_n), dt, transforms=smem_transforms(block_n, dt)),
-            plgpu.SMEM((block_n, block_tokens), jnp.float32),
-            plgpu.SMEM((block_tokens, block_n), jnp.float32),
-            plgpu.Barrier(num_arrivals=1),
-            plgpu.Barrier(num_arrivals=num_groups, num_barriers=num_stages),
-        ],
-        compiler_params=plgpu.CompilerParams(),
-        interpret=interpret,
-    )(group_rows, item_tile, item_lo, item_hi, order, xs, rows_c)
+    src = gp.s_pos[w][:, :, None] + i // GROUP                                 # [T, M, R]
+    vals = og[:, src, i % GROUP, (pos % bt)[:, None, None]].sum(0)
+    keep = (key < s)[:, None, None] & (i < ranks[jnp.minimum(key, s - 1)][:, :, None])
+    return jnp.where(keep, vals, 0.0).transpose(1, 0, 2)
 
 
 def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset: jax.Array,
@@ -505,44 +700,19 @@ def lora_expand_multi(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
     Returns [T, M · out_features] float32, module m in columns [m·out, (m+1)·out).
     """
     n_mod, t, max_rank = xa.shape
-    n_rows, h = rows.shape
     s = slot_pages.shape[0]
-    c, chunks = matrix_form(out_features, h)
     bt = block_tokens or pick_block_tokens(t, s)
-    # K: a multiple of 64, since a wgmma's operands must share one swizzle (128 B).
-    num_groups = _num_groups(max_rank)
-    k = num_groups * GROUP
-    want = min(out_features, 256 if k == 64 else 128, 16384 // bt)
-    bn = block_n or next((b for b in (256, 128, 64) if b <= want and c % b == 0), 64)
-    why = _unsupported(out_features, h, c, page_size, bn, rows.dtype)
+    widths = (out_features,) * n_mod
+    why = _why_not(None, widths, rows.shape[1], page_size, rows.dtype, bt, block_n=block_n)
     if why:
-        _fallback(f"expand out={out_features}, H={h}: {why}")
+        _fallback(why)
         return jnp.concatenate([lora_ref.lora_expand_reference(
             xa[j], rows, slot_pages, b_offsets[:, j], ranks[:, j], scales[:, j], token_slot,
             out_features=out_features, page_size=page_size) for j in range(n_mod)], axis=1)
-    if interpret is None:
-        interpret = default_interpret()
-    per = h // c
-    rows_c = rows.reshape(n_rows * per, c)                  # free view: rank rows are rows
-    plan = plan if plan is not None else plan_batch(token_slot, s, bt)
-    w_max = plan["item_tile"].shape[0]
-    splits = num_splits or _splits(w_max * n_mod, out_features // bn)
-    stages = num_stages or max(2, min(4, SMEM_BYTES // (k * bn * 2),
-                                      out_features // bn // splits))
-    grp = jnp.stack([_group_rows(
-        slot_pages, b_offsets[:, j], ranks[:, j], plan["item_slot"], num_groups=num_groups,
-        chunks=chunks, per=per, page_size=page_size, num_rows=rows_c.shape[0])
-        for j in range(n_mod)], axis=1)                                     # [W, M, chunks, G]
-    # xs[m, p, i] = scale * xa[m, token(p), i] below the slot's rank; tokens with no
-    # adapter get a zero row.
-    order = _pad_rows(plan["order"], 8)
-    key = jnp.where(jnp.arange(order.shape[0]) < t, plan["key"][order], s)
-    sl = jnp.minimum(key, s - 1)
-    i = jnp.arange(k, dtype=jnp.int32)[None, None, :]
-    live = (key < s)[None, :, None] & (i < ranks[sl].T[:, :, None])
-    vals = xa[:, order[:, None], jnp.minimum(i[0], max_rank - 1)] * scales[sl].T[:, :, None]
-    xs = jnp.where(live, vals, 0.0).astype(rows.dtype)                     # [M, T8, K]
-    return _expand_call(grp, plan["item_tile"], plan["item_lo"], plan["item_hi"],
-                        plan["order"], xs, rows_c, num_tokens=t, num_groups=num_groups,
-                        block_tokens=bt, block_n=bn, num_stages=stages, num_splits=splits,
-                        width=out_features, chunk_width=c, interpret=interpret)
+    gp = make_group_plan(token_slot, rows, slot_pages, None, b_offsets, ranks, scales,
+                         k_in=None, widths=widths, max_rank=max_rank, page_size=page_size,
+                         plan=plan, block_tokens=bt)
+    mods = list(range(n_mod))
+    return _expand_launch(gp, _xs_from_xa(gp, xa, mods, rows.dtype), rows, mods, out_features,
+                          block_n=block_n, num_stages=num_stages, num_splits=num_splits,
+                          interpret=interpret)

@@ -87,6 +87,7 @@ class _Lora:
     def __init__(self, lora: LoraBatch | None, token_slot: jax.Array | None, spec: StepSpec):
         self.lora, self.token_slot, self.spec = lora, token_slot, spec
         self.plan = None
+        self.group_plans: dict = {}     # Pallas: each module group's packing, built once
         if (lora is not None and lora.slot_pages.shape[0]
                 and lora_ops.resolve_backend(spec.lora_backend) == "pallas"):
             # The kernels' batch plan (tokens sorted by slot) depends on token_slot
@@ -109,12 +110,26 @@ class _Lora:
         if not live:
             return tuple(out)     # no adapter may target them
         idx = jnp.asarray([MODULES.index(modules[j]) for j in live])
+        rows = adapter_row_view(pool_layer)
+        a_off, b_off = lb.slot_offset[:, idx, 0], lb.slot_offset[:, idx, 1]
+        ranks, scales = lb.slot_rank[:, idx], lb.slot_scale[:, idx]
+        widths = tuple(lay.module_shapes[MODULES.index(modules[j])][1] for j in live)
+        plan = self.plan
+        if plan is not None:
+            # The packing depends on the step's slots, not on the layer: build it in
+            # the first layer and let every later layer reuse it.
+            from pallas_kernels import lora_mgpu
+            key = tuple(modules[j] for j in live)
+            if key not in self.group_plans:
+                self.group_plans[key] = lora_mgpu.make_group_plan(
+                    self.token_slot, rows, lb.slot_pages, a_off, b_off, ranks, scales,
+                    k_in=x.shape[1], widths=widths, max_rank=lay.max_rank,
+                    page_size=lay.page_size, plan=plan)
+            plan = self.group_plans[key]
         ys = lora_ops.lora_apply_modules(
-            x, adapter_row_view(pool_layer), lb.slot_pages, lb.slot_offset[:, idx, 0],
-            lb.slot_offset[:, idx, 1], lb.slot_rank[:, idx], lb.slot_scale[:, idx],
-            self.token_slot, max_rank=lay.max_rank,
-            out_features=tuple(lay.module_shapes[MODULES.index(modules[j])][1] for j in live),
-            page_size=lay.page_size, backend=self.spec.lora_backend, plan=self.plan)
+            x, rows, lb.slot_pages, a_off, b_off, ranks, scales, self.token_slot,
+            max_rank=lay.max_rank, out_features=widths, page_size=lay.page_size,
+            backend=self.spec.lora_backend, plan=plan)
         for j, y in zip(live, ys):
             out[j] = y
         return tuple(out)
