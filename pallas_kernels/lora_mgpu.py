@@ -214,29 +214,35 @@ def _packed_rows(slot_pages, offsets, ranks, plan, pos, groups, *, bound, chunks
                                        mode="drop")
 
 
+def _static():
+    return dataclasses.field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class GroupPlan:
     """Everything the kernels of one module group need that does not depend on the
-    layer: built once per step (`group_plan`) and used by every layer."""
-    t: int                      # tokens
-    bt: int                     # tokens per tile
-    num_tiles: int
-    num_slots: int
-    max_rank: int
-    k_in: int                   # shrink input width
-    widths: tuple               # output width of each module
-    plan: dict                  # the token plan (`plan_batch`)
-    ranks: jax.Array            # [S, M]
-    scales: jax.Array           # [S, M]
-    s_bound: int                # shrink chunks, static bound
-    s_starts: jax.Array         # [NT + 1]
-    s_pos: jax.Array            # [W, M]
-    s_rows: jax.Array           # [s_bound * 8, chunks_a]
-    e_bound: int                # expand chunks per module, static bound
-    e_starts: jax.Array         # [M, NT + 1]
-    e_rows: tuple               # per module: [e_bound * 8, chunks_b]
-    e_item: jax.Array           # [M, e_bound * 8] item of each packed group (-1: none)
-    e_group: jax.Array          # [M, e_bound * 8] its group within the item's module
+    layer: built once per step (`group_plan`) and used by every layer. A pytree: it
+    can be passed into a jitted function."""
+    t: int = _static()               # tokens
+    bt: int = _static()              # tokens per tile
+    num_tiles: int = _static()
+    num_slots: int = _static()
+    max_rank: int = _static()
+    k_in: int = _static()            # shrink input width (None: no shrink part)
+    widths: tuple = _static()        # output width of each module (): no expand part
+    s_bound: int = _static()         # shrink chunks, static bound
+    e_bound: int = _static()         # expand chunks per module, static bound
+    plan: dict                       # the token plan (`plan_batch`)
+    ranks: jax.Array                 # [S, M]
+    scales: jax.Array                # [S, M]
+    s_starts: jax.Array              # [NT + 1] first chunk of each tile
+    s_pos: jax.Array                 # [W, M] packed group of each item's module group 0
+    s_rows: jax.Array                # [s_bound * 8, chunks_a] pool row of each packed group
+    e_starts: jax.Array              # [M, NT + 1]
+    e_rows: tuple                    # per module: [e_bound * 8, chunks_b]
+    e_item: jax.Array                # [M, e_bound * 8] item of each packed group (-1: none)
+    e_group: jax.Array               # [M, e_bound * 8] its group within the item's module
 
 
 def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t, k_in,
@@ -497,7 +503,7 @@ def _why_not(k_in, widths, h, page_size, dtype, bt, block_k=None, block_n=None) 
 
 
 def _shrink_launch(gp: GroupPlan, x, rows, *, block_k=None, num_stages=None, num_splits=None,
-                   interpret=None):
+                   num_lanes=None, interpret=None):
     """The shrink kernel over the plan's packing: [splits, s_bound, 64, bt] float32."""
     t, k = x.shape
     n_rows, h = rows.shape
@@ -507,7 +513,7 @@ def _shrink_launch(gp: GroupPlan, x, rows, *, block_k=None, num_stages=None, num
     splits = num_splits or _divisor_at_most(k // bk, -(-TARGET_BLOCKS // nt))
     per_tile = -(-min(bt, gp.num_slots + 1) * gp.ranks.shape[1] * (-(-gp.max_rank // GROUP))
                  // CHUNK)
-    lanes = max(1, min(-(-TARGET_BLOCKS // (nt * splits)), per_tile))
+    lanes = num_lanes or max(1, min(-(-TARGET_BLOCKS // (nt * splits)), per_tile))
     stage = (ROWS + bt) * bk * 2
     stages = num_stages or max(2, min(4, (SMEM_BYTES - ROWS * bt * 4) // stage))
     order = jnp.pad(gp.plan["order"], (0, nt * bt - t))

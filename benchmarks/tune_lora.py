@@ -1,0 +1,180 @@
+"""Sweep the decode LoRA kernels' work split (K/N splits, chunk lanes, stages, blocks).
+
+For each (model, module group, batch, adapters, ranks) it builds one step's
+`GroupPlan`, then times with CUPTI the shrink kernel and the expand kernel alone
+under every configuration of the sweep and under the defaults, and the whole
+`lora_apply_multi` (both kernels and the XLA between them) under the defaults.
+Each row gives the bytes the kernel must move (every item's rank rows once, the
+activations once) against the copy bandwidth measured in the same run.
+
+    python benchmarks/tune_lora.py                 # the GPU sweep
+    python benchmarks/tune_lora.py --quick         # tiny, any device
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.kernels_setup import (AdapterPool, copy_bandwidth, git_commit,  # noqa: E402
+                                      measure, module_shapes)
+from pallas_kernels import lora_mgpu as lm  # noqa: E402
+from slora_jax.config import MODULES  # noqa: E402
+
+GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down": ("down",)}
+RANKS = {"mixed": (8, 16, 32, 64), "r16": (16,), "r64": (64,), "r8": (8,)}
+PAGE_SIZE = 16
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def setup(model, group, b, n, ranks, seed=0):
+    """One step's inputs: b tokens over n distinct adapters (round robin, shuffled)."""
+    mods = GROUPS[group]
+    shapes = module_shapes(model)
+    pool = AdapterPool(model, [ranks[i % len(ranks)] for i in range(n)], PAGE_SIZE, seed)
+    rng = np.random.default_rng(seed)
+    ts = jnp.asarray(rng.permutation(np.arange(b) % n), jnp.int32)
+    idx = [MODULES.index(m) for m in mods]
+    sl = np.arange(n)
+    tabs = dict(
+        slot_pages=jnp.asarray(pool.pages[sl], jnp.int32),
+        a_offsets=jnp.asarray(pool.offsets[sl][:, idx, 0], jnp.int32),
+        b_offsets=jnp.asarray(pool.offsets[sl][:, idx, 1], jnp.int32),
+        ranks=jnp.asarray(np.repeat(pool.ranks[sl, None], len(idx), 1), jnp.int32),
+        scales=jnp.ones((n, len(idx)), jnp.float32))
+    k_in = shapes[mods[0]][0]
+    widths = tuple(shapes[m][1] for m in mods)
+    x = jax.random.normal(jax.random.key(seed), (b, k_in), jnp.bfloat16)
+    gp = jax.jit(lambda ts, t: lm.make_group_plan(
+        ts, pool.rows, t["slot_pages"], t["a_offsets"], t["b_offsets"], t["ranks"], t["scales"],
+        k_in=k_in, widths=widths, max_rank=pool.max_rank, page_size=PAGE_SIZE))(ts, tabs)
+    # Bytes each kernel must move: every item's rank rows once (8-row groups), x / out once.
+    plan = jax.tree.map(np.asarray, gp.plan)
+    used = (plan["item_hi"] > plan["item_lo"]) & (plan["item_slot"] < n)
+    r8 = -(-pool.ranks[plan["item_slot"][used]] // 8) * 8
+    shrink_bytes = int(r8.sum()) * len(mods) * k_in * 2 + b * k_in * 2
+    expand_bytes = sum(int(r8.sum()) * w * 2 + b * w * 4 for w in widths)
+    return pool, tabs, x, gp, widths, shrink_bytes, expand_bytes
+
+
+def run_shape(model, group, b, n, rank_kind, configs, iters, copy_gbps, budget_end):
+    pool, tabs, x, gp, widths, sb, eb = setup(model, group, b, n, RANKS[rank_kind])
+    rows_ = pool.rows
+    out = []
+    base = dict(model=model, group=group, b=b, adapters=n, ranks=rank_kind)
+
+    def record(kind, cfg, f, args, nbytes, kernel):
+        try:
+            us, per = measure(f, args, iters)
+        except Exception as e:      # a config the compiler rejects: say so, go on
+            print(f"  {base} {kind} {cfg}: {type(e).__name__}: {str(e)[:160]}")
+            return
+        k_us = next((v for k, v in per.items() if kernel in k), us) if per else us
+        out.append(dict(base, kind=kind, config=cfg or "default", us=us, kernel_us=k_us,
+                        bytes=nbytes, pct_copy=nbytes / (k_us * 1e-6) / 1e9 / copy_gbps * 100))
+
+    f_all = jax.jit(lambda x, rows, gp, t: lm.lora_apply_multi(
+        x, rows, t["slot_pages"], t["a_offsets"], t["b_offsets"], t["ranks"], t["scales"],
+        None, max_rank=pool.max_rank, out_features=widths, page_size=PAGE_SIZE, plan=gp))
+    record("apply", None, f_all, (x, rows_, gp, tabs), sb + eb, "")
+    out_s = jax.jit(lambda x, rows, gp: lm._shrink_launch(gp, x, rows))(x, rows_, gp)
+    mods = [j for j in range(len(widths)) if widths[j] == widths[0]]
+    xs = jax.jit(lambda o, gp: lm._xs_from_shrink(gp, o, mods, rows_.dtype))(out_s, gp)
+    e_bytes = eb * len(mods) // len(widths)
+    for cfg in [None] + configs["shrink"]:
+        if time.perf_counter() > budget_end:
+            break
+        f = jax.jit(lambda x, rows, gp, cfg=cfg: lm._shrink_launch(gp, x, rows, **(cfg or {})))
+        record("shrink", cfg, f, (x, rows_, gp), sb, "shrink")
+    for cfg in [None] + configs["expand"]:
+        if time.perf_counter() > budget_end:
+            break
+        f = jax.jit(lambda xs, rows, gp, cfg=cfg: lm._expand_launch(
+            gp, xs, rows, mods, widths[0], **(cfg or {})))
+        record("expand", cfg, f, (xs, rows_, gp), e_bytes, "expand")
+    return out
+
+
+def _short(cfg):
+    if cfg == "default":
+        return "default"
+    return " ".join(f"{k.replace('num_', '').replace('block_', 'b')}={v}" for k, v in cfg.items())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="llama-7b:qkv:32:32:mixed,llama-7b:o:32:32:mixed,"
+                    "llama-7b:qkv:128:128:mixed,llama-7b:qkv:256:256:r16,"
+                    "llama-7b:qkv:32:1:r64")
+    ap.add_argument("--splits", default="2,4,8,16")
+    ap.add_argument("--lanes", default="1,2,4,8")
+    ap.add_argument("--stages", default="2,4")
+    ap.add_argument("--block-k", default="256")
+    ap.add_argument("--block-n", default="128,256")
+    ap.add_argument("--budget-s", type=float, default=480, help="stop sweeping after this")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.shapes, args.splits, args.lanes, args.stages, args.block_k, args.block_n = (
+            "tiny-mha:qkv:8:4:mixed", "1,2", "1,2", "2", "64", "64")
+        args.iters = 2
+    ints = lambda a: [int(v) for v in a.split(",")]   # noqa: E731
+    configs = dict(
+        shrink=[dict(num_splits=sp, num_lanes=ln, num_stages=st, block_k=bk)
+                for sp, ln, st, bk in itertools.product(ints(args.splits), ints(args.lanes),
+                                                        ints(args.stages), ints(args.block_k))],
+        expand=[dict(num_splits=sp, num_stages=st, block_n=bn)
+                for sp, st, bn in itertools.product(ints(args.splits), ints(args.stages),
+                                                    ints(args.block_n))])
+    copy_gbps = copy_bandwidth(args.iters)
+    t0 = time.perf_counter()
+    rows = []
+    for shape in args.shapes.split(","):
+        model, group, b, n, rk = shape.split(":")
+        rows += run_shape(model, group, int(b), int(n), rk, configs, args.iters, copy_gbps,
+                          t0 + args.budget_s)
+    lines = [f"# decode LoRA work-split sweep ({jax.devices()[0].device_kind}, JAX "
+             f"{jax.__version__}, commit {git_commit()[:10]})", "",
+             f"`{' '.join(sys.argv)}`; copy {copy_gbps:.0f} GB/s; kernel us and % of copy "
+             "over the bytes the kernel must move", "",
+             "| model | group | B | adapters | ranks | apply us | kernel | default us | "
+             "default % copy | best config | best us | best % copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, grp in itertools.groupby(rows, key=lambda r: (r["model"], r["group"], r["b"],
+                                                           r["adapters"], r["ranks"])):
+        grp = list(grp)
+        app = next((r["us"] for r in grp if r["kind"] == "apply"), float("nan"))
+        for kind in ("shrink", "expand"):
+            ks = [r for r in grp if r["kind"] == kind]
+            d = next((r for r in ks if r["config"] == "default"), None)
+            if not ks or d is None:
+                continue
+            best = min(ks, key=lambda r: r["kernel_us"])
+            lines.append(f"| {' | '.join(str(k) for k in key)} | {app:.1f} | {kind} | "
+                         f"{d['kernel_us']:.1f} | {d['pct_copy']:.0f} | {_short(best['config'])} "
+                         f"| {best['kernel_us']:.1f} | {best['pct_copy']:.0f} |")
+    os.makedirs(args.out, exist_ok=True)
+    tag = f"tune_lora_{jax.devices()[0].platform}"
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, commit=git_commit(),
+                command=" ".join(sys.argv), copy_GBps=copy_gbps)
+    with open(os.path.join(args.out, tag + ".json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, tag + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
