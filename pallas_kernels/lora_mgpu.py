@@ -65,7 +65,8 @@ _warned: set[str] = set()
 GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma operand
 CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
 ROWS = GROUP * CHUNK
-TARGET_BLOCKS = 4 * 132  # split work until about this many blocks (4 per H100 SM)
+TARGET_BLOCKS = 4 * 132  # expand: split N until about this many blocks (4 per H100 SM)
+SHRINK_BLOCKS = 2 * 132  # shrink: split K until about this many blocks
 STAGE_BYTES = 40 << 10   # SMEM per pipeline stage we aim for
 SMEM_BYTES = 110 << 10   # SMEM per block for the stages: two blocks fit on an SM
 MAX_BLOCK_TOKENS = 32    # tokens per tile at most: 32 beat 64 and 128 in the Llama-7B e2e step
@@ -194,6 +195,12 @@ def _pack(plan: dict, ranks: jax.Array, num_tiles: int):
     return starts, pos, groups
 
 
+def _width_groups(widths) -> dict:
+    """{width: the modules of that width}, in order of first appearance: the modules one
+    expand launch serves."""
+    return {w: [j for j, v in enumerate(widths) if v == w] for w in dict.fromkeys(widths)}
+
+
 def _chunks_bound(num_items: int, num_mod: int, max_groups: int, num_tiles: int) -> int:
     """Static bound on the chunks of a packing: sum over tiles of ceil(groups / 8)."""
     return (num_items * num_mod * max_groups + (CHUNK - 1) * num_tiles) // CHUNK + 1
@@ -240,7 +247,7 @@ class GroupPlan:
     s_pos: jax.Array                 # [W, M] packed group of each item's module group 0
     s_rows: jax.Array                # [s_bound * 8, chunks_a] pool row of each packed group
     e_starts: jax.Array              # [M, NT + 1]
-    e_rows: tuple                    # per module: [e_bound * 8, chunks_b]
+    e_rows: tuple                    # per distinct width: [its M, e_bound * 8, chunks_b]
     e_item: jax.Array                # [M, e_bound * 8] item of each packed group (-1: none)
     e_group: jax.Array               # [M, e_bound * 8] its group within the item's module
 
@@ -283,7 +290,8 @@ def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t
                      widths=tuple(widths), plan=plan, ranks=ranks, scales=scales,
                      s_bound=s_bound, s_starts=s_starts, s_pos=s_pos, s_rows=s_rows,
                      e_bound=e_bound, e_starts=jnp.stack(e_starts) if widths else None,
-                     e_rows=tuple(e_rows), e_item=jnp.stack(e_item) if widths else None,
+                     e_rows=tuple(jnp.stack([e_rows[j] for j in _width_groups(widths)[w]])
+                                  for w in _width_groups(widths)), e_item=jnp.stack(e_item) if widths else None,
                      e_group=jnp.stack(e_group) if widths else None)
 
 # --- shrink kernel ------------------------------------------------------------------
@@ -510,10 +518,13 @@ def _shrink_launch(gp: GroupPlan, x, rows, *, block_k=None, num_stages=None, num
     c, _ = matrix_form(k, h)
     bt, nt = gp.bt, gp.num_tiles
     bk = block_k or _block_k(c, bt)
-    splits = num_splits or _divisor_at_most(k // bk, -(-TARGET_BLOCKS // nt))
+    # Chunk lanes first (up to 4: a tile rarely has many more chunks), then K splits up
+    # to about SHRINK_BLOCKS blocks: a split costs its partial sums' traffic, and a
+    # block needs a few steps to keep its pipeline full (tune_lora.py sweeps).
     per_tile = -(-min(bt, gp.num_slots + 1) * gp.ranks.shape[1] * (-(-gp.max_rank // GROUP))
                  // CHUNK)
-    lanes = num_lanes or max(1, min(-(-TARGET_BLOCKS // (nt * splits)), per_tile))
+    lanes = num_lanes or max(1, min(4, per_tile))
+    splits = num_splits or _divisor_at_most(k // bk, -(-SHRINK_BLOCKS // (nt * lanes)))
     stage = (ROWS + bt) * bk * 2
     stages = num_stages or max(2, min(4, (SMEM_BYTES - ROWS * bt * 4) // stage))
     order = jnp.pad(gp.plan["order"], (0, nt * bt - t))
@@ -534,7 +545,9 @@ def _expand_launch(gp: GroupPlan, xs, rows, mods: list[int], width: int, *, bloc
     splits = num_splits or _divisor_at_most(width // bn, -(-TARGET_BLOCKS // (nt * len(mods))))
     stage = (ROWS * bn + bt * ROWS) * 2
     stages = num_stages or max(2, min(4, (SMEM_BYTES - 2 * bn * bt * 4) // stage))
-    grp = jnp.stack([gp.e_rows[j] for j in mods])
+    groups = _width_groups(gp.widths)
+    assert groups[width] == list(mods), "an expand launch serves all modules of its width"
+    grp = gp.e_rows[list(groups).index(width)]
     out = _expand_call(gp.e_starts[jnp.asarray(mods)], grp, xs,
                        rows.reshape(n_rows * (h // c), c), bt=bt, bn=bn, stages=stages,
                        splits=splits, width=width, chunk_width=c,
@@ -622,8 +635,7 @@ def lora_apply_multi(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales, t
         widths=tuple(out_features), max_rank=max_rank, page_size=page_size, plan=plan)
     out_s = _shrink_launch(gp, x, rows, interpret=interpret)
     outs = [None] * n_mod
-    for width in dict.fromkeys(out_features):               # each distinct width, in order
-        js = [j for j in range(n_mod) if out_features[j] == width]
+    for width, js in _width_groups(out_features).items():  # each distinct width, in order
         y = _expand_launch(gp, _xs_from_shrink(gp, out_s, js, rows.dtype), rows, js, width,
                            interpret=interpret)
         for n, j in enumerate(js):
