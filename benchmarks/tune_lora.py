@@ -5,7 +5,10 @@ For each (model, module group, batch, adapters, ranks) it builds one step's
 under every configuration of the sweep and under the defaults, and the whole
 `lora_apply_multi` (both kernels and the XLA between them) under the defaults.
 Each row gives the bytes the kernel must move (every item's rank rows once, the
-activations once) against the copy bandwidth measured in the same run.
+activations once) against the copy bandwidth measured in the same run, and how far
+the config's result is from the default's. Inputs are not rotated: a small batch's
+adapter rows stay in L2 between iterations (its % of copy can pass 100); the e2e
+step (`e2e_decode.py`) is the measure that counts.
 
     python benchmarks/tune_lora.py                 # the GPU sweep
     python benchmarks/tune_lora.py --quick         # tiny, any device
@@ -73,15 +76,24 @@ def run_shape(model, group, b, n, rank_kind, configs, iters, copy_gbps, budget_e
     out = []
     base = dict(model=model, group=group, b=b, adapters=n, ranks=rank_kind)
 
-    def record(kind, cfg, f, args, nbytes, kernel):
+    ref = {}
+
+    def record(kind, cfg, f, args, nbytes, kernel, value=None):
         try:
             us, per = measure(f, args, iters)
+            diff = None
+            if value is not None:     # what the config computes, against the default's
+                v = np.asarray(value(), np.float32)
+                ref.setdefault(kind, v)
+                # relative to the default's largest value (xs is bf16: one rounding
+                # flip of a split sum that adds in another order is 2^-8 of a value)
+                diff = float(np.abs(v - ref[kind]).max() / max(np.abs(ref[kind]).max(), 1e-30))
         except Exception as e:      # a config the compiler rejects: say so, go on
             print(f"  {base} {kind} {cfg}: {type(e).__name__}: {str(e)[:160]}")
             return
         k_us = next((v for k, v in per.items() if kernel in k), us) if per else us
         out.append(dict(base, kind=kind, config=cfg or "default", us=us, kernel_us=k_us,
-                        bytes=nbytes, pct_copy=nbytes / (k_us * 1e-6) / 1e9 / copy_gbps * 100))
+                        bytes=nbytes, rel_diff_vs_default=diff, pct_copy=nbytes / (k_us * 1e-6) / 1e9 / copy_gbps * 100))
 
     f_all = jax.jit(lambda x, rows, gp, t: lm.lora_apply_multi(
         x, rows, t["slot_pages"], t["a_offsets"], t["b_offsets"], t["ranks"], t["scales"],
@@ -95,13 +107,17 @@ def run_shape(model, group, b, n, rank_kind, configs, iters, copy_gbps, budget_e
         if time.perf_counter() > budget_end:
             break
         f = jax.jit(lambda x, rows, gp, cfg=cfg: lm._shrink_launch(gp, x, rows, **(cfg or {})))
-        record("shrink", cfg, f, (x, rows_, gp), sb, "shrink")
+        # The chunks a split layout leaves unwritten differ by config: compare the
+        # expand's input built from them, which reads only the live rows.
+        record("shrink", cfg, f, (x, rows_, gp), sb, "shrink", lambda f=f: lm._xs_from_shrink(
+            gp, f(x, rows_, gp), mods, rows_.dtype))
     for cfg in [None] + configs["expand"]:
         if time.perf_counter() > budget_end:
             break
         f = jax.jit(lambda xs, rows, gp, cfg=cfg: lm._expand_launch(
             gp, xs, rows, mods, widths[0], **(cfg or {})))
-        record("expand", cfg, f, (xs, rows_, gp), e_bytes, "expand")
+        record("expand", cfg, f, (xs, rows_, gp), e_bytes, "expand",
+               lambda f=f: f(xs, rows_, gp))
     return out
 
 

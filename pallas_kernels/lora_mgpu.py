@@ -66,7 +66,7 @@ GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma oper
 CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
 ROWS = GROUP * CHUNK
 TARGET_BLOCKS = 4 * 132  # expand: split N until about this many blocks (4 per H100 SM)
-SHRINK_BLOCKS = 2 * 132  # shrink: split K until about this many blocks
+SHRINK_BLOCKS = 132      # shrink: split K until about this many blocks
 STAGE_BYTES = 40 << 10   # SMEM per pipeline stage we aim for
 SMEM_BYTES = 110 << 10   # SMEM per block for the stages: two blocks fit on an SM
 MAX_BLOCK_TOKENS = 32    # tokens per tile at most: 32 beat 64 and 128 in the Llama-7B e2e step
@@ -555,49 +555,48 @@ def _expand_launch(gp: GroupPlan, xs, rows, mods: list[int], width: int, *, bloc
     return out[gp.plan["where"]]
 
 
-def _xs_layout(gp: GroupPlan, vals, mods: list[int], dtype):
-    """[Mg, e_bound * 8, 8, bt] values of each packed group's rank rows x tile tokens ->
-    the expand's xs [Mg, e_bound, bt, 64]: scaled, zero outside the group's own tokens
-    and past its slot's rank."""
+def _xs_index(gp: GroupPlan, mods: list[int]):
+    """Index arrays over the expand's xs [Mg, e_bound, bt, 8 groups, 8 rank rows]: each
+    element's item, group within the item's module, token column and rank row, its scale,
+    and whether it is live (a packed group, below its slot's rank, and one of the item's
+    own tokens: zeros elsewhere make the product block-diagonal). Shaped so that the
+    gathers below write xs in the kernel's layout, with no transpose after them."""
     plan, s, bt = gp.plan, gp.num_slots, gp.bt
-    m = jnp.asarray(mods)
-    item, grp = gp.e_item[m], gp.e_group[m]                              # [Mg, Q]
+    mg = len(mods)
+    m = jnp.asarray(mods).reshape(mg, 1, 1, 1, 1)
+    item = gp.e_item[jnp.asarray(mods)].reshape(mg, gp.e_bound, 1, CHUNK, 1)
+    grp = gp.e_group[jnp.asarray(mods)].reshape(mg, gp.e_bound, 1, CHUNK, 1)
+    col = jnp.arange(bt, dtype=jnp.int32).reshape(1, 1, bt, 1, 1)
+    rr = jnp.arange(GROUP, dtype=jnp.int32).reshape(1, 1, 1, 1, GROUP)
     w = jnp.maximum(item, 0)
     slot = jnp.minimum(plan["item_slot"][w], s - 1)
-    rank, scale = gp.ranks[slot, m[:, None]], gp.scales[slot, m[:, None]]
-    rr = jnp.arange(GROUP, dtype=jnp.int32)
-    tok = plan["item_tile"][w][..., None] * bt + jnp.arange(bt, dtype=jnp.int32)   # [Mg, Q, bt]
-    mine = (tok >= plan["item_lo"][w][..., None]) & (tok < plan["item_hi"][w][..., None])
-    live = (grp >= 0)[..., None] & (grp[..., None] * GROUP + rr < rank[..., None])  # [Mg, Q, 8]
-    keep = live[..., :, None] & mine[..., None, :]
-    xs = jnp.where(keep, vals * scale[..., None, None], 0.0).astype(dtype)
-    mg = len(mods)
-    return xs.reshape(mg, gp.e_bound, CHUNK, GROUP, bt).transpose(0, 1, 4, 2, 3).reshape(
-        mg, gp.e_bound, bt, ROWS)
+    tok = plan["item_tile"][w] * bt + col                                  # sorted position
+    live = ((grp >= 0) & (grp * GROUP + rr < gp.ranks[slot, m])
+            & (tok >= plan["item_lo"][w]) & (tok < plan["item_hi"][w]))
+    return dict(m=m, w=w, grp=jnp.maximum(grp, 0), col=col, rr=rr, tok=tok, live=live,
+                scale=gp.scales[slot, m])
+
+
+def _xs_finish(gp, ix, vals, dtype):
+    xs = jnp.where(ix["live"], vals * ix["scale"], 0.0).astype(dtype)
+    return xs.reshape(xs.shape[0], gp.e_bound, gp.bt, ROWS)
 
 
 def _xs_from_shrink(gp: GroupPlan, out_s, mods: list[int], dtype):
     """The expand's xs straight from the shrink kernel's chunks (sum of the K splits)."""
-    splits = out_s.shape[0]
-    og = out_s.reshape(splits, gp.s_bound * CHUNK, GROUP, gp.bt)
-    m = jnp.asarray(mods)
-    item, grp = gp.e_item[m], gp.e_group[m]
-    src = gp.s_pos[jnp.maximum(item, 0), m[:, None]] + jnp.maximum(grp, 0)      # [Mg, Q]
-    return _xs_layout(gp, og[:, src].sum(0), mods, dtype)
+    ix = _xs_index(gp, mods)
+    og = out_s.reshape(out_s.shape[0], gp.s_bound * CHUNK, GROUP, gp.bt)
+    src = gp.s_pos[ix["w"], ix["m"]] + ix["grp"]               # packed shrink group
+    return _xs_finish(gp, ix, og[:, src, ix["rr"], ix["col"]].sum(0), dtype)
 
 
 def _xs_from_xa(gp: GroupPlan, xa, mods: list[int], dtype):
     """The expand's xs from xa [Mg, T, R] (module j of xa is module mods[j])."""
-    plan, bt = gp.plan, gp.bt
-    m = jnp.asarray(mods)
-    item, grp = gp.e_item[m], gp.e_group[m]
-    w = jnp.maximum(item, 0)
-    order = jnp.pad(plan["order"], (0, gp.num_tiles * bt - gp.t))
-    tok = order[plan["item_tile"][w][..., None] * bt + jnp.arange(bt, dtype=jnp.int32)]
-    i = jnp.minimum(jnp.maximum(grp, 0)[..., None] * GROUP + jnp.arange(GROUP), xa.shape[2] - 1)
-    j = jnp.arange(len(mods))[:, None, None, None]
-    vals = xa[j, tok[..., None, :], i[..., :, None]]                     # [Mg, Q, 8, bt]
-    return _xs_layout(gp, vals, mods, dtype)
+    ix = _xs_index(gp, mods)
+    order = jnp.pad(gp.plan["order"], (0, gp.num_tiles * gp.bt - gp.t))
+    j = jnp.arange(len(mods)).reshape(-1, 1, 1, 1, 1)
+    i = jnp.minimum(ix["grp"] * GROUP + ix["rr"], xa.shape[2] - 1)
+    return _xs_finish(gp, ix, xa[j, order[ix["tok"]], i], dtype)
 
 
 def make_group_plan(token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, scales, *,

@@ -114,3 +114,20 @@ def test_tune_decode_attention_quick(tmp_path):
     for r in rows:
         assert r["us"] > 0 and r["max_diff_vs_default"] < 2e-2
     assert (tmp_path / f"tune_decode_attention_{jax.default_backend()}.md").exists()
+
+
+def test_tune_lora_quick(tmp_path):
+    """The decode LoRA work-split sweep runs end to end (interpreted), writes its JSON and
+    table, and every shrink/expand configuration it times computes what the default does."""
+    tune = _load("tune_lora")
+    tune.main(["--quick", "--out", str(tmp_path)])
+    out = json.load(open(tmp_path / f"tune_lora_{jax.default_backend()}.json"))
+    rows = out["rows"]
+    assert {"device", "jax", "commit", "command", "copy_GBps"} <= set(out["meta"])
+    for kind in ("shrink", "expand"):
+        ks = [r for r in rows if r["kind"] == kind]
+        assert ks[0]["config"] == "default" and len(ks) >= 3
+        for r in ks:
+            assert r["kernel_us"] > 0 and r["rel_diff_vs_default"] <= 2 ** -7, r
+    assert any(r["kind"] == "apply" for r in rows)
+    assert (tmp_path / f"tune_lora_{jax.default_backend()}.md").exists()

@@ -190,7 +190,9 @@ def check_modules(c):
     args = (c["x"], c["rows"], pages, c["a_offsets"], c["b_offsets"], c["ranks"], c["scales"],
             ts)
     opts = dict(opts, out_features=widths)
-    got = lora.lora_apply_modules(*args, **opts, backend="pallas")
+    # Wait for the interpreted kernels before dispatching more: their callbacks run jnp
+    # ops on other threads, and eager dispatch beside them can deadlock on the CPU client.
+    got = jax.block_until_ready(lora.lora_apply_modules(*args, **opts, backend="pallas"))
     ref = lora.lora_apply_modules(*args, **opts, backend="reference")
     assert not lora_mgpu._warned, "the kernel fell back to the reference"
     for g, r, w in zip(got, ref, widths):
@@ -294,6 +296,51 @@ def test_plan_covers_each_token_once():
     key = np.where(ts >= 0, ts, s)
     assert (key[plan["order"]] == np.sort(key, kind="stable")).all()
     assert (plan["where"][plan["order"]] == np.arange(t)).all()
+
+
+def test_group_plan_packs_each_group_once_inside_its_tile():
+    """The packing: every (item, module, 8-row group) below the slot's rank has one packed
+    place, inside its own tile's chunks, holding that group's pool row; every other place
+    holds the past-the-pool row (TMA zero fill); the expand's inverse map agrees."""
+    rng = np.random.default_rng()
+    t, s, bt, max_rank = 29, 7, 8, 24
+    ts = rng.integers(-1, s, t)
+    widths = (H, H // 2)
+    c = multi_case(rng, h=H, t=t, s=s, max_rank=max_rank,
+                   ranks=rng.choice([0, 1, 8, 9, max_rank], (s, 2)), out_widths=widths,
+                   token_slot=ts)
+    n_rows = c["rows"].shape[0]
+    gp = lora_mgpu.make_group_plan(c["token_slot"], c["rows"], c["slot_pages"], c["a_offsets"],
+                                   c["b_offsets"], c["ranks"], c["scales"], k_in=H,
+                                   widths=widths, max_rank=max_rank, page_size=8,
+                                   block_tokens=bt)
+    plan = jax.tree.map(np.asarray, gp.plan)
+    ranks = np.asarray(c["ranks"])
+    starts, pos, rows = map(np.asarray, (gp.s_starts, gp.s_pos, gp.s_rows))
+    assert (np.diff(starts) >= 0).all() and starts[-1] <= gp.s_bound
+    seen = np.zeros(gp.s_bound * 8, bool)
+    for w in range(len(plan["item_lo"])):
+        slot = plan["item_slot"][w]
+        if plan["item_hi"][w] <= plan["item_lo"][w] or slot >= s:
+            continue
+        tile = plan["item_tile"][w]
+        for m in range(2):
+            want = np.asarray(lora_mgpu._group_rows(
+                c["slot_pages"], c["a_offsets"][:, m], c["ranks"][:, m],
+                jnp.asarray([slot], jnp.int32), num_groups=max_rank // 8 + 1, chunks=1,
+                per=1, page_size=8, num_rows=n_rows))[0, 0]
+            for g in range(-(-ranks[slot, m] // 8)):
+                p = pos[w, m] + g
+                assert starts[tile] * 8 <= p < starts[tile + 1] * 8 and not seen[p]
+                seen[p] = True
+                assert rows[p, 0] == want[g] < n_rows
+    assert (rows[~seen, 0] == n_rows).all()
+    e_item, e_group = np.asarray(gp.e_item), np.asarray(gp.e_group)
+    for m in range(2):
+        live = e_item[m] >= 0
+        assert live.sum() == sum(-(-ranks[plan["item_slot"][w], m] // 8)
+                                 for w in set(e_item[m][live].tolist()))
+        assert (e_group[m][live] * 8 < ranks[plan["item_slot"][e_item[m][live]], m]).all()
 
 
 def test_unsupported_width_falls_back_with_a_log(caplog):
