@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -25,7 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.kernels_setup import copy_bandwidth, git_commit, measure, randn  # noqa: E402
+from benchmarks.kernels_setup import (copy_bandwidth, git_commit, measure, randn,  # noqa: E402
+                                      write_sweep)
 from pallas_kernels import paged_attention_mgpu as pam  # noqa: E402
 from slora_jax.pool import PoolLayout  # noqa: E402
 
@@ -136,16 +136,7 @@ def main(argv=None):
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {d['us']:.1f} | {d['pct_copy']:.0f} | "
                      f"{_short(best['config'])} | {best['us']:.1f} | {best['pct_copy']:.0f} | "
                      + tail)
-    os.makedirs(args.out, exist_ok=True)
-    tag = f"tune_decode_attention_{jax.devices()[0].platform}"
-    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, commit=git_commit(),
-                command=" ".join(sys.argv), copy_GBps=copy_gbps)
-    with open(os.path.join(args.out, tag + ".json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, tag + ".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    write_sweep(args.out, "tune_decode_attention", rows, lines, copy_gbps)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.kernels_setup import (AdapterPool, copy_bandwidth, git_commit,  # noqa: E402
-                                      measure, module_shapes)
+                                      measure, module_shapes, write_sweep)
 from pallas_kernels import lora_mgpu as lm  # noqa: E402
 from slora_jax.config import MODULES  # noqa: E402
 
@@ -181,16 +180,7 @@ def main(argv=None):
             lines.append(f"| {' | '.join(str(k) for k in key)} | {app:.1f} | {kind} | "
                          f"{d['kernel_us']:.1f} | {d['pct_copy']:.0f} | {_short(best['config'])} "
                          f"| {best['kernel_us']:.1f} | {best['pct_copy']:.0f} |")
-    os.makedirs(args.out, exist_ok=True)
-    tag = f"tune_lora_{jax.devices()[0].platform}"
-    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, commit=git_commit(),
-                command=" ".join(sys.argv), copy_GBps=copy_gbps)
-    with open(os.path.join(args.out, tag + ".json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, tag + ".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    write_sweep(args.out, "tune_lora", rows, lines, copy_gbps)
 
 if __name__ == "__main__":
     main()

@@ -76,10 +76,6 @@ def _fallback(what: str) -> None:
     warn_once(_log, _warned, what, f"lora_mgpu: {what}; using the jnp reference for this shape")
 
 
-def _round_up(a: int, b: int) -> int:
-    return -(-a // b) * b
-
-
 def _copy_if(predicate: bool, cond) -> dict:
     """Skip a copy on the GPU. The interpreter takes no predicate: there the copy
     runs, from a row past the pool, and TMA's zero fill gives the same result."""
@@ -294,6 +290,27 @@ def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t
                                   for w in _width_groups(widths)), e_item=jnp.stack(e_item) if widths else None,
                      e_group=jnp.stack(e_group) if widths else None)
 
+# --- the pipeline both kernels run ------------------------------------------------
+
+def _fill(issue, stages, total):
+    """Issue the first `stages` of `total` steps' copies."""
+    for s in range(stages):
+        pl.when(s < total)(functools.partial(issue, s, s))
+
+
+def _step(step, total, stages, bars, issue, mma):
+    """Step `step`: wait for its stage, multiply (`mma(stage)`), then refill the stage
+    with the copies of step + stages."""
+    stage = lax.rem(step, stages)
+    plgpu.barrier_wait(bars.at[stage])
+    mma(stage)
+    plgpu.wgmma_wait(0)
+
+    @pl.when(step + stages < total)
+    def _refill():
+        issue(step + stages, stage)
+
+
 # --- shrink kernel ------------------------------------------------------------------
 
 def _shrink_kernel(starts_ref, grp_ref, x_ref, rows_ref, out_ref, a_smem, x_smem, o_smem, bars,
@@ -325,23 +342,15 @@ def _shrink_kernel(starts_ref, grp_ref, x_ref, rows_ref, out_ref, a_smem, x_smem
 
     @pl.when(mine > 0)
     def _work():
-        for s in range(stages):
-            pl.when(s < total)(functools.partial(issue, s, s))
+        _fill(issue, stages, total)
 
         @pl.loop(0, mine)
         def _chunk(j):
             def acc_scope(acc_ref):
                 @pl.loop(0, nk)
                 def _k(ks):
-                    step = j * nk + ks
-                    stage = lax.rem(step, stages)
-                    plgpu.barrier_wait(bars.at[stage])
-                    plgpu.wgmma(acc_ref, a_smem.at[stage], x_smem.at[stage].T)
-                    plgpu.wgmma_wait(0)
-
-                    @pl.when(step + stages < total)
-                    def _refill():
-                        issue(step + stages, stage)
+                    _step(j * nk + ks, total, stages, bars, issue, lambda st: plgpu.wgmma(
+                        acc_ref, a_smem.at[st], x_smem.at[st].T))
                 return acc_ref[...]
 
             acc = pl.run_scoped(acc_scope, plgpu.ACC((ROWS, bt), jnp.float32))
@@ -411,23 +420,15 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, b_smem, xs_sm
                 b_smem.at[stage, pl.ds(g * GROUP, GROUP)], bars.at[stage])
         plgpu.copy_gmem_to_smem(xs_ref.at[mod, chunk], xs_smem.at[stage], bars.at[stage])
 
-    for s in range(stages):
-        pl.when(s < total)(functools.partial(issue, s, s))
+    _fill(issue, stages, total)
 
     @pl.loop(0, num_n)
     def _n(ns):
         def acc_scope(acc_ref):
             @pl.loop(0, nch)
             def _k(kc):
-                step = ns * nch + kc
-                stage = lax.rem(step, stages)
-                plgpu.barrier_wait(bars.at[stage])
-                plgpu.wgmma(acc_ref, b_smem.at[stage].T, xs_smem.at[stage].T)
-                plgpu.wgmma_wait(0)
-
-                @pl.when(step + stages < total)
-                def _refill():
-                    issue(step + stages, stage)
+                _step(ns * nch + kc, total, stages, bars, issue, lambda st: plgpu.wgmma(
+                    acc_ref, b_smem.at[st].T, xs_smem.at[st].T))
             return acc_ref[...]
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((bn, bt), jnp.float32))   # zeros: no chunk
