@@ -138,6 +138,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+def parse_variants(spec: str) -> dict[str, dict[str, str]]:
+    """'sort=auto,sort=auto+out=pool' -> {name: StepSpec options}."""
+    keys = {"sort": ("lora_sort", ("always", "never", "auto")),
+            "out": ("lora_out", ("float32", "pool"))}
+    out = {}
+    for name in filter(None, (v.strip() for v in spec.split(","))):
+        opts = {}
+        for part in name.split("+"):
+            k, _, v = part.partition("=")
+            if k not in keys or v not in keys[k][1]:
+                raise SystemExit(f"--lora-variants: '{part}' is not one of "
+                                 + ", ".join(f"{k}={'|'.join(vs)}" for k, (_, vs) in keys.items()))
+            opts[keys[k][0]] = v
+        out[name] = opts
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="llama-7b")
@@ -152,6 +169,10 @@ def main(argv=None):
                     help="print the N costliest kernels of the LoRA step (GPU)")
     ap.add_argument("--max-block-tokens", type=int, default=None,
                     help="cap on the LoRA kernels' tokens per work item (tuning)")
+    ap.add_argument("--lora-variants", default="",
+                    help="comma-separated extra LoRA steps to time beside `slora`, each "
+                         "StepSpec options joined by '+': sort=always|never|auto, "
+                         "out=float32|pool (e.g. 'sort=auto,sort=auto+out=pool')")
     ap.add_argument("--layers", type=int, default=None,
                     help="override the preset's layer count (compile-time checks)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, small shapes")
@@ -162,8 +183,9 @@ def main(argv=None):
 
     mc = preset(args.preset)
     if args.max_block_tokens:
-        from pallas_kernels import lora_mgpu
-        lora_mgpu.MAX_BLOCK_TOKENS = args.max_block_tokens
+        from pallas_kernels import lora_plan
+        lora_plan.MAX_BLOCK_TOKENS = args.max_block_tokens
+    variants = parse_variants(args.lora_variants)
     if args.layers:
         mc = dataclasses.replace(mc, num_layers=args.layers)
     dtype = jnp.bfloat16
@@ -178,7 +200,8 @@ def main(argv=None):
                 "jax": jax.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
                 "clock": clock, "copy_GBps": copy_gbps, "preset": args.preset,
                 "lora_backend": args.lora_backend, "attention_backend": args.attention_backend,
-                "max_block_tokens": args.max_block_tokens, "layers": mc.num_layers}
+                "max_block_tokens": args.max_block_tokens, "layers": mc.num_layers,
+                "lora_variants": {k: dict(v) for k, v in variants.items()}}
         os.makedirs(args.out, exist_ok=True)
         tag = f"e2e_decode_{args.preset}_{meta['platform']}_{args.lora_backend}"
         if args.layers:
@@ -193,14 +216,17 @@ def main(argv=None):
                  "lora/base bound: (weights + KV + each distinct adapter's q/k/v/o bytes) over "
                  "(weights + KV), the ratio a step that only moves bytes would reach.", "",
                  "| batch | ctx | adapters | slora µs | base µs | xla µs | lora/base | lora/base bound "
-                 "| base/xla | floor µs | compile s |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "| base/xla | floor µs | compile s |"
+                 + "".join(f" {v} lora/base |" for v in variants),
+                 "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(variants)]
         for r in rows:
             lines.append(f"| {r['batch']} | {r['context']} | {r['distinct_adapters']} | "
                          f"{r['slora_us']:.1f} | {r['base_us']:.1f} | {r['xla_us']:.1f} | "
                          f"{r['lora_overhead']:.2f} | {r['bytes_bound_ratio']:.2f} | "
                          f"{r['base_vs_xla']:.2f} | {r['hbm_floor_us']:.1f} | "
-                         f"{r['compile_s']['slora']:.0f} |")
+                         f"{r['compile_s']['slora']:.0f} |"
+                         + "".join(f" {r['variants'][v]['lora_overhead']:.2f} |"
+                                   for v in variants))
         with open(os.path.join(args.out, tag + ".md"), "w") as f:
             f.write("\n".join(lines) + "\n")
         return lines
@@ -239,7 +265,10 @@ def main(argv=None):
             base_b = decode_batch(list(range(b)), pos, kv, [-1] * b, samp, slots, ec, lay)
             step = functools.partial(decode, spec=spec)
             res, wall, compile_s, breakdowns = {}, {}, {}, {}
-            for name, batch in (("slora", lora_b), ("base", base_b)):
+            runs = [("slora", lora_b, step), ("base", base_b, step)] + [
+                (v, lora_b, functools.partial(decode, spec=spec.with_(**opts)))
+                for v, opts in variants.items()]
+            for name, batch, step in runs:
                 t0 = time.perf_counter()
                 pool, _ = step(params, pool, batch)            # compile + warm up
                 jax.block_until_ready(pool)
@@ -272,7 +301,9 @@ def main(argv=None):
                    "lora_bytes": lora_bytes, "lora_floor_us": lora_floor_us,
                    "bytes_bound_ratio": (floor_us + lora_floor_us) / floor_us,
                    "tokens_per_s": b / (res["slora"] * 1e-6),
-                   "wall_us": wall, "compile_s": compile_s, "layers": mc.num_layers}
+                   "wall_us": wall, "compile_s": compile_s, "layers": mc.num_layers,
+                   "variants": {v: {"us": res[v], "lora_overhead": res[v] / res["base"]}
+                                for v in variants}}
             if args.breakdown:
                 row["breakdown"] = breakdowns
             rows.append(row)
@@ -280,7 +311,8 @@ def main(argv=None):
                   f"base {res['base']:9.1f} us  xla {res['xla']:9.1f} us  "
                   f"lora/base {row['lora_overhead']:.2f} (bytes bound "
                   f"{row['bytes_bound_ratio']:.2f})  base/xla {row['base_vs_xla']:.2f}  "
-                  f"compile {compile_s['slora']:.0f}s/{compile_s['base']:.0f}s", flush=True)
+                  f"compile {compile_s['slora']:.0f}s/{compile_s['base']:.0f}s"
+                  + "".join(f"  [{v}] {res[v] / res['base']:.2f}" for v in variants), flush=True)
             write_results()            # partial results survive a cut-off run
 
     lines = write_results()

@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_run.sh tests   # every `gpu` test (kernels, prefill attention, steps)
 #   bash benchmarks/gpu_run.sh kernels # benchmarks/kernels.py, all families
 #   bash benchmarks/gpu_run.sh tune    # benchmarks/tune_decode_attention.py (tiling sweep)
+#   bash benchmarks/gpu_run.sh variants # e2e with the Pallas backends and the LoRA step
+#                                      # options beside the default (StepSpec.lora_sort,
+#                                      # lora_out); BATCHES/ADAPTERS/VARIANTS narrow it
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -46,5 +49,11 @@ case "$1" in
   tune)
     python3 benchmarks/tune_decode_attention.py --budget-s "${BUDGET_S:-480}" --out "$OUTDIR" \
       2>&1 | grep "^|" ;;
-  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune" >&2; exit 2 ;;
+  variants)
+    timeout "${E2E_S:-570}" python3 benchmarks/e2e_decode.py --preset llama-7b \
+      --batches "${BATCHES:-32:512}" --adapters "${ADAPTERS:-1,32}" --iters 10 \
+      --lora-backend pallas --attention-backend pallas \
+      --lora-variants "${VARIANTS:-sort=auto,out=pool,sort=auto+out=pool}" \
+      --breakdown "${BREAKDOWN:-0}" --out "$OUTDIR" 2>&1 | grep -v "^|" ;;
+  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune|variants" >&2; exit 2 ;;
 esac

@@ -10,7 +10,10 @@ Times, in one run and with CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`
                            kernel alone. `fallback` = true when the dispatch used the
                            reference for this shape (no Pallas kernel in the jaxpr);
       - `pallas-planned` : the same with the batch plan built outside (what one module
-                           pays in a step, where XLA shares the plan);
+                           pays in a step, where XLA shares the plan), tokens sorted;
+      - `pallas-unsorted`: planned, tokens left in their order (no gather of x, no
+                           un-sort of the output; `StepSpec.lora_sort`), at B <= 32 and
+                           at prefill;
       - `xla-gather`     : baseline (a), the jnp reference (backend="reference");
       - `xla-onehot`     : baseline (b), one-hot einsum over stacked padded slots.
   * LoRA at prefill (segments of 256..2048 tokens, one adapter each; 512, 2048, 8192
@@ -68,7 +71,7 @@ from kernels_setup import (MIXED_RANKS, MODELS, ON_GPU, PAGE_SIZE, AdapterPool, 
                            add_ratios, copy_bandwidth, desc, fmt_row, git_commit, groups,
                            matmul_rate, measure, randn, repeats, summary, uses_kernel,
                            write_results)
-from pallas_kernels import lora, lora_mgpu, paged_attention  # noqa: E402
+from pallas_kernels import lora, lora_plan, paged_attention  # noqa: E402
 from slora_jax.pool import PoolLayout, kv_page_view  # noqa: E402
 
 FAMILIES = ("lora", "lora-prefill", "attention", "prefill-attention")
@@ -164,18 +167,23 @@ def run_lora(cfg, pool, R):
     if prefill:
         params["dense_rank"] = max_rank
     try:
-        plans = jax.jit(lambda tss: [lora_mgpu.batch_plan(x, n) for x in tss])(
+        plans = jax.jit(lambda tss: [lora_plan.batch_plan(x, n, sort=True) for x in tss])(
+            [ts for _, ts in batches])
+        plans_u = jax.jit(lambda tss: [lora_plan.batch_plan(x, n, sort=False) for x in tss])(
             [ts for _, ts in batches])
         plan_err = None
     except Exception as e:
-        plans, plan_err = None, _err(e)
+        plans, plans_u, plan_err = None, None, _err(e)
     keys = iter(range(1 << 20))
     xs = {}
     xa = [jax.random.normal(jax.random.key(i), (t, max_rank), jnp.float32) for i in range(k)]
     scale = jnp.full((n,), 0.5, jnp.float32)
     # At prefill the plan is shared by every module and layer: planned only.
-    backends = ("pallas-planned", "xla-gather") if prefill else \
-        ("pallas", "pallas-planned", "xla-gather")
+    # Tokens left unsorted (`pallas-unsorted`) where `lora_sort="auto"` would leave them
+    # so (<= 32 tokens), and at prefill, where segments are already contiguous.
+    unsorted = ("pallas-unsorted",) if prefill or t <= lora_plan.UNSORTED_MAX_TOKENS else ()
+    backends = ("pallas-planned", *unsorted, "xla-gather") if prefill else \
+        ("pallas", "pallas-planned", *unsorted, "xla-gather")
     for op, mod in cfg["ops"]:
         w_in, w_out = pool.shapes[mod]
         width = w_in if op == "shrink" else w_out
@@ -194,7 +202,7 @@ def run_lora(cfg, pool, R):
         fell_back = False
         for backend in backends:
             common = dict(reps=k, nbytes=nbytes, flops=flops)
-            if backend == "pallas-planned" and plans is None:
+            if backend in ("pallas-planned", "pallas-unsorted") and plans is None:
                 R.emit(name, backend, p, error=f"plan: {plan_err}", **common)
                 continue
             if backend.startswith("pallas") and fell_back:   # the other pallas row did
@@ -202,7 +210,8 @@ def run_lora(cfg, pool, R):
                        "pallas row", fallback=True, **common)
                 continue
             f = _lora_fn(op, backend, max_rank, width, ps)
-            pl_ = plans if backend == "pallas-planned" else [None] * k
+            pl_ = {"pallas-planned": plans, "pallas-unsorted": plans_u}.get(backend,
+                                                                            [None] * k)
             row = R.emit(name, backend, p, f, (pool.rows, bs, pl_),
                          check_kernel=backend.startswith("pallas"), **common)
             fell_back = fell_back or bool(row and row.get("fallback"))

@@ -100,7 +100,7 @@ def run_shape(model, group, b, n, rank_kind, configs, iters, copy_gbps, budget_e
     record("apply", None, f_all, (x, rows_, gp, tabs), sb + eb, "")
     out_s = jax.jit(lambda x, rows, gp: lm._shrink_launch(gp, x, rows))(x, rows_, gp)
     mods = [j for j in range(len(widths)) if widths[j] == widths[0]]
-    xs = jax.jit(lambda o, gp: lm._xs_from_shrink(gp, o, mods, rows_.dtype))(out_s, gp)
+    xs = jax.jit(lambda o, gp: lm.xs_from_shrink(gp, o, mods, rows_.dtype))(out_s, gp)
     e_bytes = eb * len(mods) // len(widths)
     for cfg in [None] + configs["shrink"]:
         if time.perf_counter() > budget_end:
@@ -108,7 +108,7 @@ def run_shape(model, group, b, n, rank_kind, configs, iters, copy_gbps, budget_e
         f = jax.jit(lambda x, rows, gp, cfg=cfg: lm._shrink_launch(gp, x, rows, **(cfg or {})))
         # The chunks a split layout leaves unwritten differ by config: compare the
         # expand's input built from them, which reads only the live rows.
-        record("shrink", cfg, f, (x, rows_, gp), sb, "shrink", lambda f=f: lm._xs_from_shrink(
+        record("shrink", cfg, f, (x, rows_, gp), sb, "shrink", lambda f=f: lm.xs_from_shrink(
             gp, f(x, rows_, gp), mods, rows_.dtype))
     for cfg in [None] + configs["expand"]:
         if time.perf_counter() > budget_end:

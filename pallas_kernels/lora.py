@@ -98,7 +98,7 @@ def lora_shrink(x, rows, slot_pages, a_offset, rank, token_slot, *, max_rank, pa
                 backend="reference", plan=None):
     """Dispatch point for the shrink. See `lora_shrink_reference` for the contract.
 
-    `plan` (Pallas only): `lora_mgpu.batch_plan(token_slot, S)`, computed once per
+    `plan` (Pallas only): `lora_plan.batch_plan(token_slot, S)`, computed once per
     step and shared by every module and layer; built here when not given.
     """
     backend = resolve_backend(backend)
@@ -139,23 +139,30 @@ def lora_apply(x, rows, slot_pages, a_offset, b_offset, rank, scale, token_slot,
 
 
 def lora_apply_modules(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales, token_slot, *,
-                       max_rank, out_features, page_size, backend="reference", plan=None):
+                       max_rank, out_features, page_size, backend="reference", plan=None,
+                       out="float32"):
     """The LoRA terms of several modules that read the same x (q/k/v, or gate/up).
 
     a_offsets, b_offsets, ranks, scales: [S, M]; out_features: M widths. Returns M arrays
     [T, out_m] float32, each `lora_apply` of its module. The Pallas backend runs one
     shrink launch for all M and one expand launch per distinct width, instead of M
     of each: at decode the launches, not the bytes, are most of the LoRA cost.
-    `plan` (Pallas only): the token plan or `lora_mgpu.make_group_plan` of this group.
+    `plan` (Pallas only): the token plan or `lora_plan.make_group_plan` of this group.
+    `out`: "float32", or "pool" for terms rounded to the pool's dtype (the Pallas expand
+    then writes half the bytes; `lora_mgpu.expand_out_dtype`).
     """
     n_mod = len(out_features)
+    if out not in ("float32", "pool"):
+        raise ValueError(f"LoRA terms' dtype '{out}' is not float32 or pool")
     if resolve_backend(backend) != "pallas":
-        return tuple(lora_apply(x, rows, slot_pages, a_offsets[:, j], b_offsets[:, j],
-                                ranks[:, j], scales[:, j], token_slot, max_rank=max_rank,
-                                out_features=out_features[j], page_size=page_size,
-                                backend=backend, plan=plan) for j in range(n_mod))
+        ys = tuple(lora_apply(x, rows, slot_pages, a_offsets[:, j], b_offsets[:, j],
+                              ranks[:, j], scales[:, j], token_slot, max_rank=max_rank,
+                              out_features=out_features[j], page_size=page_size,
+                              backend=backend, plan=plan) for j in range(n_mod))
+        return ys if out == "float32" else tuple(y.astype(rows.dtype) for y in ys)
     from pallas_kernels import lora_mgpu
     return lora_mgpu.lora_apply_multi(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales,
                                       token_slot, max_rank=max_rank,
                                       out_features=tuple(out_features), page_size=page_size,
-                                      plan=plan)
+                                      plan=plan,
+                                      out_dtype=lora_mgpu.expand_out_dtype(rows.dtype, out))

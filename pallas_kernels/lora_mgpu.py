@@ -2,25 +2,9 @@
 
 The kernels behind `pallas_kernels.lora` when `backend="pallas"`: the contract
 of `lora_shrink_reference` and `lora_expand_reference`, computed straight from
-the adapters' pool pages.
-
-The token plan (XLA, small int arrays, `plan_batch`): tokens are sorted by
-adapter slot and the sorted array is cut into aligned tiles of `block_tokens`
-(8 at decode); one *item* is one (token tile, slot) pair for every slot with
-tokens in that tile (as ragged_dot maps groups to blocks).
-
-Rows move by TMA in *groups* of 8 rank rows, read in the view of the pool in
-which the matrix's rank rows are rows (`slora_jax.pool.matrix_form`: `[*, W]`
-for a flat matrix whose width W divides H, `[*, C]` for a chunked one, C =
-gcd(W, H), where each column chunk is its own run of rank rows).
-`PoolLayout.adapter_offsets` starts every matrix 8-aligned in that view, so a
-slot of rank r owns exactly ceil(r/8) groups per module and chunk. This needs
-`page_size * H / C % 8 == 0`, so that a group never straddles a page.
-
-*Packing* (`GroupPlan`): the groups of all items of a token tile are laid end to
-end and cut into *chunks* of 8 groups, the 64 rows of one wgmma operand, so a
-rank-16 slot fills a quarter of a chunk instead of padding its rows to 64, and
-the bytes a block moves are rank rows of the batch, not padding:
+the adapters' pool pages. Their work plan (token tiles, items, the packing of
+rank rows into 64-row chunks) is `pallas_kernels.lora_plan`, built by XLA once
+per step; this module holds the kernels and the launches.
 
 - shrink (x·A), one launch for the M modules that read the same x (q/k/v,
   gate/up): a chunk computes out[64 rows, tile tokens] = rows · x_tile^T over
@@ -30,13 +14,13 @@ the bytes a block moves are rank rows of the batch, not padding:
   one product, out^T[n, tokens] = B_chunks^T · xs^T, where xs is the
   block-diagonal [tokens, 64] slice of scale·xa that gives each token only its
   own slot's rows (zeros elsewhere). A tile's output rows are finished in the
-  block and stored, in sorted order, by one TMA copy per N step; XLA un-sorts
-  them where it adds them to the base output.
+  block and stored, in plan order, by one TMA copy per N step (with a sorted
+  plan XLA un-sorts them where it adds them to the base output).
 
 Between the two, one XLA gather turns the shrink's chunks into the expand's xs
-(`lora_apply_multi`), so a module group costs two launches and two small XLA
-fusions per layer; the plan itself (sort, packing, pool row of every group)
-depends on the step's slots only and is built once for all layers.
+(`lora_apply_multi`), so a module group costs two launches and one or two small
+XLA fusions per layer (two more, the sort gather and the un-sort, with a sorted
+plan); the plan depends on the step's slots only and is built once for all layers.
 
 Widths the kernels serve: any W with C % 64 == 0 (C = W for a flat matrix,
 gcd(W, H) for a chunked one), on both sides. Others (and pool dtypes other
@@ -45,7 +29,6 @@ than bf16/f16) use the reference and say so once in the log.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 
@@ -57,19 +40,18 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mgpu_common import default_interpret, smem_transforms, warn_once
 from pallas_kernels import lora as lora_ref
+from pallas_kernels.lora_plan import (
+    CHUNK, GROUP, ROWS, GroupPlan, make_group_plan, pick_block_tokens, plan_order, plan_where,
+    width_groups, xs_from_shrink, xs_from_xa)
 from slora_jax.pool import matrix_form
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
-GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma operand
-CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
-ROWS = GROUP * CHUNK
 TARGET_BLOCKS = 4 * 132  # expand: split N until about this many blocks (4 per H100 SM)
 SHRINK_BLOCKS = 132      # shrink: split K until about this many blocks
 STAGE_BYTES = 40 << 10   # SMEM per pipeline stage we aim for
 SMEM_BYTES = 110 << 10   # SMEM per block for the stages: two blocks fit on an SM
-MAX_BLOCK_TOKENS = 32    # tokens per tile at most: 32 beat 64 and 128 in the Llama-7B e2e step
 
 
 def _fallback(what: str) -> None:
@@ -86,209 +68,6 @@ def _divisor_at_most(n: int, want: int) -> int:
     """The largest divisor of n that is <= max(want, 1)."""
     return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(want, 1))
 
-
-# --- the token plan (XLA) ----------------------------------------------------------
-
-def pick_block_tokens(num_tokens: int, num_slots: int) -> int:
-    """Tokens per work item: 8 at decode (one token per request), up to MAX_BLOCK_TOKENS when
-    slots hold many tokens (prefill)."""
-    per_slot = max(1, num_tokens // max(num_slots, 1))
-    return int(min(MAX_BLOCK_TOKENS, max(8, 1 << (per_slot - 1).bit_length())))
-
-
-def num_items_bound(num_tokens: int, num_slots: int, block_tokens: int) -> int:
-    """Static bound on work items: each tile, plus one per slot that starts mid-tile."""
-    return -(-num_tokens // block_tokens) + min(num_slots + 1, num_tokens)
-
-
-def plan_batch(token_slot: jax.Array, num_slots: int, block_tokens: int) -> dict:
-    """Sort tokens by slot and list the (token tile, slot) work items.
-
-    token_slot: [T] int32 (-1 = no adapter: those tokens form one more pseudo-slot
-    `num_slots`, whose items write zero rows in the expand). Returns int32 arrays:
-    order [T] (sorted position -> token), where [T] (token -> sorted position),
-    key [T] (each token's slot, num_slots for none), item_slot/item_tile/item_lo/
-    item_hi [W] (slot, tile, and the sorted positions [lo, hi) the item owns; hi ==
-    lo for unused items) and pos_item [T] (the item owning each sorted position).
-    """
-    t = token_slot.shape[0]
-    nseg = num_slots + 1
-    bt = block_tokens
-    key = jnp.where(token_slot >= 0, token_slot, num_slots).astype(jnp.int32)
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)
-    where = jnp.zeros((t,), jnp.int32).at[order].set(jnp.arange(t, dtype=jnp.int32))
-    counts = (key[:, None] == jnp.arange(nseg, dtype=jnp.int32)[None, :]).sum(0,
-                                                                             dtype=jnp.int32)
-    ends = jnp.cumsum(counts, dtype=jnp.int32)
-    starts = ends - counts
-    first_tile = starts // bt
-    n_items = jnp.where(counts > 0, (ends - 1) // bt - first_tile + 1, 0)
-    item_end = jnp.cumsum(n_items, dtype=jnp.int32)
-    item_base = item_end - n_items
-    w = jnp.arange(num_items_bound(t, num_slots, bt), dtype=jnp.int32)
-    slot = jnp.minimum(jnp.searchsorted(item_end, w, side="right", method="compare_all"),
-                       nseg - 1).astype(jnp.int32)
-    tile = first_tile[slot] + (w - item_base[slot])
-    used = w < item_end[-1]
-    lo = jnp.where(used, jnp.maximum(starts[slot], tile * bt), 0)
-    hi = jnp.where(used, jnp.minimum(ends[slot], (tile + 1) * bt), 0)
-    p = jnp.arange(t, dtype=jnp.int32)
-    skey = key[order]
-    pos_item = item_base[skey] + p // bt - first_tile[skey]
-    return dict(order=order, where=where, key=key, item_slot=slot,
-                item_tile=jnp.where(used, tile, 0), item_lo=lo, item_hi=hi, pos_item=pos_item)
-
-
-def batch_plan(token_slot: jax.Array, num_slots: int) -> dict:
-    """The plan `lora_shrink`/`lora_expand` build when given none (block_tokens by
-    `pick_block_tokens`): build it once per step and pass it to every call."""
-    bt = pick_block_tokens(token_slot.shape[0], num_slots)
-    return plan_batch(token_slot, num_slots, bt)
-
-
-def _group_rows(slot_pages, offset, rank, item_slot, *, num_groups, chunks, per, page_size,
-                num_rows):
-    """Row (in the width-C view) of each work item's 8-row groups, per column chunk:
-    [W, chunks, num_groups]; past the slot's rank, `num_rows` (a row past the pool).
-    `per`: view rows per pool row (H // C)."""
-    s_max = slot_pages.shape[0]
-    slot = jnp.minimum(item_slot, s_max - 1)
-    off = offset[slot] * per                              # view rows, 8-aligned
-    r = jnp.where(item_slot < s_max, rank[slot], 0)
-    need = (r + GROUP - 1) // GROUP
-    stride = need * GROUP if chunks > 1 else jnp.zeros_like(need)   # rank rows per chunk
-    g = jnp.arange(num_groups, dtype=jnp.int32)
-    c = jnp.arange(chunks, dtype=jnp.int32)
-    srow = off[:, None, None] + c[None, :, None] * stride[:, None, None] + g[None, None, :] * GROUP
-    ps = page_size * per
-    pidx = jnp.minimum(srow // ps, slot_pages.shape[1] - 1)
-    page = jnp.take_along_axis(slot_pages[slot], pidx.reshape(pidx.shape[0], -1),
-                               axis=1).reshape(srow.shape)
-    live = g[None, None, :] < need[:, None, None]
-    return jnp.where(live, page * ps + srow % ps, num_rows).astype(jnp.int32)
-
-
-# --- packing (XLA, once per step and module group) ---------------------------------
-
-def _pack(plan: dict, ranks: jax.Array, num_tiles: int):
-    """Lay each tile's groups end to end: item w's module-m groups are the packed
-    groups pos[w, m] .. pos[w, m] + groups[w, m] - 1, and tile t owns chunks
-    starts[t] .. starts[t + 1] - 1. ranks: [S, M]. Items come in tile order."""
-    s = ranks.shape[0]
-    slot = plan["item_slot"]
-    valid = (plan["item_hi"] > plan["item_lo"]) & (slot < s)
-    r = jnp.where(valid[:, None], ranks[jnp.minimum(slot, s - 1)], 0)
-    groups = ((r + GROUP - 1) // GROUP).astype(jnp.int32)                    # [W, M]
-    per_item = groups.sum(1)
-    tile = plan["item_tile"]
-    per_tile = jnp.zeros((num_tiles,), jnp.int32).at[tile].add(per_item)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32),
-                              jnp.cumsum((per_tile + CHUNK - 1) // CHUNK, dtype=jnp.int32)])
-    before_item = jnp.cumsum(per_item, dtype=jnp.int32) - per_item
-    before_tile = jnp.cumsum(per_tile, dtype=jnp.int32) - per_tile
-    first = starts[tile] * CHUNK + before_item - before_tile[tile]
-    pos = first[:, None] + jnp.cumsum(groups, axis=1, dtype=jnp.int32) - groups
-    return starts, pos, groups
-
-
-def _width_groups(widths) -> dict:
-    """{width: the modules of that width}, in order of first appearance: the modules one
-    expand launch serves."""
-    return {w: [j for j, v in enumerate(widths) if v == w] for w in dict.fromkeys(widths)}
-
-
-def _chunks_bound(num_items: int, num_mod: int, max_groups: int, num_tiles: int) -> int:
-    """Static bound on the chunks of a packing: sum over tiles of ceil(groups / 8)."""
-    return (num_items * num_mod * max_groups + (CHUNK - 1) * num_tiles) // CHUNK + 1
-
-
-def _packed_rows(slot_pages, offsets, ranks, plan, pos, groups, *, bound, chunks, per,
-                 page_size, num_rows, max_groups):
-    """Pool row (width-C view) of every packed group, per column chunk:
-    [bound * 8, chunks]; `num_rows` (past the pool) where no group is packed."""
-    rows = jnp.stack([_group_rows(slot_pages, offsets[:, j], ranks[:, j], plan["item_slot"],
-                                  num_groups=max_groups, chunks=chunks, per=per,
-                                  page_size=page_size, num_rows=num_rows)
-                      for j in range(offsets.shape[1])], axis=1)     # [W, M, chunks, G]
-    g = jnp.arange(max_groups, dtype=jnp.int32)
-    idx = jnp.where(g < groups[:, :, None], pos[:, :, None] + g, bound * CHUNK)
-    out = jnp.full((bound * CHUNK, chunks), num_rows, jnp.int32)
-    return out.at[idx.reshape(-1)].set(rows.transpose(0, 1, 3, 2).reshape(-1, chunks),
-                                       mode="drop")
-
-
-def _static():
-    return dataclasses.field(metadata=dict(static=True))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class GroupPlan:
-    """Everything the kernels of one module group need that does not depend on the
-    layer: built once per step (`group_plan`) and used by every layer. A pytree: it
-    can be passed into a jitted function."""
-    t: int = _static()               # tokens
-    bt: int = _static()              # tokens per tile
-    num_tiles: int = _static()
-    num_slots: int = _static()
-    max_rank: int = _static()
-    k_in: int = _static()            # shrink input width (None: no shrink part)
-    widths: tuple = _static()        # output width of each module (): no expand part
-    s_bound: int = _static()         # shrink chunks, static bound
-    e_bound: int = _static()         # expand chunks per module, static bound
-    plan: dict                       # the token plan (`plan_batch`)
-    ranks: jax.Array                 # [S, M]
-    scales: jax.Array                # [S, M]
-    s_starts: jax.Array              # [NT + 1] first chunk of each tile
-    s_pos: jax.Array                 # [W, M] packed group of each item's module group 0
-    s_rows: jax.Array                # [s_bound * 8, chunks_a] pool row of each packed group
-    e_starts: jax.Array              # [M, NT + 1]
-    e_rows: tuple                    # per distinct width: [its M, e_bound * 8, chunks_b]
-    e_item: jax.Array                # [M, e_bound * 8] item of each packed group (-1: none)
-    e_group: jax.Array               # [M, e_bound * 8] its group within the item's module
-
-
-def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t, k_in,
-               widths, h, page_size, max_rank, block_tokens, num_rows) -> GroupPlan:
-    """The packing of one module group (see the module docstring). a_offsets,
-    b_offsets, ranks, scales: [S, M]; widths: M output widths; num_rows: pool rows."""
-    s, n_mod = ranks.shape
-    bt = block_tokens
-    nt = -(-t // bt)
-    w_max = plan["item_tile"].shape[0]
-    gmax = -(-max_rank // GROUP)
-    s_bound, s_starts, s_pos, s_rows = 0, None, None, None
-    if k_in is not None:
-        ca, chunks_a = matrix_form(k_in, h)
-        s_bound = _chunks_bound(w_max, n_mod, gmax, nt)
-        s_starts, s_pos, s_groups = _pack(plan, ranks, nt)
-        s_rows = _packed_rows(slot_pages, a_offsets, ranks, plan, s_pos, s_groups,
-                              bound=s_bound, chunks=chunks_a, per=h // ca, page_size=page_size,
-                              num_rows=num_rows * (h // ca), max_groups=gmax)
-    e_bound = _chunks_bound(w_max, 1, gmax, nt)
-    e_starts, e_rows, e_item, e_group = [], [], [], []
-    g = jnp.arange(gmax, dtype=jnp.int32)
-    w_ids = jnp.broadcast_to(jnp.arange(w_max, dtype=jnp.int32)[:, None], (w_max, gmax))
-    for j, width in enumerate(widths):
-        cb, chunks_b = matrix_form(width, h)
-        st, pos, grp = _pack(plan, ranks[:, j:j + 1], nt)
-        e_starts.append(st)
-        e_rows.append(_packed_rows(slot_pages, b_offsets[:, j:j + 1], ranks[:, j:j + 1], plan,
-                                   pos, grp, bound=e_bound, chunks=chunks_b, per=h // cb,
-                                   page_size=page_size, num_rows=num_rows * (h // cb),
-                                   max_groups=gmax))
-        idx = jnp.where(g < grp, pos + g, e_bound * CHUNK).reshape(-1)
-        e_item.append(jnp.full((e_bound * CHUNK,), -1, jnp.int32).at[idx].set(
-            w_ids.reshape(-1), mode="drop"))
-        e_group.append(jnp.full((e_bound * CHUNK,), -1, jnp.int32).at[idx].set(
-            jnp.broadcast_to(g, (w_max, gmax)).reshape(-1), mode="drop"))
-    return GroupPlan(t=t, bt=bt, num_tiles=nt, num_slots=s, max_rank=max_rank, k_in=k_in,
-                     widths=tuple(widths), plan=plan, ranks=ranks, scales=scales,
-                     s_bound=s_bound, s_starts=s_starts, s_pos=s_pos, s_rows=s_rows,
-                     e_bound=e_bound, e_starts=jnp.stack(e_starts) if widths else None,
-                     e_rows=tuple(jnp.stack([e_rows[j] for j in _width_groups(widths)[w]])
-                                  for w in _width_groups(widths)), e_item=jnp.stack(e_item) if widths else None,
-                     e_group=jnp.stack(e_group) if widths else None)
 
 # --- the pipeline both kernels run ------------------------------------------------
 
@@ -433,7 +212,7 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, b_smem, xs_sm
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((bn, bt), jnp.float32))   # zeros: no chunk
         # Transpose through SMEM, [n, tok] -> [tok, n]: a token's row is contiguous.
-        t_smem[...] = acc
+        t_smem[...] = acc if t_smem.dtype == jnp.float32 else acc.astype(t_smem.dtype)
         plgpu.commit_smem()
         acc_t = plgpu.load(t_smem.T, layout=plgpu.Layout.WG_STRIDED((bt, bn), vec_size=1))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)       # the last N step is out
@@ -446,9 +225,9 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, b_smem, xs_sm
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "bt", "bn", "stages", "splits", "width", "chunk_width", "interpret"))
+    "bt", "bn", "stages", "splits", "width", "chunk_width", "out_dtype", "interpret"))
 def _expand_call(starts, grp, xs, rows_c, *, bt, bn, stages, splits, width, chunk_width,
-                 interpret):
+                 out_dtype, interpret):
     n_mod, nt = starts.shape[0], starts.shape[1] - 1
     dt = rows_c.dtype
     body = functools.partial(_expand_kernel, bt=bt, bn=bn, num_n=width // (bn * splits),
@@ -456,15 +235,15 @@ def _expand_call(starts, grp, xs, rows_c, *, bt, bn, stages, splits, width, chun
                              chunk_width=chunk_width)
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((nt * bt, n_mod * width), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((nt * bt, n_mod * width), out_dtype),
         grid=(nt, n_mod * splits),
         grid_names=("t", "s"),
         kernel_name="mgpu_lora_expand",
         scratch_types=[
             plgpu.SMEM((stages, ROWS, bn), dt, transforms=smem_transforms(bn, dt)),
             plgpu.SMEM((stages, bt, ROWS), dt, transforms=smem_transforms(ROWS, dt)),
-            plgpu.SMEM((bn, bt), jnp.float32),
-            plgpu.SMEM((bt, bn), jnp.float32),
+            plgpu.SMEM((bn, bt), out_dtype),
+            plgpu.SMEM((bt, bn), out_dtype),
             plgpu.Barrier(num_arrivals=CHUNK + 1, num_barriers=stages),
         ],
         compiler_params=plgpu.CompilerParams(),
@@ -528,98 +307,60 @@ def _shrink_launch(gp: GroupPlan, x, rows, *, block_k=None, num_stages=None, num
     splits = num_splits or _divisor_at_most(k // bk, -(-SHRINK_BLOCKS // (nt * lanes)))
     stage = (ROWS + bt) * bk * 2
     stages = num_stages or max(2, min(4, (SMEM_BYTES - ROWS * bt * 4) // stage))
-    order = jnp.pad(gp.plan["order"], (0, nt * bt - t))
-    return _shrink_call(gp.s_starts, gp.s_rows, x.astype(rows.dtype)[order],
+    x = x.astype(rows.dtype)
+    if gp.sorted:
+        x = x[plan_order(gp.plan, t, nt * bt)]           # the tiles read x in sorted order
+    elif nt * bt > t:
+        x = jnp.pad(x, ((0, nt * bt - t), (0, 0)))
+    return _shrink_call(gp.s_starts, gp.s_rows, x,
                         rows.reshape(n_rows * (h // c), c), bound=gp.s_bound, bt=bt, bk=bk,
                         stages=stages, splits=splits, lanes=lanes, chunk_width=c,
                         interpret=default_interpret() if interpret is None else interpret)
 
 
 def _expand_launch(gp: GroupPlan, xs, rows, mods: list[int], width: int, *, block_n=None,
-                   num_stages=None, num_splits=None, interpret=None):
-    """The expand kernel for modules `mods` (one width): [T, len(mods) * width] float32,
-    in token order."""
+                   num_stages=None, num_splits=None, out_dtype=jnp.float32, interpret=None):
+    """The expand kernel for modules `mods` (one width): [T, len(mods) * width] in
+    `out_dtype` (float32, or the pool's 16-bit dtype), in token order."""
     n_rows, h = rows.shape
     c, _ = matrix_form(width, h)
     bt, nt = gp.bt, gp.num_tiles
     bn = block_n or _block_n(c, width, bt)
     splits = num_splits or _divisor_at_most(width // bn, -(-TARGET_BLOCKS // (nt * len(mods))))
     stage = (ROWS * bn + bt * ROWS) * 2
-    stages = num_stages or max(2, min(4, (SMEM_BYTES - 2 * bn * bt * 4) // stage))
-    groups = _width_groups(gp.widths)
+    out_dtype = jnp.dtype(out_dtype)
+    stages = num_stages or max(2, min(4, (SMEM_BYTES - 2 * bn * bt * out_dtype.itemsize)
+                                      // stage))
+    groups = width_groups(gp.widths)
     assert groups[width] == list(mods), "an expand launch serves all modules of its width"
     grp = gp.e_rows[list(groups).index(width)]
     out = _expand_call(gp.e_starts[jnp.asarray(mods)], grp, xs,
                        rows.reshape(n_rows * (h // c), c), bt=bt, bn=bn, stages=stages,
-                       splits=splits, width=width, chunk_width=c,
+                       splits=splits, width=width, chunk_width=c, out_dtype=out_dtype,
                        interpret=default_interpret() if interpret is None else interpret)
-    return out[gp.plan["where"]]
+    return out[gp.plan["where"]] if gp.sorted else out[:gp.t]
 
 
-def _xs_index(gp: GroupPlan, mods: list[int]):
-    """Index arrays over the expand's xs [Mg, e_bound, bt, 8 groups, 8 rank rows]: each
-    element's item, group within the item's module, token column and rank row, its scale,
-    and whether it is live (a packed group, below its slot's rank, and one of the item's
-    own tokens: zeros elsewhere make the product block-diagonal). Shaped so that the
-    gathers below write xs in the kernel's layout, with no transpose after them."""
-    plan, s, bt = gp.plan, gp.num_slots, gp.bt
-    mg = len(mods)
-    m = jnp.asarray(mods).reshape(mg, 1, 1, 1, 1)
-    item = gp.e_item[jnp.asarray(mods)].reshape(mg, gp.e_bound, 1, CHUNK, 1)
-    grp = gp.e_group[jnp.asarray(mods)].reshape(mg, gp.e_bound, 1, CHUNK, 1)
-    col = jnp.arange(bt, dtype=jnp.int32).reshape(1, 1, bt, 1, 1)
-    rr = jnp.arange(GROUP, dtype=jnp.int32).reshape(1, 1, 1, 1, GROUP)
-    w = jnp.maximum(item, 0)
-    slot = jnp.minimum(plan["item_slot"][w], s - 1)
-    tok = plan["item_tile"][w] * bt + col                                  # sorted position
-    live = ((grp >= 0) & (grp * GROUP + rr < gp.ranks[slot, m])
-            & (tok >= plan["item_lo"][w]) & (tok < plan["item_hi"][w]))
-    return dict(m=m, w=w, grp=jnp.maximum(grp, 0), col=col, rr=rr, tok=tok, live=live,
-                scale=gp.scales[slot, m])
+OUT_MODES = ("float32", "pool")
 
 
-def _xs_finish(gp, ix, vals, dtype):
-    xs = jnp.where(ix["live"], vals * ix["scale"], 0.0).astype(dtype)
-    return xs.reshape(xs.shape[0], gp.e_bound, gp.bt, ROWS)
-
-
-def _xs_from_shrink(gp: GroupPlan, out_s, mods: list[int], dtype):
-    """The expand's xs straight from the shrink kernel's chunks (sum of the K splits)."""
-    ix = _xs_index(gp, mods)
-    og = out_s.reshape(out_s.shape[0], gp.s_bound * CHUNK, GROUP, gp.bt)
-    src = gp.s_pos[ix["w"], ix["m"]] + ix["grp"]               # packed shrink group
-    return _xs_finish(gp, ix, og[:, src, ix["rr"], ix["col"]].sum(0), dtype)
-
-
-def _xs_from_xa(gp: GroupPlan, xa, mods: list[int], dtype):
-    """The expand's xs from xa [Mg, T, R] (module j of xa is module mods[j])."""
-    ix = _xs_index(gp, mods)
-    order = jnp.pad(gp.plan["order"], (0, gp.num_tiles * gp.bt - gp.t))
-    j = jnp.arange(len(mods)).reshape(-1, 1, 1, 1, 1)
-    i = jnp.minimum(ix["grp"] * GROUP + ix["rr"], xa.shape[2] - 1)
-    return _xs_finish(gp, ix, xa[j, order[ix["tok"]], i], dtype)
-
-
-def make_group_plan(token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, scales, *,
-                    k_in, widths, max_rank, page_size, plan=None,
-                    block_tokens=None) -> GroupPlan:
-    """`group_plan` from the step's tables; `plan` (the token plan) is reused when its
-    block_tokens is the default one. k_in None: no shrink part; widths (): no expand."""
-    t, s = token_slot.shape[0], slot_pages.shape[0]
-    bt = block_tokens or pick_block_tokens(t, s)
-    if plan is None or bt != pick_block_tokens(t, s):
-        plan = plan_batch(token_slot, s, bt)
-    return group_plan(plan, slot_pages, a_offsets, b_offsets, ranks, scales, t=t, k_in=k_in,
-                      widths=widths, h=rows.shape[1], page_size=page_size, max_rank=max_rank,
-                      block_tokens=bt, num_rows=rows.shape[0])
+def expand_out_dtype(pool_dtype, mode: str = "float32"):
+    """The dtype the expand writes for `mode` (`StepSpec.lora_out`): "float32", or
+    "pool" (the pool's 16-bit dtype: half the bytes, and the rounding PEFT's bf16 LoRA
+    layers do)."""
+    if mode not in OUT_MODES:
+        raise ValueError(f"LoRA expand output '{mode}' is not one of {OUT_MODES}")
+    return jnp.dtype(jnp.float32 if mode == "float32" else pool_dtype)
 
 
 def lora_apply_multi(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales, token_slot, *,
-                     max_rank, out_features, page_size, plan=None, interpret=None):
+                     max_rank, out_features, page_size, plan=None, out_dtype=None,
+                     interpret=None):
     """The LoRA terms of M modules that read the same x (`lora.lora_apply_modules`):
     one shrink launch, one gather into the expand's packing, one expand launch per
     distinct width. `plan`: a `GroupPlan` of this group (built once per step), or the
-    token plan, or None. Returns M arrays [T, out_m] float32."""
+    token plan, or None. Returns M arrays [T, out_m] in `out_dtype` (default float32;
+    or the pool dtype, see `expand_out_dtype`)."""
     n_mod = len(out_features)
     why = _why_not(x.shape[1], out_features, rows.shape[1], page_size, rows.dtype,
                    plan.bt if isinstance(plan, GroupPlan) else
@@ -633,11 +374,12 @@ def lora_apply_multi(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales, t
     gp = plan if isinstance(plan, GroupPlan) else make_group_plan(
         token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, scales, k_in=x.shape[1],
         widths=tuple(out_features), max_rank=max_rank, page_size=page_size, plan=plan)
+    out_dtype = jnp.dtype(out_dtype or jnp.float32)
     out_s = _shrink_launch(gp, x, rows, interpret=interpret)
     outs = [None] * n_mod
-    for width, js in _width_groups(out_features).items():  # each distinct width, in order
-        y = _expand_launch(gp, _xs_from_shrink(gp, out_s, js, rows.dtype), rows, js, width,
-                           interpret=interpret)
+    for width, js in width_groups(out_features).items():  # each distinct width, in order
+        y = _expand_launch(gp, xs_from_shrink(gp, out_s, js, rows.dtype), rows, js, width,
+                           out_dtype=out_dtype, interpret=interpret)
         for n, j in enumerate(js):
             outs[j] = y[:, n * width:(n + 1) * width]
     return tuple(outs)
@@ -661,11 +403,12 @@ def lora_shrink_multi(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
                       max_rank: int, page_size: int, block_tokens: int | None = None,
                       block_k: int | None = None, num_stages: int | None = None,
                       num_splits: int | None = None, plan: dict | None = None,
-                      interpret=None) -> jax.Array:
+                      sort: bool | None = None, interpret=None) -> jax.Array:
     """The shrinks of M modules that read the same x (q/k/v; gate/up) in one launch.
 
     a_offsets, ranks: [S, M]. Returns [M, T, max_rank] float32. `plan`, if given, is
-    `batch_plan(token_slot, S)`.
+    `batch_plan(token_slot, S)`; else one is built, sorted by `sort_policy` unless
+    `sort` says.
     """
     t, k = x.shape
     s, n_mod = ranks.shape
@@ -678,11 +421,12 @@ def lora_shrink_multi(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
             page_size=page_size) for j in range(n_mod)])
     gp = make_group_plan(token_slot, rows, slot_pages, a_offsets, None, ranks,
                          jnp.ones(ranks.shape, jnp.float32), k_in=k, widths=(),
-                         max_rank=max_rank, page_size=page_size, plan=plan, block_tokens=bt)
+                         max_rank=max_rank, page_size=page_size, plan=plan, block_tokens=bt,
+                         sort=sort)
     out_s = _shrink_launch(gp, x, rows, block_k=block_k, num_stages=num_stages,
                            num_splits=num_splits, interpret=interpret)
     og = out_s.reshape(out_s.shape[0], gp.s_bound * CHUNK, GROUP, bt)
-    key, pos = gp.plan["key"], gp.plan["where"]
+    key, pos = gp.plan["key"], plan_where(gp.plan, t)
     w = gp.plan["pos_item"][pos]
     i = jnp.arange(max_rank, dtype=jnp.int32)
     src = gp.s_pos[w][:, :, None] + i // GROUP                                 # [T, M, R]
@@ -711,11 +455,13 @@ def lora_expand_multi(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
                       token_slot: jax.Array, *, out_features: int, page_size: int,
                       block_tokens: int | None = None, block_n: int | None = None,
                       num_stages: int | None = None, num_splits: int | None = None,
-                      plan: dict | None = None, interpret=None) -> jax.Array:
+                      plan: dict | None = None, sort: bool | None = None,
+                      out_dtype=jnp.float32, interpret=None) -> jax.Array:
     """The expands of M modules of one output width in one launch.
 
     xa: [M, T, R] f32 (`lora_shrink_multi`); b_offsets, ranks, scales: [S, M].
-    Returns [T, M · out_features] float32, module m in columns [m·out, (m+1)·out).
+    Returns [T, M · out_features] in `out_dtype` (float32, or the pool dtype), module m
+    in columns [m·out, (m+1)·out). `plan`, `sort`: as `lora_shrink_multi`.
     """
     n_mod, t, max_rank = xa.shape
     s = slot_pages.shape[0]
@@ -729,8 +475,8 @@ def lora_expand_multi(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
             out_features=out_features, page_size=page_size) for j in range(n_mod)], axis=1)
     gp = make_group_plan(token_slot, rows, slot_pages, None, b_offsets, ranks, scales,
                          k_in=None, widths=widths, max_rank=max_rank, page_size=page_size,
-                         plan=plan, block_tokens=bt)
+                         plan=plan, block_tokens=bt, sort=sort)
     mods = list(range(n_mod))
-    return _expand_launch(gp, _xs_from_xa(gp, xa, mods, rows.dtype), rows, mods, out_features,
+    return _expand_launch(gp, xs_from_xa(gp, xa, mods, rows.dtype), rows, mods, out_features,
                           block_n=block_n, num_stages=num_stages, num_splits=num_splits,
-                          interpret=interpret)
+                          out_dtype=out_dtype, interpret=interpret)

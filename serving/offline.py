@@ -60,7 +60,8 @@ class OfflineEngine:
         self.pool = init_pool(self.layout, dtype)
         self.allocator = PageAllocator(ec.num_pages)
         self.spec = StepSpec(mc, self.layout, lora_backend=ec.lora_backend,
-                             attention_backend=ec.attention_backend)
+                             attention_backend=ec.attention_backend,
+                             lora_sort=ec.lora_sort, lora_out=ec.lora_out)
         self.adapters: dict[str, LoraAdapter] = {}
         self.resident: dict[str, SlotInfo] = {}
 

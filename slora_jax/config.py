@@ -223,8 +223,17 @@ class EngineConfig:
     lora_backend: str = "auto"
     attention_backend: str = "auto"
     lora_modules: tuple[str, ...] = MODULES
+    # Pallas LoRA kernels (`StepSpec.lora_sort`/`lora_out`): whether the token plan
+    # sorts tokens by adapter ("always", "never", "auto": not at <= 32 tokens) and the
+    # dtype the expand writes ("float32", or "pool": the pool's bf16).
+    lora_sort: str = "always"
+    lora_out: str = "float32"
 
     def __post_init__(self):
+        if self.lora_sort not in ("always", "never", "auto"):
+            raise ValueError(f"lora_sort: '{self.lora_sort}' is not always, never or auto")
+        if self.lora_out not in ("float32", "pool"):
+            raise ValueError(f"lora_out: '{self.lora_out}' is not float32 or pool")
         mods = tuple(self.lora_modules)
         bad = [m for m in mods if m not in MODULES]
         if bad:

@@ -41,6 +41,8 @@ class StepSpec:
     lora_backend: str = "reference"
     attention_backend: str = "reference"
     logits: str = "none"          # "none" | "last" | "all" (prefill) logits returned
+    lora_sort: str = "always"     # Pallas LoRA: sort tokens by slot ("always"|"never"|"auto")
+    lora_out: str = "float32"     # Pallas LoRA: expand output dtype ("float32"|"pool")
 
     def with_(self, **kw) -> "StepSpec":
         return dataclasses.replace(self, **kw)
@@ -90,10 +92,12 @@ class _Lora:
         self.group_plans: dict = {}     # Pallas: each module group's packing, built once
         if (lora is not None and lora.slot_pages.shape[0]
                 and lora_ops.resolve_backend(spec.lora_backend) == "pallas"):
-            # The kernels' batch plan (tokens sorted by slot) depends on token_slot
-            # alone: build it once for all modules and layers.
-            from pallas_kernels import lora_mgpu
-            self.plan = lora_mgpu.batch_plan(token_slot, lora.slot_pages.shape[0])
+            # The kernels' token plan depends on token_slot alone: build it once for
+            # all modules and layers.
+            from pallas_kernels import lora_plan
+            self.plan = lora_plan.batch_plan(
+                token_slot, lora.slot_pages.shape[0],
+                sort=lora_plan.sort_policy(token_slot.shape[0], spec.lora_sort))
 
     def delta(self, x: jax.Array, module: str, pool_layer: jax.Array) -> jax.Array | float:
         return self.deltas(x, (module,), pool_layer)[0]
@@ -118,10 +122,10 @@ class _Lora:
         if plan is not None:
             # The packing depends on the step's slots, not on the layer: build it in
             # the first layer and let every later layer reuse it.
-            from pallas_kernels import lora_mgpu
+            from pallas_kernels import lora_plan
             key = tuple(modules[j] for j in live)
             if key not in self.group_plans:
-                self.group_plans[key] = lora_mgpu.make_group_plan(
+                self.group_plans[key] = lora_plan.make_group_plan(
                     self.token_slot, rows, lb.slot_pages, a_off, b_off, ranks, scales,
                     k_in=x.shape[1], widths=widths, max_rank=lay.max_rank,
                     page_size=lay.page_size, plan=plan)
@@ -129,7 +133,7 @@ class _Lora:
         ys = lora_ops.lora_apply_modules(
             x, rows, lb.slot_pages, a_off, b_off, ranks, scales, self.token_slot,
             max_rank=lay.max_rank, out_features=widths, page_size=lay.page_size,
-            backend=self.spec.lora_backend, plan=plan)
+            backend=self.spec.lora_backend, plan=plan, out=self.spec.lora_out)
         for j, y in zip(live, ys):
             out[j] = y
         return tuple(out)

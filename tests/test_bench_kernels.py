@@ -49,7 +49,7 @@ def test_pallas_rows_compute_what_the_reference_rows_compute():
     t, n = 8, 4
     ts = jnp.asarray(np.arange(t) % n, jnp.int32)
     adapters = np.arange(n)
-    plan = bench.lora_mgpu.batch_plan(ts, n)
+    plan = bench.lora_plan.batch_plan(ts, n)
     xa = jax.random.normal(jax.random.key(0), (t, pool.max_rank), jnp.float32)
     scale = jnp.full((n,), 0.5, jnp.float32)
     for op, mod in (("shrink", "o"), ("expand", "v"), ("expand", "gate"), ("shrink", "down")):

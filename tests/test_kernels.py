@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import lora, lora_mgpu, paged_attention, paged_attention_mgpu
+from pallas_kernels import lora, lora_mgpu, lora_plan, paged_attention, paged_attention_mgpu
 from slora_jax.pool import PoolLayout, matrix_align
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -87,11 +87,15 @@ def check_expand(c, out_features, fallback=False, **kw):
     args = (c["xa"], rows, c["slot_pages"], c["b_offset"], c["rank"], c["scale"],
             c["token_slot"])
     opts = dict(out_features=out_features, page_size=c["page_size"])
-    got = np.asarray(lora_mgpu.lora_expand(*args, **opts, **kw))
+    got = lora_mgpu.lora_expand(*args, **opts, **kw)
     ref = np.asarray(lora.lora_expand_reference(*args, **opts))
     assert bool(lora_mgpu._warned) == fallback, "unexpected (lack of) fallback"
+    assert got.dtype == jnp.dtype(kw.get("out_dtype", jnp.float32)) or fallback
+    got = np.asarray(got, np.float32)
     assert got.shape == ref.shape and not np.isnan(got).any()
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-2)
+    # A 16-bit output rounds each float32 sum once: half an ulp, 2^-9 of it in bf16.
+    rtol = 1e-4 if got.dtype == np.float32 and "out_dtype" not in kw else 2 ** -8
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-2)
 
 
 H = 128          # smallest row the kernels take: one 64-wide swizzle tile, twice
@@ -159,16 +163,17 @@ def multi_case(rng, *, h, t, s, max_rank, ranks, out_widths, token_slot, page_si
                 max_rank=max_rank, page_size=page_size, out_widths=tuple(out_widths))
 
 
-def check_modules(c):
+def check_modules(c, sort=None, out="float32"):
     """The fused kernels against each module's reference, stage by stage (tight: the
     same bf16-exact inputs), then `lora_apply_modules` end to end (one shrink launch,
-    one expand launch per width) against the per-module reference `lora_apply`."""
+    one expand launch per width) against the per-module reference `lora_apply`.
+    sort: the token plan's order (None: the default policy); out: the terms' dtype."""
     lora_mgpu._warned.clear()
     mods, widths = range(len(c["out_widths"])), c["out_widths"]
     pages, ts = c["slot_pages"], c["token_slot"]
     opts = dict(max_rank=c["max_rank"], page_size=c["page_size"])
     xa = np.asarray(lora_mgpu.lora_shrink_multi(c["x"], c["rows"], pages, c["a_offsets"],
-                                                c["ranks"], ts, **opts))
+                                                c["ranks"], ts, sort=sort, **opts))
     for j in mods:
         ref = lora.lora_shrink_reference(c["x"], c["rows"], pages, c["a_offsets"][:, j],
                                          c["ranks"][:, j], ts, **opts)
@@ -179,7 +184,7 @@ def check_modules(c):
         js = [j for j in mods if widths[j] == w]
         got = np.asarray(lora_mgpu.lora_expand_multi(
             xa_in[jnp.asarray(js)], c["rows"], pages, c["b_offsets"][:, js], c["ranks"][:, js],
-            c["scales"][:, js], ts, out_features=w, page_size=c["page_size"]))
+            c["scales"][:, js], ts, out_features=w, page_size=c["page_size"], sort=sort))
         assert got.shape == (len(ts), len(js) * w) and not np.isnan(got).any()
         for n, j in enumerate(js):
             ref = lora.lora_expand_reference(xa_in[j], c["rows"], pages, c["b_offsets"][:, j],
@@ -192,30 +197,55 @@ def check_modules(c):
     opts = dict(opts, out_features=widths)
     # Wait for the interpreted kernels before dispatching more: their callbacks run jnp
     # ops on other threads, and eager dispatch beside them can deadlock on the CPU client.
-    got = jax.block_until_ready(lora.lora_apply_modules(*args, **opts, backend="pallas"))
+    plan = None if sort is None else lora_plan.batch_plan(ts, pages.shape[0], sort=sort)
+    got = jax.block_until_ready(lora.lora_apply_modules(*args, **opts, backend="pallas",
+                                                        plan=plan, out=out))
     ref = lora.lora_apply_modules(*args, **opts, backend="reference")
     assert not lora_mgpu._warned, "the kernel fell back to the reference"
+    want = jnp.float32 if out == "float32" else c["rows"].dtype
     for g, r, w in zip(got, ref, widths):
-        g, r = np.asarray(g), np.asarray(r)
+        assert g.dtype == want
+        g, r = np.asarray(g, np.float32), np.asarray(r)
         assert g.shape == r.shape == (len(ts), w) and not np.isnan(g).any()
         # End to end, both paths round scale·xa to bf16, and an f32 xa that differs in
         # its last bits may round to the neighbouring bf16 value: one flip moves an
         # output by up to 2^-8 of its largest term. A wrong matrix is off by ~|r|.
-        np.testing.assert_allclose(g, r, rtol=2e-3, atol=2 ** -7 * max(1.0, np.abs(r).max()))
+        # A bf16 output adds half an ulp of each term (2^-9 of it).
+        np.testing.assert_allclose(g, r, rtol=2e-3 if out == "float32" else 2 ** -8,
+                                   atol=2 ** -7 * max(1.0, np.abs(r).max()))
 
 
-@pytest.mark.parametrize("kind,max_rank,widths", [
-    ("mixed", 16, (H, H, H)),                 # MHA q/k/v: one shrink, one expand
-    ("all_distinct", 64, (H, H // 2, H // 2)),  # GQA: 192 shrink rows; expands q, then k|v
-    ("one_adapter", 8, (H, H)),               # gate/up-like pair
-    ("no_adapters", 16, (H, H, H))])
-def test_fused_modules_match_reference(kind, max_rank, widths):
+@pytest.mark.parametrize("kind,max_rank,widths,sort,out", [
+    ("mixed", 16, (H, H, H), None, "float32"),    # MHA q/k/v: one shrink, one expand
+    ("all_distinct", 64, (H, H // 2, H // 2), None, "float32"),  # GQA: 192 shrink rows;
+                                                  # expands q, then k|v
+    ("one_adapter", 8, (H, H), None, "float32"),  # gate/up-like pair
+    ("no_adapters", 16, (H, H, H), None, "float32"),
+    ("mixed", 16, (H, H // 2, H // 2), False, "pool")])   # unsorted tiles, bf16 terms
+def test_fused_modules_match_reference(kind, max_rank, widths, sort, out):
     rng = np.random.default_rng()
     ts, _ = _batch(rng, kind, 12, 12, max_rank)
     ranks = rng.choice([0, 1, 5, 8, max_rank], (12, len(widths)))
     c = multi_case(rng, h=H, t=len(ts), s=12, max_rank=max_rank, ranks=ranks,
                    out_widths=widths, token_slot=ts)
-    check_modules(c)
+    check_modules(c, sort=sort, out=out)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "all_distinct", "segments"])
+def test_unsorted_plan_matches_reference(kind):
+    """Tiles of the tokens in their own order: a tile mixes slots, each token takes only
+    its own slot's rows, and the output needs no un-sort. Edge: a last partial tile."""
+    rng = np.random.default_rng()
+    if kind == "segments":                        # prefill-like: runs across tiles
+        ts = np.repeat(rng.permutation(4) - 1, [9, 3, 14, 5])
+        ranks = [16, 3, 8, 16]
+    else:
+        ts, ranks = _batch(rng, kind, 13, 12, 16)
+    c = lora_case(rng, h=H, t=len(ts), s=len(ranks), max_rank=16, ranks=ranks,
+                  token_slot=ts)
+    check_shrink(c, sort=False)
+    check_expand(c, H, sort=False)
+    check_expand(c, H, sort=False, out_dtype=jnp.bfloat16)
 
 
 def test_max_rank_128_spans_two_row_tiles():
@@ -282,8 +312,10 @@ def test_plan_covers_each_token_once():
     rng = np.random.default_rng()
     t, s, bt = 37, 9, 8
     ts = rng.integers(-1, s, t)
-    plan = jax.tree.map(np.asarray, lora_mgpu.plan_batch(jnp.asarray(ts, jnp.int32), s, bt))
+    plan = jax.tree.map(np.asarray, lora_plan.plan_batch(jnp.asarray(ts, jnp.int32), s, bt))
+    assert lora_plan.is_sorted(plan)
     skey = plan["key"][plan["order"]]
+    assert (plan["skey"] == skey).all()
     owned = np.zeros(t, int)
     for w in range(len(plan["item_lo"])):
         lo, hi = plan["item_lo"][w], plan["item_hi"][w]
@@ -298,7 +330,35 @@ def test_plan_covers_each_token_once():
     assert (plan["where"][plan["order"]] == np.arange(t)).all()
 
 
-def test_group_plan_packs_each_group_once_inside_its_tile():
+def test_unsorted_plan_items_are_the_distinct_tile_slot_pairs():
+    rng = np.random.default_rng()
+    t, s, bt = 37, 9, 8
+    ts = rng.integers(-1, s, t)
+    ts[8:16] = 3                                    # a tile of one slot
+    plan = jax.tree.map(np.asarray, lora_plan.plan_batch(jnp.asarray(ts, jnp.int32), s, bt,
+                                                          sort=False))
+    assert not lora_plan.is_sorted(plan)
+    key = np.where(ts >= 0, ts, s)
+    assert (plan["key"] == key).all() and (plan["skey"] == key).all()
+    pairs = sorted({(p // bt, int(key[p])) for p in range(t)})
+    used = plan["item_hi"] > plan["item_lo"]
+    assert len(plan["item_lo"]) == lora_plan.num_items_bound(t, s, bt, sort=False)
+    got = list(zip(plan["item_tile"][used].tolist(), plan["item_slot"][used].tolist()))
+    assert got == pairs                             # each pair once, in tile order
+    assert not used[len(pairs):].any()
+    for p in range(t):                              # each token's item is its own pair
+        w = plan["pos_item"][p]
+        assert (plan["item_tile"][w], plan["item_slot"][w]) == (p // bt, key[p])
+        assert plan["item_lo"][w] <= p < plan["item_hi"][w]
+    assert lora_plan.batch_plan(jnp.asarray(ts, jnp.int32), s, sort=True).keys() >= {"order"}
+    assert lora_plan.sort_policy(32, "auto") is False and lora_plan.sort_policy(33, "auto")
+    assert lora_plan.sort_policy(8) and not lora_plan.sort_policy(4096, "never")
+    with pytest.raises(ValueError, match="sort mode 'sometimes'"):
+        lora_plan.sort_policy(8, "sometimes")
+
+
+@pytest.mark.parametrize("sort", [True, False])
+def test_group_plan_packs_each_group_once_inside_its_tile(sort):
     """The packing: every (item, module, 8-row group) below the slot's rank has one packed
     place, inside its own tile's chunks, holding that group's pool row; every other place
     holds the past-the-pool row (TMA zero fill); the expand's inverse map agrees."""
@@ -310,10 +370,11 @@ def test_group_plan_packs_each_group_once_inside_its_tile():
                    ranks=rng.choice([0, 1, 8, 9, max_rank], (s, 2)), out_widths=widths,
                    token_slot=ts)
     n_rows = c["rows"].shape[0]
-    gp = lora_mgpu.make_group_plan(c["token_slot"], c["rows"], c["slot_pages"], c["a_offsets"],
+    gp = lora_plan.make_group_plan(c["token_slot"], c["rows"], c["slot_pages"], c["a_offsets"],
                                    c["b_offsets"], c["ranks"], c["scales"], k_in=H,
                                    widths=widths, max_rank=max_rank, page_size=8,
-                                   block_tokens=bt)
+                                   block_tokens=bt, sort=sort)
+    assert gp.sorted == sort
     plan = jax.tree.map(np.asarray, gp.plan)
     ranks = np.asarray(c["ranks"])
     starts, pos, rows = map(np.asarray, (gp.s_starts, gp.s_pos, gp.s_rows))
@@ -325,7 +386,7 @@ def test_group_plan_packs_each_group_once_inside_its_tile():
             continue
         tile = plan["item_tile"][w]
         for m in range(2):
-            want = np.asarray(lora_mgpu._group_rows(
+            want = np.asarray(lora_plan._group_rows(
                 c["slot_pages"], c["a_offsets"][:, m], c["ranks"][:, m],
                 jnp.asarray([slot], jnp.int32), num_groups=max_rank // 8 + 1, chunks=1,
                 per=1, page_size=8, num_rows=n_rows))[0, 0]
@@ -468,6 +529,20 @@ def test_gpu_fused_modules(widths):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("t,widths", [(32, (4096, 4096, 4096)), (24, (4096, 1024, 1024))])
+def test_gpu_unsorted_plan_bf16_terms(t, widths):
+    """The small-batch options at Llama shapes: tokens left in their own order (tiles mix
+    slots; no gathers around the kernels) and the expand writing bf16."""
+    rng = np.random.default_rng()
+    ts, _ = _batch(rng, "mixed", t, 48, 64)
+    ranks = rng.choice([0, 1, 8, 16, 64], (48, len(widths)))
+    check_modules(multi_case(rng, h=4096, t=len(ts), s=48, max_rank=64, ranks=ranks,
+                             out_widths=widths, token_slot=ts, page_size=16),
+                  sort=False, out="pool")
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_lora_prefill_segments():
     rng = np.random.default_rng()
     ts = np.repeat(rng.permutation(5), [300, 7, 130, 64, 1])
@@ -475,6 +550,8 @@ def test_gpu_lora_prefill_segments():
                   token_slot=ts, page_size=16)
     check_shrink(c)
     check_expand(c, 4096)
+    check_shrink(c, sort=False)
+    check_expand(c, 4096, sort=False, out_dtype=jnp.bfloat16)
 
 
 @pytest.mark.gpu

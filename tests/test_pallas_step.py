@@ -40,7 +40,22 @@ LLAMA7B_2L = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=1
                          num_layers=2, num_heads=32, num_kv_heads=32, head_dim=128,
                          name="llama-7b-2-layers")
 BACKENDS = [("reference", "reference"), ("pallas", "reference"), ("reference", "pallas"),
-            ("pallas", "pallas")]        # (lora_backend, attention_backend)
+            ("pallas", "pallas"),        # (lora_backend, attention_backend)
+            ("reference-bf16", "reference"),      # LoRA terms rounded to bf16 ...
+            ("pallas-unsorted-bf16", "pallas")]   # ... as the kernels write them, with
+                                                  # the tokens left unsorted
+# StepSpec options of the lora backend names above that are not backends
+LORA_OPTS = {"reference-bf16": dict(lora_backend="reference", lora_out="pool"),
+             "pallas-unsorted-bf16": dict(lora_backend="pallas", lora_sort="never",
+                                          lora_out="pool")}
+# What each is compared with: the reference step that rounds its LoRA terms alike
+REF = {"pallas-unsorted-bf16": ("reference-bf16", "reference")}
+CHECKED = [k for k in BACKENDS[1:] if k[0] != "reference-bf16"]
+
+
+def _spec(eng, lora_b, attn_b):
+    opts = LORA_OPTS.get(lora_b, dict(lora_backend=lora_b))
+    return eng.spec.with_(attention_backend=attn_b, logits="last", **opts)
 ADAPTERS = [(1, ("q", "k", "v", "o")), (16, ("q", "k", "v", "o")), (5, ("q", "v")),
             (8, ("o",)), (4, ("gate", "up", "down"))]
 
@@ -90,7 +105,7 @@ def _decode_both(mc, batch, context, seed):
                       samp, slots, eng.ec, eng.layout)
     out = {}
     for lora_b, attn_b in BACKENDS:
-        spec = eng.spec.with_(lora_backend=lora_b, attention_backend=attn_b, logits="last")
+        spec = _spec(eng, lora_b, attn_b)
         pool = jax.tree.map(jnp.copy, eng.pool)
         pool, res = decode(params, pool, db, spec=spec)
         out[lora_b, attn_b] = (np.asarray(res.logits[:batch], np.float32), pool)
@@ -104,12 +119,12 @@ def _decode_both(mc, batch, context, seed):
 
 def _check(mc, batch, context, seed):
     out, base, req_slot, *_ = _decode_both(mc, batch, context, seed)
-    ref, ref_pool = out["reference", "reference"]
-    scale = np.abs(ref).max(axis=-1)
-    moved = np.abs(base - ref).max(axis=-1) / scale
+    scale = np.abs(out["reference", "reference"][0]).max(axis=-1)
+    moved = np.abs(base - out["reference", "reference"][0]).max(axis=-1) / scale
     with_lora = np.array(req_slot) >= 0
     errs = {}
-    for key in BACKENDS[1:]:               # each kernel alone, then both
+    for key in CHECKED:                    # each kernel alone, then both
+        ref, ref_pool = out[REF.get(key[0], ("reference", "reference"))]
         got, got_pool = out[key]
         assert np.all(np.isfinite(got)), key
         errs[key] = err = np.abs(got - ref).max(axis=-1) / scale
@@ -135,12 +150,12 @@ def _check_prefill(mc, batch, context, seed):
     pb = _requests(eng, mc, batch, context, seed)[-1]
     out = {}
     for lora_b, attn_b in BACKENDS:
-        spec = eng.spec.with_(lora_backend=lora_b, attention_backend=attn_b, logits="last")
+        spec = _spec(eng, lora_b, attn_b)
         pool, res = prefill(params, jax.tree.map(jnp.copy, eng.pool), pb, spec=spec)
         out[lora_b, attn_b] = (np.asarray(res.logits[:batch], np.float32), pool)
-    ref, ref_pool = out["reference", "reference"]
-    scale = np.abs(ref).max(axis=-1)
-    for key in BACKENDS[1:]:
+    scale = np.abs(out["reference", "reference"][0]).max(axis=-1)
+    for key in CHECKED:
+        ref, ref_pool = out[REF.get(key[0], ("reference", "reference"))]
         got, got_pool = out[key]
         assert np.all(np.isfinite(got)), key
         err = np.abs(got - ref).max(axis=-1) / scale

@@ -1,0 +1,381 @@
+"""The work plan of the LoRA kernels (`lora_mgpu`): XLA on small int arrays, built once
+per step and shared by every layer.
+
+*Token plan* (`plan_batch`): the tokens are cut into aligned tiles of `block_tokens`
+(8 at decode) and one *item* is one (token tile, slot) pair for every slot with tokens
+in that tile (as ragged_dot maps groups to blocks). Two orders:
+
+- *sorted* (the plan has `order`/`where`): tokens are first sorted by slot, so a tile
+  holds few slots and an adapter shared by many requests is read by few tiles. The
+  shrink reads x in sorted order and the expand writes sorted rows: one XLA gather
+  before, one un-sort after (XLA folds it into the add to the base output).
+- *unsorted* (no `order`/`where`): tiles of the tokens as they come. No gathers around
+  the kernels, and a tile's rows are as many as its distinct slots. At small batches
+  (a few tiles) it does the same kernel work with two fewer XLA ops per module group;
+  `sort_policy` picks (`StepSpec.lora_sort`).
+
+Rows move by TMA in *groups* of 8 rank rows, read in the view of the pool in which the
+matrix's rank rows are rows (`slora_jax.pool.matrix_form`: `[*, W]` for a flat matrix
+whose width W divides H, `[*, C]` for a chunked one, C = gcd(W, H), where each column
+chunk is its own run of rank rows). `PoolLayout.adapter_offsets` starts every matrix
+8-aligned in that view, so a slot of rank r owns exactly ceil(r/8) groups per module and
+chunk. This needs `page_size * H / C % 8 == 0`, so that a group never straddles a page.
+
+*Packing* (`GroupPlan`): the groups of all items of a token tile are laid end to end and
+cut into *chunks* of 8 groups, the 64 rows of one wgmma operand, so a rank-16 slot fills
+a quarter of a chunk instead of padding its rows to 64. The shrink packs the groups of
+all modules that read the same x together; the expand packs each module on its own, and
+its `xs` (the block-diagonal scale·xa each chunk multiplies) is gathered from the
+shrink's chunks (`xs_from_shrink`) or from a given xa (`xs_from_xa`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from slora_jax.pool import matrix_form
+
+GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma operand
+CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
+ROWS = GROUP * CHUNK
+MAX_BLOCK_TOKENS = 32    # tokens per tile at most: 32 beat 64 and 128 in the Llama-7B e2e step
+UNSORTED_MAX_TOKENS = 32  # "auto": leave batches of at most this many tokens unsorted
+SORT_MODES = ("always", "never", "auto")
+
+
+def sort_policy(num_tokens: int, mode: str = "always") -> bool:
+    """Whether a plan of `num_tokens` tokens sorts them by slot. `mode` (`StepSpec.
+    lora_sort`): "always", "never", or "auto" (sort above UNSORTED_MAX_TOKENS tokens)."""
+    if mode not in SORT_MODES:
+        raise ValueError(f"LoRA token sort mode '{mode}' is not one of {SORT_MODES}")
+    return mode == "always" or (mode == "auto" and num_tokens > UNSORTED_MAX_TOKENS)
+
+
+def is_sorted(plan: dict) -> bool:
+    """Static: whether a token plan sorted its tokens (the dict's keys are its pytree
+    structure, so this is known when tracing)."""
+    return "order" in plan
+
+
+# --- the token plan (XLA) ----------------------------------------------------------
+
+def pick_block_tokens(num_tokens: int, num_slots: int) -> int:
+    """Tokens per work item: 8 at decode (one token per request), up to MAX_BLOCK_TOKENS when
+    slots hold many tokens (prefill)."""
+    per_slot = max(1, num_tokens // max(num_slots, 1))
+    return int(min(MAX_BLOCK_TOKENS, max(8, 1 << (per_slot - 1).bit_length())))
+
+
+def num_items_bound(num_tokens: int, num_slots: int, block_tokens: int,
+                    sort: bool = True) -> int:
+    """Static bound on work items. Sorted: each tile, plus one per slot that starts
+    mid-tile. Unsorted: each tile's distinct slots (at most its tokens)."""
+    nt = -(-num_tokens // block_tokens)
+    if sort:
+        return nt + min(num_slots + 1, num_tokens)
+    return min(num_tokens, nt * min(block_tokens, num_slots + 1))
+
+
+def plan_batch(token_slot: jax.Array, num_slots: int, block_tokens: int, *,
+               sort: bool = True) -> dict:
+    """List the (token tile, slot) work items, after sorting the tokens by slot (`sort`)
+    or in the tokens' own order.
+
+    token_slot: [T] int32 (-1 = no adapter: those tokens form one more pseudo-slot
+    `num_slots`, whose items write zero rows in the expand). Returns int32 arrays: key
+    [T] (each token's slot, num_slots for none), skey [T] (the key at each plan
+    position), item_slot/item_tile/item_lo/item_hi [W] (slot, tile, and the plan
+    positions [lo, hi) that hold the item's tokens; hi == lo for unused items),
+    pos_item [T] (the item owning each plan position), and when sorted order [T] (plan
+    position -> token) and where [T] (token -> plan position). Unsorted, plan position
+    = token, and [lo, hi) is the item's tile: its tokens are those with key == slot.
+    Items come in tile order.
+    """
+    t = token_slot.shape[0]
+    key = jnp.where(token_slot >= 0, token_slot, num_slots).astype(jnp.int32)
+    if not sort:
+        return _plan_unsorted(key, num_slots, block_tokens)
+    nseg = num_slots + 1
+    bt = block_tokens
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    where = jnp.zeros((t,), jnp.int32).at[order].set(jnp.arange(t, dtype=jnp.int32))
+    counts = (key[:, None] == jnp.arange(nseg, dtype=jnp.int32)[None, :]).sum(0,
+                                                                             dtype=jnp.int32)
+    ends = jnp.cumsum(counts, dtype=jnp.int32)
+    starts = ends - counts
+    first_tile = starts // bt
+    n_items = jnp.where(counts > 0, (ends - 1) // bt - first_tile + 1, 0)
+    item_end = jnp.cumsum(n_items, dtype=jnp.int32)
+    item_base = item_end - n_items
+    w = jnp.arange(num_items_bound(t, num_slots, bt), dtype=jnp.int32)
+    slot = jnp.minimum(jnp.searchsorted(item_end, w, side="right", method="compare_all"),
+                       nseg - 1).astype(jnp.int32)
+    tile = first_tile[slot] + (w - item_base[slot])
+    used = w < item_end[-1]
+    lo = jnp.where(used, jnp.maximum(starts[slot], tile * bt), 0)
+    hi = jnp.where(used, jnp.minimum(ends[slot], (tile + 1) * bt), 0)
+    p = jnp.arange(t, dtype=jnp.int32)
+    skey = key[order]
+    pos_item = item_base[skey] + p // bt - first_tile[skey]
+    return dict(order=order, where=where, key=key, skey=skey, item_slot=slot,
+                item_tile=jnp.where(used, tile, 0), item_lo=lo, item_hi=hi, pos_item=pos_item)
+
+
+def _plan_unsorted(key: jax.Array, num_slots: int, bt: int) -> dict:
+    """`plan_batch` without the sort: the items are the distinct (tile, key) pairs."""
+    t = key.shape[0]
+    nseg = num_slots + 1
+    p = jnp.arange(t, dtype=jnp.int32)
+    pair = (p // bt) * nseg + key                       # tile-major, so items in tile order
+    perm = jnp.argsort(pair).astype(jnp.int32)
+    spair = pair[perm]
+    first = jnp.concatenate([jnp.ones((1,), bool), spair[1:] != spair[:-1]])
+    item = jnp.cumsum(first, dtype=jnp.int32) - 1       # item of each entry of spair
+    bound = num_items_bound(t, num_slots, bt, sort=False)
+    item_pair = jnp.full((bound,), -1, jnp.int32).at[jnp.where(first, item, bound)].set(
+        spair, mode="drop")
+    used = item_pair >= 0
+    tile = jnp.where(used, item_pair // nseg, 0)
+    slot = jnp.where(used, item_pair % nseg, nseg - 1)
+    lo = jnp.where(used, tile * bt, 0)
+    hi = jnp.where(used, jnp.minimum(tile * bt + bt, t), 0)
+    pos_item = jnp.zeros((t,), jnp.int32).at[perm].set(item)
+    return dict(key=key, skey=key, item_slot=slot, item_tile=tile, item_lo=lo, item_hi=hi,
+                pos_item=pos_item)
+
+
+def batch_plan(token_slot: jax.Array, num_slots: int, *, sort: bool | None = None) -> dict:
+    """The plan `lora_shrink`/`lora_expand` build when given none (block_tokens by
+    `pick_block_tokens`, sorted by `sort_policy` unless `sort` says): build it once per
+    step and pass it to every call."""
+    t = token_slot.shape[0]
+    bt = pick_block_tokens(t, num_slots)
+    return plan_batch(token_slot, num_slots, bt, sort=sort_policy(t) if sort is None else sort)
+
+
+def plan_order(plan: dict, t: int, padded: int) -> jax.Array:
+    """Token at each plan position, padded to `padded` positions with token 0 (padding
+    positions belong to no item)."""
+    order = plan["order"] if is_sorted(plan) else jnp.arange(t, dtype=jnp.int32)
+    return jnp.pad(order, (0, padded - t))
+
+
+def plan_where(plan: dict, t: int) -> jax.Array:
+    """Plan position of each token."""
+    return plan["where"] if is_sorted(plan) else jnp.arange(t, dtype=jnp.int32)
+
+
+def _group_rows(slot_pages, offset, rank, item_slot, *, num_groups, chunks, per, page_size,
+                num_rows):
+    """Row (in the width-C view) of each work item's 8-row groups, per column chunk:
+    [W, chunks, num_groups]; past the slot's rank, `num_rows` (a row past the pool).
+    `per`: view rows per pool row (H // C)."""
+    s_max = slot_pages.shape[0]
+    slot = jnp.minimum(item_slot, s_max - 1)
+    off = offset[slot] * per                              # view rows, 8-aligned
+    r = jnp.where(item_slot < s_max, rank[slot], 0)
+    need = (r + GROUP - 1) // GROUP
+    stride = need * GROUP if chunks > 1 else jnp.zeros_like(need)   # rank rows per chunk
+    g = jnp.arange(num_groups, dtype=jnp.int32)
+    c = jnp.arange(chunks, dtype=jnp.int32)
+    srow = off[:, None, None] + c[None, :, None] * stride[:, None, None] + g[None, None, :] * GROUP
+    ps = page_size * per
+    pidx = jnp.minimum(srow // ps, slot_pages.shape[1] - 1)
+    page = jnp.take_along_axis(slot_pages[slot], pidx.reshape(pidx.shape[0], -1),
+                               axis=1).reshape(srow.shape)
+    live = g[None, None, :] < need[:, None, None]
+    return jnp.where(live, page * ps + srow % ps, num_rows).astype(jnp.int32)
+
+
+# --- packing (XLA, once per step and module group) ---------------------------------
+
+def _pack(plan: dict, ranks: jax.Array, num_tiles: int):
+    """Lay each tile's groups end to end: item w's module-m groups are the packed
+    groups pos[w, m] .. pos[w, m] + groups[w, m] - 1, and tile t owns chunks
+    starts[t] .. starts[t + 1] - 1. ranks: [S, M]. Items come in tile order."""
+    s = ranks.shape[0]
+    slot = plan["item_slot"]
+    valid = (plan["item_hi"] > plan["item_lo"]) & (slot < s)
+    r = jnp.where(valid[:, None], ranks[jnp.minimum(slot, s - 1)], 0)
+    groups = ((r + GROUP - 1) // GROUP).astype(jnp.int32)                    # [W, M]
+    per_item = groups.sum(1)
+    tile = plan["item_tile"]
+    per_tile = jnp.zeros((num_tiles,), jnp.int32).at[tile].add(per_item)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                              jnp.cumsum((per_tile + CHUNK - 1) // CHUNK, dtype=jnp.int32)])
+    before_item = jnp.cumsum(per_item, dtype=jnp.int32) - per_item
+    before_tile = jnp.cumsum(per_tile, dtype=jnp.int32) - per_tile
+    first = starts[tile] * CHUNK + before_item - before_tile[tile]
+    pos = first[:, None] + jnp.cumsum(groups, axis=1, dtype=jnp.int32) - groups
+    return starts, pos, groups
+
+
+def width_groups(widths) -> dict:
+    """{width: the modules of that width}, in order of first appearance: the modules one
+    expand launch serves."""
+    return {w: [j for j, v in enumerate(widths) if v == w] for w in dict.fromkeys(widths)}
+
+
+def _chunks_bound(num_items: int, num_mod: int, max_groups: int, num_tiles: int) -> int:
+    """Static bound on the chunks of a packing: sum over tiles of ceil(groups / 8)."""
+    return (num_items * num_mod * max_groups + (CHUNK - 1) * num_tiles) // CHUNK + 1
+
+
+def _packed_rows(slot_pages, offsets, ranks, plan, pos, groups, *, bound, chunks, per,
+                 page_size, num_rows, max_groups):
+    """Pool row (width-C view) of every packed group, per column chunk:
+    [bound * 8, chunks]; `num_rows` (past the pool) where no group is packed."""
+    rows = jnp.stack([_group_rows(slot_pages, offsets[:, j], ranks[:, j], plan["item_slot"],
+                                  num_groups=max_groups, chunks=chunks, per=per,
+                                  page_size=page_size, num_rows=num_rows)
+                      for j in range(offsets.shape[1])], axis=1)     # [W, M, chunks, G]
+    g = jnp.arange(max_groups, dtype=jnp.int32)
+    idx = jnp.where(g < groups[:, :, None], pos[:, :, None] + g, bound * CHUNK)
+    out = jnp.full((bound * CHUNK, chunks), num_rows, jnp.int32)
+    return out.at[idx.reshape(-1)].set(rows.transpose(0, 1, 3, 2).reshape(-1, chunks),
+                                       mode="drop")
+
+
+def _static():
+    return dataclasses.field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GroupPlan:
+    """Everything the kernels of one module group need that does not depend on the
+    layer: built once per step (`group_plan`) and used by every layer. A pytree: it
+    can be passed into a jitted function."""
+    t: int = _static()               # tokens
+    bt: int = _static()              # tokens per tile
+    num_tiles: int = _static()
+    num_slots: int = _static()
+    max_rank: int = _static()
+    k_in: int = _static()            # shrink input width (None: no shrink part)
+    sorted: bool = _static()         # the token plan sorted the tokens (`is_sorted`)
+    widths: tuple = _static()        # output width of each module (): no expand part
+    s_bound: int = _static()         # shrink chunks, static bound
+    e_bound: int = _static()         # expand chunks per module, static bound
+    plan: dict                       # the token plan (`plan_batch`)
+    ranks: jax.Array                 # [S, M]
+    scales: jax.Array                # [S, M]
+    s_starts: jax.Array              # [NT + 1] first chunk of each tile
+    s_pos: jax.Array                 # [W, M] packed group of each item's module group 0
+    s_rows: jax.Array                # [s_bound * 8, chunks_a] pool row of each packed group
+    e_starts: jax.Array              # [M, NT + 1]
+    e_rows: tuple                    # per distinct width: [its M, e_bound * 8, chunks_b]
+    e_item: jax.Array                # [M, e_bound * 8] item of each packed group (-1: none)
+    e_group: jax.Array               # [M, e_bound * 8] its group within the item's module
+
+
+def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t, k_in,
+               widths, h, page_size, max_rank, block_tokens, num_rows) -> GroupPlan:
+    """The packing of one module group (see the module docstring). a_offsets,
+    b_offsets, ranks, scales: [S, M]; widths: M output widths; num_rows: pool rows."""
+    s, n_mod = ranks.shape
+    bt = block_tokens
+    nt = -(-t // bt)
+    w_max = plan["item_tile"].shape[0]
+    gmax = -(-max_rank // GROUP)
+    s_bound, s_starts, s_pos, s_rows = 0, None, None, None
+    if k_in is not None:
+        ca, chunks_a = matrix_form(k_in, h)
+        s_bound = _chunks_bound(w_max, n_mod, gmax, nt)
+        s_starts, s_pos, s_groups = _pack(plan, ranks, nt)
+        s_rows = _packed_rows(slot_pages, a_offsets, ranks, plan, s_pos, s_groups,
+                              bound=s_bound, chunks=chunks_a, per=h // ca, page_size=page_size,
+                              num_rows=num_rows * (h // ca), max_groups=gmax)
+    e_bound = _chunks_bound(w_max, 1, gmax, nt)
+    e_starts, e_rows, e_item, e_group = [], [], [], []
+    g = jnp.arange(gmax, dtype=jnp.int32)
+    w_ids = jnp.broadcast_to(jnp.arange(w_max, dtype=jnp.int32)[:, None], (w_max, gmax))
+    for j, width in enumerate(widths):
+        cb, chunks_b = matrix_form(width, h)
+        st, pos, grp = _pack(plan, ranks[:, j:j + 1], nt)
+        e_starts.append(st)
+        e_rows.append(_packed_rows(slot_pages, b_offsets[:, j:j + 1], ranks[:, j:j + 1], plan,
+                                   pos, grp, bound=e_bound, chunks=chunks_b, per=h // cb,
+                                   page_size=page_size, num_rows=num_rows * (h // cb),
+                                   max_groups=gmax))
+        idx = jnp.where(g < grp, pos + g, e_bound * CHUNK).reshape(-1)
+        e_item.append(jnp.full((e_bound * CHUNK,), -1, jnp.int32).at[idx].set(
+            w_ids.reshape(-1), mode="drop"))
+        e_group.append(jnp.full((e_bound * CHUNK,), -1, jnp.int32).at[idx].set(
+            jnp.broadcast_to(g, (w_max, gmax)).reshape(-1), mode="drop"))
+    return GroupPlan(t=t, bt=bt, num_tiles=nt, num_slots=s, max_rank=max_rank, k_in=k_in,
+                     sorted=is_sorted(plan),
+                     widths=tuple(widths), plan=plan, ranks=ranks, scales=scales,
+                     s_bound=s_bound, s_starts=s_starts, s_pos=s_pos, s_rows=s_rows,
+                     e_bound=e_bound, e_starts=jnp.stack(e_starts) if widths else None,
+                     e_rows=tuple(jnp.stack([e_rows[j] for j in mods])
+                                  for mods in width_groups(widths).values()),
+                     e_item=jnp.stack(e_item) if widths else None,
+                     e_group=jnp.stack(e_group) if widths else None)
+
+
+# --- the expand's xs (XLA, per layer) -----------------------------------------------
+
+def _xs_index(gp: GroupPlan, mods: list[int]):
+    """Index arrays over the expand's xs [Mg, e_bound, bt, 8 groups, 8 rank rows]: each
+    element's item, group within the item's module, token column and rank row, its scale,
+    and whether it is live (a packed group, below its slot's rank, and one of the item's
+    own tokens: zeros elsewhere make the product block-diagonal). Shaped so that the
+    gathers below write xs in the kernel's layout, with no transpose after them."""
+    plan, s, bt = gp.plan, gp.num_slots, gp.bt
+    mg = len(mods)
+    m = jnp.asarray(mods).reshape(mg, 1, 1, 1, 1)
+    item = gp.e_item[jnp.asarray(mods)].reshape(mg, gp.e_bound, 1, CHUNK, 1)
+    grp = gp.e_group[jnp.asarray(mods)].reshape(mg, gp.e_bound, 1, CHUNK, 1)
+    col = jnp.arange(bt, dtype=jnp.int32).reshape(1, 1, bt, 1, 1)
+    rr = jnp.arange(GROUP, dtype=jnp.int32).reshape(1, 1, 1, 1, GROUP)
+    w = jnp.maximum(item, 0)
+    slot = jnp.minimum(plan["item_slot"][w], s - 1)
+    tok = plan["item_tile"][w] * bt + col                                  # plan position
+    live = ((grp >= 0) & (grp * GROUP + rr < gp.ranks[slot, m])
+            & (tok >= plan["item_lo"][w]) & (tok < plan["item_hi"][w]))
+    if not gp.sorted:     # an unsorted tile mixes slots: keep the item's own tokens
+        live &= plan["skey"][jnp.minimum(tok, gp.t - 1)] == plan["item_slot"][w]
+    return dict(m=m, w=w, grp=jnp.maximum(grp, 0), col=col, rr=rr, tok=tok, live=live,
+                scale=gp.scales[slot, m])
+
+
+def _xs_finish(gp, ix, vals, dtype):
+    xs = jnp.where(ix["live"], vals * ix["scale"], 0.0).astype(dtype)
+    return xs.reshape(xs.shape[0], gp.e_bound, gp.bt, ROWS)
+
+
+def xs_from_shrink(gp: GroupPlan, out_s, mods: list[int], dtype):
+    """The expand's xs straight from the shrink kernel's chunks (sum of the K splits)."""
+    ix = _xs_index(gp, mods)
+    og = out_s.reshape(out_s.shape[0], gp.s_bound * CHUNK, GROUP, gp.bt)
+    src = gp.s_pos[ix["w"], ix["m"]] + ix["grp"]               # packed shrink group
+    return _xs_finish(gp, ix, og[:, src, ix["rr"], ix["col"]].sum(0), dtype)
+
+
+def xs_from_xa(gp: GroupPlan, xa, mods: list[int], dtype):
+    """The expand's xs from xa [Mg, T, R] (module j of xa is module mods[j])."""
+    ix = _xs_index(gp, mods)
+    order = plan_order(gp.plan, gp.t, gp.num_tiles * gp.bt)
+    j = jnp.arange(len(mods)).reshape(-1, 1, 1, 1, 1)
+    i = jnp.minimum(ix["grp"] * GROUP + ix["rr"], xa.shape[2] - 1)
+    return _xs_finish(gp, ix, xa[j, order[ix["tok"]], i], dtype)
+
+
+def make_group_plan(token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, scales, *,
+                    k_in, widths, max_rank, page_size, plan=None, block_tokens=None,
+                    sort=None) -> GroupPlan:
+    """`group_plan` from the step's tables; `plan` (the token plan) is reused when its
+    block_tokens is the default one, else one is built, sorted as the given plan was, or
+    as `sort` says, or by `sort_policy`. k_in None: no shrink part; widths (): no expand."""
+    t, s = token_slot.shape[0], slot_pages.shape[0]
+    bt = block_tokens or pick_block_tokens(t, s)
+    if plan is None or bt != pick_block_tokens(t, s):
+        if sort is None:
+            sort = is_sorted(plan) if plan is not None else sort_policy(t)
+        plan = plan_batch(token_slot, s, bt, sort=sort)
+    return group_plan(plan, slot_pages, a_offsets, b_offsets, ranks, scales, t=t, k_in=k_in,
+                      widths=widths, h=rows.shape[1], page_size=page_size, max_rank=max_rank,
+                      block_tokens=bt, num_rows=rows.shape[0])
