@@ -141,7 +141,8 @@ def git_commit() -> str:
 def parse_variants(spec: str) -> dict[str, dict[str, str]]:
     """'sort=auto,sort=auto+out=pool' -> {name: StepSpec options}."""
     keys = {"sort": ("lora_sort", ("always", "never", "auto")),
-            "out": ("lora_out", ("float32", "pool"))}
+            "out": ("lora_out", ("float32", "pool")),
+            "tile": ("lora_max_tile", ("8", "16", "32", "64", "128"))}
     out = {}
     for name in filter(None, (v.strip() for v in spec.split(","))):
         opts = {}
@@ -150,7 +151,7 @@ def parse_variants(spec: str) -> dict[str, dict[str, str]]:
             if k not in keys or v not in keys[k][1]:
                 raise SystemExit(f"--lora-variants: '{part}' is not one of "
                                  + ", ".join(f"{k}={'|'.join(vs)}" for k, (_, vs) in keys.items()))
-            opts[keys[k][0]] = v
+            opts[keys[k][0]] = int(v) if k == "tile" else v
         out[name] = opts
     return out
 
@@ -168,11 +169,11 @@ def main(argv=None):
     ap.add_argument("--breakdown", type=int, default=0,
                     help="print the N costliest kernels of the LoRA step (GPU)")
     ap.add_argument("--max-block-tokens", type=int, default=None,
-                    help="cap on the LoRA kernels' tokens per work item (tuning)")
+                    help="cap on the LoRA kernels' tokens per tile (StepSpec.lora_max_tile)")
     ap.add_argument("--lora-variants", default="",
                     help="comma-separated extra LoRA steps to time beside `slora`, each "
                          "StepSpec options joined by '+': sort=always|never|auto, "
-                         "out=float32|pool (e.g. 'sort=auto,sort=auto+out=pool')")
+                         "out=float32|pool, tile=8..128 (e.g. 'sort=auto,sort=auto+out=pool')")
     ap.add_argument("--layers", type=int, default=None,
                     help="override the preset's layer count (compile-time checks)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, small shapes")
@@ -182,9 +183,6 @@ def main(argv=None):
         args.preset, args.batches, args.adapters, args.iters = "tiny", "4:64,8:32", "1,4", 3
 
     mc = preset(args.preset)
-    if args.max_block_tokens:
-        from pallas_kernels import lora_plan
-        lora_plan.MAX_BLOCK_TOKENS = args.max_block_tokens
     variants = parse_variants(args.lora_variants)
     if args.layers:
         mc = dataclasses.replace(mc, num_layers=args.layers)
@@ -259,7 +257,8 @@ def main(argv=None):
                   for i in range(b)]
             pos = [ctx - 1] * b                    # attend over the full context
             samp = [Sampling()] * b
-            spec = StepSpec(mc, lay, args.lora_backend, args.attention_backend)
+            spec = StepSpec(mc, lay, args.lora_backend, args.attention_backend,
+                            lora_max_tile=args.max_block_tokens or StepSpec.lora_max_tile)
             lora_b = decode_batch(list(range(b)), pos, kv, [i % n_ad for i in range(b)], samp,
                                   slots, ec, lay)
             base_b = decode_batch(list(range(b)), pos, kv, [-1] * b, samp, slots, ec, lay)

@@ -14,6 +14,8 @@ Times, in one run and with CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`
       - `pallas-unsorted`: planned, tokens left in their order (no gather of x, no
                            un-sort of the output; `StepSpec.lora_sort`), at B <= 32 and
                            at prefill;
+      - `pallas-wide`    : prefill only: unsorted, tiles of WIDE_TILE = 64 tokens (the
+                           expand computes xs·B as stored, no transpose);
       - `xla-gather`     : baseline (a), the jnp reference (backend="reference");
       - `xla-onehot`     : baseline (b), one-hot einsum over stacked padded slots.
   * LoRA at prefill (segments of 256..2048 tokens, one adapter each; 512, 2048, 8192
@@ -59,6 +61,7 @@ import sys
 import time
 import zlib
 
+WIDE_TILE = 64           # pallas-wide: tokens per tile at prefill
 T_START = time.time()     # run as a script, the budget counts from here (JAX start-up included)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -171,9 +174,12 @@ def run_lora(cfg, pool, R):
             [ts for _, ts in batches])
         plans_u = jax.jit(lambda tss: [lora_plan.batch_plan(x, n, sort=False) for x in tss])(
             [ts for _, ts in batches])
+        plans_w = jax.jit(lambda tss: [lora_plan.plan_batch(x, n, WIDE_TILE, sort=False)
+                                       for x in tss])([ts for _, ts in batches]) \
+            if prefill else None
         plan_err = None
     except Exception as e:
-        plans, plans_u, plan_err = None, None, _err(e)
+        plans, plans_u, plans_w, plan_err = None, None, None, _err(e)
     keys = iter(range(1 << 20))
     xs = {}
     xa = [jax.random.normal(jax.random.key(i), (t, max_rank), jnp.float32) for i in range(k)]
@@ -182,7 +188,7 @@ def run_lora(cfg, pool, R):
     # Tokens left unsorted (`pallas-unsorted`) where `lora_sort="auto"` would leave them
     # so (<= 32 tokens), and at prefill, where segments are already contiguous.
     unsorted = ("pallas-unsorted",) if prefill or t <= lora_plan.UNSORTED_MAX_TOKENS else ()
-    backends = ("pallas-planned", *unsorted, "xla-gather") if prefill else \
+    backends = ("pallas-planned", *unsorted, "pallas-wide", "xla-gather") if prefill else \
         ("pallas", "pallas-planned", *unsorted, "xla-gather")
     for op, mod in cfg["ops"]:
         w_in, w_out = pool.shapes[mod]
@@ -202,7 +208,7 @@ def run_lora(cfg, pool, R):
         fell_back = False
         for backend in backends:
             common = dict(reps=k, nbytes=nbytes, flops=flops)
-            if backend in ("pallas-planned", "pallas-unsorted") and plans is None:
+            if backend in ("pallas-planned", "pallas-unsorted", "pallas-wide") and plans is None:
                 R.emit(name, backend, p, error=f"plan: {plan_err}", **common)
                 continue
             if backend.startswith("pallas") and fell_back:   # the other pallas row did
@@ -210,8 +216,8 @@ def run_lora(cfg, pool, R):
                        "pallas row", fallback=True, **common)
                 continue
             f = _lora_fn(op, backend, max_rank, width, ps)
-            pl_ = {"pallas-planned": plans, "pallas-unsorted": plans_u}.get(backend,
-                                                                            [None] * k)
+            pl_ = {"pallas-planned": plans, "pallas-unsorted": plans_u,
+                   "pallas-wide": plans_w}.get(backend, [None] * k)
             row = R.emit(name, backend, p, f, (pool.rows, bs, pl_),
                          check_kernel=backend.startswith("pallas"), **common)
             fell_back = fell_back or bool(row and row.get("fallback"))
@@ -254,6 +260,14 @@ def _lora_fn(op, backend, max_rank, width, ps):
     be = "reference" if backend == "xla-gather" else "pallas"
 
     def one(rows, act, pages, off, rank, scale, ts, plan):
+        if backend == "pallas-wide":        # the kernels' own entry: a tile size
+            from pallas_kernels import lora_mgpu
+            if op == "shrink":
+                return lora_mgpu.lora_shrink(act, rows, pages, off, rank, ts, max_rank=max_rank,
+                                             page_size=ps, plan=plan, block_tokens=WIDE_TILE)
+            return lora_mgpu.lora_expand(act, rows, pages, off, rank, scale, ts,
+                                         out_features=width, page_size=ps, plan=plan,
+                                         block_tokens=WIDE_TILE)
         if op == "shrink":
             return lora.lora_shrink(act, rows, pages, off, rank, ts, max_rank=max_rank,
                                     page_size=ps, backend=be, plan=plan)

@@ -172,10 +172,20 @@ def _shrink_call(starts, grp, x_sorted, rows_c, *, bound, bt, bk, stages, splits
 
 # --- expand kernel ------------------------------------------------------------------
 
-def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, b_smem, xs_smem, t_smem,
-                   o_smem, bars, *, bt, bn, num_n, stages, splits, width, chunk_width):
+def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt, bn, num_n,
+                   stages, splits, width, chunk_width):
     """Block (tile, module * splits + split): num_n N steps of bn columns, each the
-    sum over the tile's chunks; one pipeline runs through all (N step, chunk)."""
+    sum over the tile's chunks; one pipeline runs through all (N step, chunk).
+
+    Narrow tiles (bt < 64 tokens, decode) compute out^T [bn, bt] = B^T · xs^T, the
+    wgmma's 64+ rows being output columns, and transpose through SMEM; wide tiles
+    (bt a multiple of 64, long prefill segments) compute out [bt, bn] = xs · B as it
+    is stored (the PV product of attention)."""
+    wide = bt % 64 == 0
+    if wide:
+        b_smem, xs_smem, o_smem, bars = scratch
+    else:
+        b_smem, xs_smem, t_smem, o_smem, bars = scratch
     tile = lax.axis_index("t")
     mod = lax.axis_index("s") // splits
     split = lax.rem(lax.axis_index("s"), splits)
@@ -204,19 +214,28 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, b_smem, xs_sm
     @pl.loop(0, num_n)
     def _n(ns):
         def acc_scope(acc_ref):
+            def mma(st):
+                if wide:
+                    plgpu.wgmma(acc_ref, xs_smem.at[st], b_smem.at[st])
+                else:
+                    plgpu.wgmma(acc_ref, b_smem.at[st].T, xs_smem.at[st].T)
+
             @pl.loop(0, nch)
             def _k(kc):
-                _step(ns * nch + kc, total, stages, bars, issue, lambda st: plgpu.wgmma(
-                    acc_ref, b_smem.at[st].T, xs_smem.at[st].T))
+                _step(ns * nch + kc, total, stages, bars, issue, mma)
             return acc_ref[...]
 
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((bn, bt), jnp.float32))   # zeros: no chunk
-        # Transpose through SMEM, [n, tok] -> [tok, n]: a token's row is contiguous.
-        t_smem[...] = acc if t_smem.dtype == jnp.float32 else acc.astype(t_smem.dtype)
-        plgpu.commit_smem()
-        acc_t = plgpu.load(t_smem.T, layout=plgpu.Layout.WG_STRIDED((bt, bn), vec_size=1))
+        # Zeros for a tile with no chunk.
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((bt, bn) if wide else (bn, bt), jnp.float32))
+        if o_smem.dtype != jnp.float32:
+            acc = acc.astype(o_smem.dtype)
+        if not wide:
+            # Transpose through SMEM, [n, tok] -> [tok, n]: a token's row is contiguous.
+            t_smem[...] = acc
+            plgpu.commit_smem()
+            acc = plgpu.load(t_smem.T, layout=plgpu.Layout.WG_STRIDED((bt, bn), vec_size=1))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)       # the last N step is out
-        o_smem[...] = acc_t
+        o_smem[...] = acc
         plgpu.commit_smem()
         n0 = pl.multiple_of(mod * width + n_base + ns * bn, bn)
         plgpu.copy_smem_to_gmem(o_smem, out_ref.at[pl.ds(tile * bt, bt), pl.ds(n0, bn)])
@@ -242,8 +261,9 @@ def _expand_call(starts, grp, xs, rows_c, *, bt, bn, stages, splits, width, chun
         scratch_types=[
             plgpu.SMEM((stages, ROWS, bn), dt, transforms=smem_transforms(bn, dt)),
             plgpu.SMEM((stages, bt, ROWS), dt, transforms=smem_transforms(ROWS, dt)),
-            plgpu.SMEM((bn, bt), out_dtype),
-            plgpu.SMEM((bt, bn), out_dtype),
+            *([plgpu.SMEM((bt, bn), out_dtype, transforms=smem_transforms(bn, out_dtype))]
+              if bt % 64 == 0 else
+              [plgpu.SMEM((bn, bt), out_dtype), plgpu.SMEM((bt, bn), out_dtype)]),
             plgpu.Barrier(num_arrivals=CHUNK + 1, num_barriers=stages),
         ],
         compiler_params=plgpu.CompilerParams(),
@@ -329,8 +349,8 @@ def _expand_launch(gp: GroupPlan, xs, rows, mods: list[int], width: int, *, bloc
     splits = num_splits or _divisor_at_most(width // bn, -(-TARGET_BLOCKS // (nt * len(mods))))
     stage = (ROWS * bn + bt * ROWS) * 2
     out_dtype = jnp.dtype(out_dtype)
-    stages = num_stages or max(2, min(4, (SMEM_BYTES - 2 * bn * bt * out_dtype.itemsize)
-                                      // stage))
+    epilogue = (1 if bt % 64 == 0 else 2) * bn * bt * out_dtype.itemsize   # o (and t) SMEM
+    stages = num_stages or max(2, min(4, (SMEM_BYTES - epilogue) // stage))
     groups = width_groups(gp.widths)
     assert groups[width] == list(mods), "an expand launch serves all modules of its width"
     grp = gp.e_rows[list(groups).index(width)]

@@ -62,11 +62,12 @@ def is_sorted(plan: dict) -> bool:
 
 # --- the token plan (XLA) ----------------------------------------------------------
 
-def pick_block_tokens(num_tokens: int, num_slots: int) -> int:
-    """Tokens per work item: 8 at decode (one token per request), up to MAX_BLOCK_TOKENS when
-    slots hold many tokens (prefill)."""
+def pick_block_tokens(num_tokens: int, num_slots: int, max_tokens: int | None = None) -> int:
+    """Tokens per tile: 8 at decode (one token per request), up to `max_tokens` (default
+    MAX_BLOCK_TOKENS; `StepSpec.lora_max_tile`) when slots hold many tokens (prefill)."""
     per_slot = max(1, num_tokens // max(num_slots, 1))
-    return int(min(MAX_BLOCK_TOKENS, max(8, 1 << (per_slot - 1).bit_length())))
+    cap = max_tokens or MAX_BLOCK_TOKENS
+    return int(min(cap, max(8, 1 << (per_slot - 1).bit_length())))
 
 
 def num_items_bound(num_tokens: int, num_slots: int, block_tokens: int,
@@ -147,12 +148,13 @@ def _plan_unsorted(key: jax.Array, num_slots: int, bt: int) -> dict:
                 pos_item=pos_item)
 
 
-def batch_plan(token_slot: jax.Array, num_slots: int, *, sort: bool | None = None) -> dict:
+def batch_plan(token_slot: jax.Array, num_slots: int, *, sort: bool | None = None,
+               max_tokens: int | None = None) -> dict:
     """The plan `lora_shrink`/`lora_expand` build when given none (block_tokens by
     `pick_block_tokens`, sorted by `sort_policy` unless `sort` says): build it once per
-    step and pass it to every call."""
+    step and pass it to every call (with `block_tokens` if `max_tokens` is given)."""
     t = token_slot.shape[0]
-    bt = pick_block_tokens(t, num_slots)
+    bt = pick_block_tokens(t, num_slots, max_tokens)
     return plan_batch(token_slot, num_slots, bt, sort=sort_policy(t) if sort is None else sort)
 
 
@@ -367,15 +369,16 @@ def xs_from_xa(gp: GroupPlan, xa, mods: list[int], dtype):
 def make_group_plan(token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, scales, *,
                     k_in, widths, max_rank, page_size, plan=None, block_tokens=None,
                     sort=None) -> GroupPlan:
-    """`group_plan` from the step's tables; `plan` (the token plan) is reused when its
-    block_tokens is the default one, else one is built, sorted as the given plan was, or
-    as `sort` says, or by `sort_policy`. k_in None: no shrink part; widths (): no expand."""
+    """`group_plan` from the step's tables. `plan`: the token plan, built for the same
+    `block_tokens` (default `pick_block_tokens`); None: built here, sorted as `sort`
+    says, else by `sort_policy`. k_in None: no shrink part; widths (): no expand."""
     t, s = token_slot.shape[0], slot_pages.shape[0]
     bt = block_tokens or pick_block_tokens(t, s)
-    if plan is None or bt != pick_block_tokens(t, s):
-        if sort is None:
-            sort = is_sorted(plan) if plan is not None else sort_policy(t)
-        plan = plan_batch(token_slot, s, bt, sort=sort)
+    if plan is None:
+        plan = plan_batch(token_slot, s, bt, sort=sort_policy(t) if sort is None else sort)
+    elif plan["item_tile"].shape[0] != num_items_bound(t, s, bt, is_sorted(plan)):
+        raise ValueError(f"the token plan was not built for {bt} tokens per tile "
+                         f"({t} tokens, {s} slots)")
     return group_plan(plan, slot_pages, a_offsets, b_offsets, ranks, scales, t=t, k_in=k_in,
                       widths=widths, h=rows.shape[1], page_size=page_size, max_rank=max_rank,
                       block_tokens=bt, num_rows=rows.shape[0])

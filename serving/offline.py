@@ -61,7 +61,8 @@ class OfflineEngine:
         self.allocator = PageAllocator(ec.num_pages)
         self.spec = StepSpec(mc, self.layout, lora_backend=ec.lora_backend,
                              attention_backend=ec.attention_backend,
-                             lora_sort=ec.lora_sort, lora_out=ec.lora_out)
+                             lora_sort=ec.lora_sort, lora_out=ec.lora_out,
+                             lora_max_tile=ec.lora_max_tile)
         self.adapters: dict[str, LoraAdapter] = {}
         self.resident: dict[str, SlotInfo] = {}
 

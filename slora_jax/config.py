@@ -223,17 +223,21 @@ class EngineConfig:
     lora_backend: str = "auto"
     attention_backend: str = "auto"
     lora_modules: tuple[str, ...] = MODULES
-    # Pallas LoRA kernels (`StepSpec.lora_sort`/`lora_out`): whether the token plan
-    # sorts tokens by adapter ("always", "never", "auto": not at <= 32 tokens) and the
-    # dtype the expand writes ("float32", or "pool": the pool's bf16).
+    # Pallas LoRA kernels (`StepSpec.lora_sort`/`lora_out`/`lora_max_tile`): whether the
+    # token plan sorts tokens by adapter ("always", "never", "auto": not at <= 32
+    # tokens), the dtype the expand writes ("float32", or "pool": the pool's bf16), and
+    # the most tokens per tile (64+: the expand's wide, transpose-free form).
     lora_sort: str = "always"
     lora_out: str = "float32"
+    lora_max_tile: int = 32      # most tokens per LoRA tile (8..128, a power of two)
 
     def __post_init__(self):
         if self.lora_sort not in ("always", "never", "auto"):
             raise ValueError(f"lora_sort: '{self.lora_sort}' is not always, never or auto")
         if self.lora_out not in ("float32", "pool"):
             raise ValueError(f"lora_out: '{self.lora_out}' is not float32 or pool")
+        if self.lora_max_tile not in (8, 16, 32, 64, 128):
+            raise ValueError(f"lora_max_tile: {self.lora_max_tile} is not 8, 16, 32, 64 or 128")
         mods = tuple(self.lora_modules)
         bad = [m for m in mods if m not in MODULES]
         if bad:

@@ -43,6 +43,7 @@ class StepSpec:
     logits: str = "none"          # "none" | "last" | "all" (prefill) logits returned
     lora_sort: str = "always"     # Pallas LoRA: sort tokens by slot ("always"|"never"|"auto")
     lora_out: str = "float32"     # Pallas LoRA: expand output dtype ("float32"|"pool")
+    lora_max_tile: int = 32       # Pallas LoRA: most tokens per tile (64+: wide expand)
 
     def with_(self, **kw) -> "StepSpec":
         return dataclasses.replace(self, **kw)
@@ -88,16 +89,17 @@ class _Lora:
 
     def __init__(self, lora: LoraBatch | None, token_slot: jax.Array | None, spec: StepSpec):
         self.lora, self.token_slot, self.spec = lora, token_slot, spec
-        self.plan = None
+        self.plan = self.block_tokens = None
         self.group_plans: dict = {}     # Pallas: each module group's packing, built once
         if (lora is not None and lora.slot_pages.shape[0]
                 and lora_ops.resolve_backend(spec.lora_backend) == "pallas"):
             # The kernels' token plan depends on token_slot alone: build it once for
             # all modules and layers.
             from pallas_kernels import lora_plan
-            self.plan = lora_plan.batch_plan(
-                token_slot, lora.slot_pages.shape[0],
-                sort=lora_plan.sort_policy(token_slot.shape[0], spec.lora_sort))
+            t, s = token_slot.shape[0], lora.slot_pages.shape[0]
+            self.block_tokens = lora_plan.pick_block_tokens(t, s, spec.lora_max_tile)
+            self.plan = lora_plan.plan_batch(token_slot, s, self.block_tokens,
+                                             sort=lora_plan.sort_policy(t, spec.lora_sort))
 
     def delta(self, x: jax.Array, module: str, pool_layer: jax.Array) -> jax.Array | float:
         return self.deltas(x, (module,), pool_layer)[0]
@@ -128,7 +130,7 @@ class _Lora:
                 self.group_plans[key] = lora_plan.make_group_plan(
                     self.token_slot, rows, lb.slot_pages, a_off, b_off, ranks, scales,
                     k_in=x.shape[1], widths=widths, max_rank=lay.max_rank,
-                    page_size=lay.page_size, plan=plan)
+                    page_size=lay.page_size, plan=plan, block_tokens=self.block_tokens)
             plan = self.group_plans[key]
         ys = lora_ops.lora_apply_modules(
             x, rows, lb.slot_pages, a_off, b_off, ranks, scales, self.token_slot,

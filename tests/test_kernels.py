@@ -291,6 +291,21 @@ def test_prefill_segments_span_token_tiles():
     check_expand(c, H)
 
 
+@pytest.mark.parametrize("bt", [64, 128])
+def test_wide_token_tiles_match_reference(bt):
+    """Tiles of 64+ tokens (long prefill segments): the expand computes xs · B in the
+    stored [tokens, n] orientation, with no transpose; a plan built outside is used."""
+    rng = np.random.default_rng()
+    ts = np.repeat(rng.permutation(4) - 1, [70, 5, 90, 33])        # base-only segment too
+    c = lora_case(rng, h=H, t=len(ts), s=3, max_rank=16, ranks=[16, 3, 9], token_slot=ts)
+    check_shrink(c, block_tokens=bt)
+    check_expand(c, H, block_tokens=bt, num_stages=2)
+    plan = lora_plan.plan_batch(c["token_slot"], 3, bt, sort=False)
+    check_expand(c, H, block_tokens=bt, plan=plan, out_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="not built for 8 tokens per tile"):
+        check_expand(c, H, block_tokens=8, plan=plan)
+
+
 def test_stage_refills_are_race_free():
     """More K/N steps than pipeline stages, under the interpreter's race detector."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
@@ -552,6 +567,9 @@ def test_gpu_lora_prefill_segments():
     check_expand(c, 4096)
     check_shrink(c, sort=False)
     check_expand(c, 4096, sort=False, out_dtype=jnp.bfloat16)
+    check_shrink(c, sort=False, block_tokens=64)
+    check_expand(c, 4096, sort=False, block_tokens=64)          # wide tiles: xs · B
+    check_expand(c, 4096, sort=False, block_tokens=128, out_dtype=jnp.bfloat16)
 
 
 @pytest.mark.gpu

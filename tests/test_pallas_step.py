@@ -43,11 +43,12 @@ BACKENDS = [("reference", "reference"), ("pallas", "reference"), ("reference", "
             ("pallas", "pallas"),        # (lora_backend, attention_backend)
             ("reference-bf16", "reference"),      # LoRA terms rounded to bf16 ...
             ("pallas-unsorted-bf16", "pallas")]   # ... as the kernels write them, with
-                                                  # the tokens left unsorted
+                                                  # the tokens left unsorted, and (prefill)
+                                                  # tiles of 64 tokens: the wide expand
 # StepSpec options of the lora backend names above that are not backends
 LORA_OPTS = {"reference-bf16": dict(lora_backend="reference", lora_out="pool"),
              "pallas-unsorted-bf16": dict(lora_backend="pallas", lora_sort="never",
-                                          lora_out="pool")}
+                                          lora_out="pool", lora_max_tile=64)}
 # What each is compared with: the reference step that rounds its LoRA terms alike
 REF = {"pallas-unsorted-bf16": ("reference-bf16", "reference")}
 CHECKED = [k for k in BACKENDS[1:] if k[0] != "reference-bf16"]
