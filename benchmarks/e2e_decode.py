@@ -142,7 +142,8 @@ def parse_variants(spec: str) -> dict[str, dict[str, str]]:
     """'sort=auto,sort=auto+out=pool' -> {name: StepSpec options}."""
     keys = {"sort": ("lora_sort", ("always", "never", "auto")),
             "out": ("lora_out", ("float32", "pool")),
-            "tile": ("lora_max_tile", ("8", "16", "32", "64", "128"))}
+            "tile": ("lora_max_tile", ("8", "16", "32", "64", "128")),
+            "shrink": ("lora_shrink", ("tile", "balanced"))}
     out = {}
     for name in filter(None, (v.strip() for v in spec.split(","))):
         opts = {}
@@ -173,7 +174,8 @@ def main(argv=None):
     ap.add_argument("--lora-variants", default="",
                     help="comma-separated extra LoRA steps to time beside `slora`, each "
                          "StepSpec options joined by '+': sort=always|never|auto, "
-                         "out=float32|pool, tile=8..128 (e.g. 'sort=auto,sort=auto+out=pool')")
+                         "out=float32|pool, tile=8..128, shrink=tile|balanced "
+                         "(e.g. 'sort=auto,sort=auto+out=pool')")
     ap.add_argument("--layers", type=int, default=None,
                     help="override the preset's layer count (compile-time checks)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, small shapes")

@@ -147,9 +147,11 @@ def main(argv=None):
         args.iters = 2
     ints = lambda a: [int(v) for v in a.split(",")]   # noqa: E731
     configs = dict(
-        shrink=[dict(num_splits=sp, num_lanes=ln, num_stages=st, block_k=bk)
-                for sp, ln, st, bk in itertools.product(ints(args.splits), ints(args.lanes),
-                                                        ints(args.stages), ints(args.block_k))],
+        shrink=[dict(balanced=True)]              # chunks spread evenly over the blocks
+        + [dict(balanced=True, num_splits=sp) for sp in ints(args.splits)]
+        + [dict(num_splits=sp, num_lanes=ln, num_stages=st, block_k=bk)
+           for sp, ln, st, bk in itertools.product(ints(args.splits), ints(args.lanes),
+                                                   ints(args.stages), ints(args.block_k))],
         expand=[dict(num_splits=sp, num_stages=st, block_n=bn)
                 for sp, st, bn in itertools.product(ints(args.splits), ints(args.stages),
                                                     ints(args.block_n))])

@@ -92,24 +92,35 @@ def _step(step, total, stages, bars, issue, mma):
 
 # --- shrink kernel ------------------------------------------------------------------
 
-def _shrink_kernel(starts_ref, grp_ref, x_ref, rows_ref, out_ref, a_smem, x_smem, o_smem, bars,
-                   *, bt, bk, nk, stages, lanes, chunk_width, num_rows, predicate):
-    """Block (tile * lanes + lane, split): the tile's chunks lane, lane + lanes, ...,
-    each over this split's nk K steps; one pipeline runs through all of them."""
+def _shrink_kernel(starts_ref, tile_ref, grp_ref, x_ref, rows_ref, out_ref, a_smem, x_smem,
+                   o_smem, bars, *, bt, bk, nk, stages, lanes, balanced, num_tiles, chunk_width,
+                   num_rows, predicate):
+    """Block (b, split), b < num_tiles * lanes. By tile: block b = tile * lanes + lane
+    takes the tile's chunks lane, lane + lanes, ...; balanced: the C chunks of the
+    batch are cut into as many even runs as there are blocks, whatever their tiles
+    (a tile of many rank rows no longer makes its blocks the slowest). Each chunk runs
+    over this split's nk K steps; one pipeline runs through all of them."""
     b = lax.axis_index("b")
     split = lax.axis_index("s")
-    tile, lane = b // lanes, lax.rem(b, lanes)
-    c0 = starts_ref[tile] + lane
-    mine = (starts_ref[tile + 1] - c0 + lanes - 1) // lanes
+    if balanced:
+        nb = num_tiles * lanes                           # the grid's blocks along b
+        c_total = starts_ref[num_tiles]
+        first, stride = b * c_total // nb, 1
+        mine = (b + 1) * c_total // nb - first
+    else:
+        tile, lane = b // lanes, lax.rem(b, lanes)
+        first, stride = starts_ref[tile] + lane, lanes
+        mine = (starts_ref[tile + 1] - first + lanes - 1) // lanes
     total = mine * nk
-    tok0 = pl.multiple_of(tile * bt, bt)
 
     def issue(step, stage):
         j = step // nk
         k0 = (split * nk + step - j * nk) * bk
         ch = k0 // chunk_width
         col = pl.multiple_of(k0 - ch * chunk_width, bk)
-        row0 = (c0 + j * lanes) * CHUNK
+        chunk = first + j * stride
+        tok0 = pl.multiple_of((tile_ref[chunk] if balanced else tile) * bt, bt)
+        row0 = chunk * CHUNK
         for g in range(CHUNK):
             r = grp_ref[row0 + g, ch]
             plgpu.copy_gmem_to_smem(
@@ -136,7 +147,7 @@ def _shrink_kernel(starts_ref, grp_ref, x_ref, rows_ref, out_ref, a_smem, x_smem
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)    # the last chunk is out
             o_smem[...] = acc
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[split, c0 + j * lanes])
+            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[split, first + j * stride])
 
         plgpu.wait_smem_to_gmem(0)
 
@@ -145,14 +156,15 @@ def _shrink_kernel(starts_ref, grp_ref, x_ref, rows_ref, out_ref, a_smem, x_smem
 # lowered once per step function, not once per layer and module: the layers are
 # a Python loop, and Mosaic GPU lowering of each call costs seconds.
 @functools.partial(jax.jit, static_argnames=(
-    "bound", "bt", "bk", "stages", "splits", "lanes", "chunk_width", "interpret"))
-def _shrink_call(starts, grp, x_sorted, rows_c, *, bound, bt, bk, stages, splits, lanes,
-                 chunk_width, interpret):
+    "bound", "bt", "bk", "stages", "splits", "lanes", "balanced", "chunk_width", "interpret"))
+def _shrink_call(starts, chunk_tile, grp, x_sorted, rows_c, *, bound, bt, bk, stages, splits,
+                 lanes, balanced, chunk_width, interpret):
     nt = starts.shape[0] - 1
     dt = rows_c.dtype
     body = functools.partial(_shrink_kernel, bt=bt, bk=bk, nk=x_sorted.shape[1] // (bk * splits),
-                             stages=stages, lanes=lanes, chunk_width=chunk_width,
-                             num_rows=rows_c.shape[0], predicate=not interpret)
+                             stages=stages, lanes=lanes, balanced=balanced, num_tiles=nt,
+                             chunk_width=chunk_width, num_rows=rows_c.shape[0],
+                             predicate=not interpret)
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((splits, bound, ROWS, bt), jnp.float32),
@@ -167,7 +179,7 @@ def _shrink_call(starts, grp, x_sorted, rows_c, *, bound, bt, bk, stages, splits
         ],
         compiler_params=plgpu.CompilerParams(),
         interpret=interpret,
-    )(starts, grp, x_sorted, rows_c)
+    )(starts, chunk_tile, grp, x_sorted, rows_c)
 
 
 # --- expand kernel ------------------------------------------------------------------
@@ -311,7 +323,7 @@ def _why_not(k_in, widths, h, page_size, dtype, bt, block_k=None, block_n=None) 
 
 
 def _shrink_launch(gp: GroupPlan, x, rows, *, block_k=None, num_stages=None, num_splits=None,
-                   num_lanes=None, interpret=None):
+                   num_lanes=None, balanced=None, interpret=None):
     """The shrink kernel over the plan's packing: [splits, s_bound, 64, bt] float32."""
     t, k = x.shape
     n_rows, h = rows.shape
@@ -332,9 +344,10 @@ def _shrink_launch(gp: GroupPlan, x, rows, *, block_k=None, num_stages=None, num
         x = x[plan_order(gp.plan, t, nt * bt)]           # the tiles read x in sorted order
     elif nt * bt > t:
         x = jnp.pad(x, ((0, nt * bt - t), (0, 0)))
-    return _shrink_call(gp.s_starts, gp.s_rows, x,
+    return _shrink_call(gp.s_starts, gp.s_tile, gp.s_rows, x,
                         rows.reshape(n_rows * (h // c), c), bound=gp.s_bound, bt=bt, bk=bk,
-                        stages=stages, splits=splits, lanes=lanes, chunk_width=c,
+                        stages=stages, splits=splits, lanes=lanes,
+                        balanced=gp.balanced if balanced is None else balanced, chunk_width=c,
                         interpret=default_interpret() if interpret is None else interpret)
 
 
@@ -423,12 +436,13 @@ def lora_shrink_multi(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
                       max_rank: int, page_size: int, block_tokens: int | None = None,
                       block_k: int | None = None, num_stages: int | None = None,
                       num_splits: int | None = None, plan: dict | None = None,
-                      sort: bool | None = None, interpret=None) -> jax.Array:
+                      sort: bool | None = None, balanced: bool = False,
+                      interpret=None) -> jax.Array:
     """The shrinks of M modules that read the same x (q/k/v; gate/up) in one launch.
 
     a_offsets, ranks: [S, M]. Returns [M, T, max_rank] float32. `plan`, if given, is
     `batch_plan(token_slot, S)`; else one is built, sorted by `sort_policy` unless
-    `sort` says.
+    `sort` says. `balanced`: spread the chunks evenly over the blocks (`GroupPlan`).
     """
     t, k = x.shape
     s, n_mod = ranks.shape
@@ -442,7 +456,7 @@ def lora_shrink_multi(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
     gp = make_group_plan(token_slot, rows, slot_pages, a_offsets, None, ranks,
                          jnp.ones(ranks.shape, jnp.float32), k_in=k, widths=(),
                          max_rank=max_rank, page_size=page_size, plan=plan, block_tokens=bt,
-                         sort=sort)
+                         sort=sort, balanced=balanced)
     out_s = _shrink_launch(gp, x, rows, block_k=block_k, num_stages=num_stages,
                            num_splits=num_splits, interpret=interpret)
     og = out_s.reshape(out_s.shape[0], gp.s_bound * CHUNK, GROUP, bt)

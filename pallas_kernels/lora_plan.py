@@ -258,6 +258,7 @@ class GroupPlan:
     max_rank: int = _static()
     k_in: int = _static()            # shrink input width (None: no shrink part)
     sorted: bool = _static()         # the token plan sorted the tokens (`is_sorted`)
+    balanced: bool = _static()       # shrink: chunks cut evenly over blocks, not by tile
     widths: tuple = _static()        # output width of each module (): no expand part
     s_bound: int = _static()         # shrink chunks, static bound
     e_bound: int = _static()         # expand chunks per module, static bound
@@ -267,6 +268,7 @@ class GroupPlan:
     s_starts: jax.Array              # [NT + 1] first chunk of each tile
     s_pos: jax.Array                 # [W, M] packed group of each item's module group 0
     s_rows: jax.Array                # [s_bound * 8, chunks_a] pool row of each packed group
+    s_tile: jax.Array                # [s_bound] tile of each chunk (0 past the last)
     e_starts: jax.Array              # [M, NT + 1]
     e_rows: tuple                    # per distinct width: [its M, e_bound * 8, chunks_b]
     e_item: jax.Array                # [M, e_bound * 8] item of each packed group (-1: none)
@@ -274,15 +276,17 @@ class GroupPlan:
 
 
 def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t, k_in,
-               widths, h, page_size, max_rank, block_tokens, num_rows) -> GroupPlan:
+               widths, h, page_size, max_rank, block_tokens, num_rows,
+               balanced=False) -> GroupPlan:
     """The packing of one module group (see the module docstring). a_offsets,
-    b_offsets, ranks, scales: [S, M]; widths: M output widths; num_rows: pool rows."""
+    b_offsets, ranks, scales: [S, M]; widths: M output widths; num_rows: pool rows;
+    balanced: how the shrink spreads chunks over blocks (`GroupPlan.balanced`)."""
     s, n_mod = ranks.shape
     bt = block_tokens
     nt = -(-t // bt)
     w_max = plan["item_tile"].shape[0]
     gmax = -(-max_rank // GROUP)
-    s_bound, s_starts, s_pos, s_rows = 0, None, None, None
+    s_bound, s_starts, s_pos, s_rows, s_tile = 0, None, None, None, None
     if k_in is not None:
         ca, chunks_a = matrix_form(k_in, h)
         s_bound = _chunks_bound(w_max, n_mod, gmax, nt)
@@ -290,6 +294,9 @@ def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t
         s_rows = _packed_rows(slot_pages, a_offsets, ranks, plan, s_pos, s_groups,
                               bound=s_bound, chunks=chunks_a, per=h // ca, page_size=page_size,
                               num_rows=num_rows * (h // ca), max_groups=gmax)
+        s_tile = jnp.clip(jnp.searchsorted(s_starts, jnp.arange(s_bound, dtype=jnp.int32),
+                                           side="right", method="compare_all") - 1,
+                          0, nt - 1).astype(jnp.int32)
     e_bound = _chunks_bound(w_max, 1, gmax, nt)
     e_starts, e_rows, e_item, e_group = [], [], [], []
     g = jnp.arange(gmax, dtype=jnp.int32)
@@ -308,9 +315,10 @@ def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t
         e_group.append(jnp.full((e_bound * CHUNK,), -1, jnp.int32).at[idx].set(
             jnp.broadcast_to(g, (w_max, gmax)).reshape(-1), mode="drop"))
     return GroupPlan(t=t, bt=bt, num_tiles=nt, num_slots=s, max_rank=max_rank, k_in=k_in,
-                     sorted=is_sorted(plan),
+                     sorted=is_sorted(plan), balanced=balanced,
                      widths=tuple(widths), plan=plan, ranks=ranks, scales=scales,
                      s_bound=s_bound, s_starts=s_starts, s_pos=s_pos, s_rows=s_rows,
+                     s_tile=s_tile,
                      e_bound=e_bound, e_starts=jnp.stack(e_starts) if widths else None,
                      e_rows=tuple(jnp.stack([e_rows[j] for j in mods])
                                   for mods in width_groups(widths).values()),
@@ -368,7 +376,7 @@ def xs_from_xa(gp: GroupPlan, xa, mods: list[int], dtype):
 
 def make_group_plan(token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, scales, *,
                     k_in, widths, max_rank, page_size, plan=None, block_tokens=None,
-                    sort=None) -> GroupPlan:
+                    sort=None, balanced=False) -> GroupPlan:
     """`group_plan` from the step's tables. `plan`: the token plan, built for the same
     `block_tokens` (default `pick_block_tokens`); None: built here, sorted as `sort`
     says, else by `sort_policy`. k_in None: no shrink part; widths (): no expand."""
@@ -381,4 +389,4 @@ def make_group_plan(token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, s
                          f"({t} tokens, {s} slots)")
     return group_plan(plan, slot_pages, a_offsets, b_offsets, ranks, scales, t=t, k_in=k_in,
                       widths=widths, h=rows.shape[1], page_size=page_size, max_rank=max_rank,
-                      block_tokens=bt, num_rows=rows.shape[0])
+                      block_tokens=bt, num_rows=rows.shape[0], balanced=balanced)

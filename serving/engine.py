@@ -187,7 +187,7 @@ class Engine:
         self.spec = StepSpec(mc, self.layout, lora_backend=ec.lora_backend,
                              attention_backend=ec.attention_backend,
                              lora_sort=ec.lora_sort, lora_out=ec.lora_out,
-                             lora_max_tile=ec.lora_max_tile)
+                             lora_max_tile=ec.lora_max_tile, lora_shrink=ec.lora_shrink)
         self.dtype = jnp.dtype(dtype)
         self.metrics = metrics or ServingMetrics()
         self.pool = init_pool(self.layout, self.dtype)

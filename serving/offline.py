@@ -62,7 +62,7 @@ class OfflineEngine:
         self.spec = StepSpec(mc, self.layout, lora_backend=ec.lora_backend,
                              attention_backend=ec.attention_backend,
                              lora_sort=ec.lora_sort, lora_out=ec.lora_out,
-                             lora_max_tile=ec.lora_max_tile)
+                             lora_max_tile=ec.lora_max_tile, lora_shrink=ec.lora_shrink)
         self.adapters: dict[str, LoraAdapter] = {}
         self.resident: dict[str, SlotInfo] = {}
 

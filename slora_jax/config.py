@@ -230,12 +230,15 @@ class EngineConfig:
     lora_sort: str = "always"
     lora_out: str = "float32"
     lora_max_tile: int = 32      # most tokens per LoRA tile (8..128, a power of two)
+    lora_shrink: str = "tile"    # shrink blocks: "tile" (lanes of a tile) or "balanced"
 
     def __post_init__(self):
         if self.lora_sort not in ("always", "never", "auto"):
             raise ValueError(f"lora_sort: '{self.lora_sort}' is not always, never or auto")
         if self.lora_out not in ("float32", "pool"):
             raise ValueError(f"lora_out: '{self.lora_out}' is not float32 or pool")
+        if self.lora_shrink not in ("tile", "balanced"):
+            raise ValueError(f"lora_shrink: '{self.lora_shrink}' is not tile or balanced")
         if self.lora_max_tile not in (8, 16, 32, 64, 128):
             raise ValueError(f"lora_max_tile: {self.lora_max_tile} is not 8, 16, 32, 64 or 128")
         mods = tuple(self.lora_modules)

@@ -44,6 +44,7 @@ class StepSpec:
     lora_sort: str = "always"     # Pallas LoRA: sort tokens by slot ("always"|"never"|"auto")
     lora_out: str = "float32"     # Pallas LoRA: expand output dtype ("float32"|"pool")
     lora_max_tile: int = 32       # Pallas LoRA: most tokens per tile (64+: wide expand)
+    lora_shrink: str = "tile"     # Pallas LoRA: shrink blocks by tile, or "balanced"
 
     def with_(self, **kw) -> "StepSpec":
         return dataclasses.replace(self, **kw)
@@ -130,7 +131,8 @@ class _Lora:
                 self.group_plans[key] = lora_plan.make_group_plan(
                     self.token_slot, rows, lb.slot_pages, a_off, b_off, ranks, scales,
                     k_in=x.shape[1], widths=widths, max_rank=lay.max_rank,
-                    page_size=lay.page_size, plan=plan, block_tokens=self.block_tokens)
+                    page_size=lay.page_size, plan=plan, block_tokens=self.block_tokens,
+                    balanced=self.spec.lora_shrink == "balanced")
             plan = self.group_plans[key]
         ys = lora_ops.lora_apply_modules(
             x, rows, lb.slot_pages, a_off, b_off, ranks, scales, self.token_slot,

@@ -131,3 +131,20 @@ def test_tune_lora_quick(tmp_path):
             assert r["kernel_us"] > 0 and r["rel_diff_vs_default"] <= 2 ** -7, r
     assert any(r["kind"] == "apply" for r in rows)
     assert (tmp_path / f"tune_lora_{jax.default_backend()}.md").exists()
+
+
+def test_plan_balance_table(capsys):
+    """benchmarks/plan_balance.py: the table's rows, and the imbalance it exists to show
+    (sorted tiles of 2 and 5 chunks at B=128 over 32 adapters; balanced evens them)."""
+    spec = importlib.util.spec_from_file_location(
+        "plan_balance", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                     "plan_balance.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--batches", "128:32,32:32"])
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 4
+    b128 = [r for r in rows if r[0].strip() == "128" and r[3].strip() == "yes"][0]
+    assert b128[4].split()[:4] == ["2", "5", "2", "5"]
+    tile, balanced = (float(c.split("(")[1].rstrip("x) ")) for c in b128[6:8])
+    assert tile > 2 and balanced < 1.2

@@ -291,6 +291,46 @@ def test_prefill_segments_span_token_tiles():
     check_expand(c, H)
 
 
+@pytest.mark.parametrize("max_rank,t", [(64, 40), (16, 3)])
+def test_balanced_shrink_matches_reference(max_rank, t):
+    """The shrink's chunks cut evenly over its blocks whatever their tiles: tiles of
+    very different rank rows (as 4 requests per adapter with ranks cycling 8..64 give),
+    and a batch with fewer chunks than blocks; through a GroupPlan, end to end."""
+    rng = np.random.default_rng()
+    s = 10
+    ts = np.repeat(np.arange(s), 4)[:t] if t > s else rng.integers(-1, s, t)
+    ranks = np.array([[8, 16, 32, 64, 1, 0, 5, 64, 16, 8][j] for j in range(s)])
+    ranks = np.minimum(np.stack([ranks, ranks[::-1], ranks], 1), max_rank)
+    widths = (H, H // 2, H // 2)
+    c = multi_case(rng, h=H, t=len(ts), s=s, max_rank=max_rank, ranks=ranks,
+                   out_widths=widths, token_slot=ts)
+    opts = dict(max_rank=max_rank, page_size=c["page_size"])
+    gp = lora_plan.make_group_plan(c["token_slot"], c["rows"], c["slot_pages"], c["a_offsets"],
+                                   c["b_offsets"], c["ranks"], c["scales"], k_in=H,
+                                   widths=widths, balanced=True, **opts)
+    assert gp.balanced
+    lora_mgpu._warned.clear()
+    got = jax.block_until_ready(lora_mgpu.lora_apply_multi(
+        c["x"], c["rows"], c["slot_pages"], c["a_offsets"], c["b_offsets"], c["ranks"],
+        c["scales"], c["token_slot"], out_features=widths, plan=gp, **opts))
+    assert not lora_mgpu._warned
+    ref = lora.lora_apply_modules(c["x"], c["rows"], c["slot_pages"], c["a_offsets"],
+                                  c["b_offsets"], c["ranks"], c["scales"], c["token_slot"],
+                                  out_features=widths, **opts)
+    for g, r in zip(got, ref):
+        g, r = np.asarray(g), np.asarray(r)
+        assert g.shape == r.shape and not np.isnan(g).any()
+        np.testing.assert_allclose(g, r, rtol=2e-3, atol=2 ** -7 * max(1.0, np.abs(r).max()))
+    xa = np.asarray(lora_mgpu.lora_shrink_multi(c["x"], c["rows"], c["slot_pages"],
+                                                c["a_offsets"], c["ranks"], c["token_slot"],
+                                                balanced=True, **opts))
+    for j in range(3):
+        want = lora.lora_shrink_reference(c["x"], c["rows"], c["slot_pages"],
+                                          c["a_offsets"][:, j], c["ranks"][:, j],
+                                          c["token_slot"], **opts)
+        np.testing.assert_allclose(xa[j], np.asarray(want), rtol=1e-4, atol=1e-2)
+
+
 @pytest.mark.parametrize("bt", [64, 128])
 def test_wide_token_tiles_match_reference(bt):
     """Tiles of 64+ tokens (long prefill segments): the expand computes xs · B in the
@@ -314,6 +354,8 @@ def test_stage_refills_are_race_free():
     c = lora_case(rng, h=2 * H, t=len(ts), s=3, max_rank=16, ranks=[16, 5, 9], token_slot=ts)
     races = plgpu.InterpretGPUParams(detect_races=True)
     check_shrink(c, num_stages=2, interpret=races)
+    assert not mgpu_interpret.get_races().races_found
+    check_shrink(c, num_stages=2, interpret=races, balanced=True, block_tokens=8)
     assert not mgpu_interpret.get_races().races_found
     check_expand(c, 2 * H, block_n=64, num_stages=2, interpret=races)
     assert not mgpu_interpret.get_races().races_found
@@ -558,6 +600,30 @@ def test_gpu_unsorted_plan_bf16_terms(t, widths):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_balanced_shrink():
+    """Llama-7B q/k/v at B=128, 4 requests per adapter, ranks cycling 8..64 (tiles of 2
+    and 5 chunks): the shrink with its chunks spread evenly over the blocks."""
+    rng = np.random.default_rng()
+    s, widths = 32, (4096, 4096, 4096)
+    ts = np.repeat(np.arange(s), 4)
+    ranks = np.repeat(np.array([8, 16, 32, 64] * 8)[:, None], 3, 1)
+    c = multi_case(rng, h=4096, t=len(ts), s=s, max_rank=64, ranks=ranks, out_widths=widths,
+                   token_slot=ts, page_size=16)
+    opts = dict(max_rank=64, page_size=16)
+    lora_mgpu._warned.clear()
+    xa = np.asarray(lora_mgpu.lora_shrink_multi(c["x"], c["rows"], c["slot_pages"],
+                                                c["a_offsets"], c["ranks"], c["token_slot"],
+                                                balanced=True, **opts))
+    assert not lora_mgpu._warned
+    for j in range(3):
+        want = lora.lora_shrink_reference(c["x"], c["rows"], c["slot_pages"],
+                                          c["a_offsets"][:, j], c["ranks"][:, j],
+                                          c["token_slot"], **opts)
+        np.testing.assert_allclose(xa[j], np.asarray(want), rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_lora_prefill_segments():
     rng = np.random.default_rng()
     ts = np.repeat(rng.permutation(5), [300, 7, 130, 64, 1])
@@ -568,6 +634,7 @@ def test_gpu_lora_prefill_segments():
     check_shrink(c, sort=False)
     check_expand(c, 4096, sort=False, out_dtype=jnp.bfloat16)
     check_shrink(c, sort=False, block_tokens=64)
+    check_shrink(c, balanced=True)
     check_expand(c, 4096, sort=False, block_tokens=64)          # wide tiles: xs · B
     check_expand(c, 4096, sort=False, block_tokens=128, out_dtype=jnp.bfloat16)
 
