@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -149,7 +148,7 @@ class OfflineEngine:
             yield wave
 
     def _run_wave(self, wave: list[Request]) -> list[Result]:
-        lay, ec = self.layout, self.ec
+        lay = self.layout
         names = sorted({r.adapter for r in wave if r.adapter is not None})
         for name in list(self.resident):          # make room: drop idle adapters first
             if name not in names:

@@ -26,9 +26,7 @@ import pytest
 from slora_jax.adapters import load_peft_adapter
 from slora_jax.batching import Sampling, decode_batch, prefill_batch
 from slora_jax.config import EngineConfig, load_model_config
-from slora_jax.model import StepSpec
 from slora_jax.params import load_hf_params
-from slora_jax.pool import PoolLayout, init_pool
 from slora_jax.step import decode, prefill
 from serving.offline import OfflineEngine
 

@@ -16,7 +16,6 @@ from dense_reference import dense_greedy, dense_logits
 from serving.offline import OfflineEngine, Request
 from slora_jax.adapters import dummy_adapter
 from slora_jax.batching import Sampling, decode_batch, prefill_batch
-from slora_jax.model import StepSpec
 from slora_jax.step import decode, prefill
 
 ADAPTERS = [  # rank, target set: attention only, MLP only, everything, rank 1

@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import os
 import platform
 import sys
 import traceback
