@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from slora_jax.adapters import dummy_adapter  # noqa: E402
 from slora_jax.batching import Sampling, SlotInfo, decode_batch  # noqa: E402
-from slora_jax.config import EngineConfig, preset  # noqa: E402
+from slora_jax.config import LORA_PLAN_OPTIONS, EngineConfig, preset  # noqa: E402
 from slora_jax.model import StepSpec, apply_rope, lm_logits, rms_norm, rope_inv_freq  # noqa: E402
 from slora_jax.params import init_dummy_params, params_bytes  # noqa: E402
 from slora_jax.pool import PoolLayout, init_pool, load_adapter_pages  # noqa: E402
@@ -140,19 +140,18 @@ def git_commit() -> str:
 
 def parse_variants(spec: str) -> dict[str, dict[str, str]]:
     """'sort=auto,sort=auto+out=pool' -> {name: StepSpec options}."""
-    keys = {"sort": ("lora_sort", ("always", "never", "auto")),
-            "out": ("lora_out", ("float32", "pool")),
-            "tile": ("lora_max_tile", ("8", "16", "32", "64", "128")),
-            "shrink": ("lora_shrink", ("tile", "balanced"))}
+    keys = {name.split("_")[-1]: name for name in LORA_PLAN_OPTIONS}   # sort=, out=, ...
     out = {}
     for name in filter(None, (v.strip() for v in spec.split(","))):
         opts = {}
         for part in name.split("+"):
             k, _, v = part.partition("=")
-            if k not in keys or v not in keys[k][1]:
-                raise SystemExit(f"--lora-variants: '{part}' is not one of "
-                                 + ", ".join(f"{k}={'|'.join(vs)}" for k, (_, vs) in keys.items()))
-            opts[keys[k][0]] = int(v) if k == "tile" else v
+            field = keys.get(k)
+            value = int(v) if field == "lora_max_tile" and v.isdigit() else v
+            if field is None or value not in LORA_PLAN_OPTIONS[field]:
+                raise SystemExit(f"--lora-variants: '{part}' is not one of " + ", ".join(
+                    f"{k}={'|'.join(map(str, LORA_PLAN_OPTIONS[f]))}" for k, f in keys.items()))
+            opts[field] = value
         out[name] = opts
     return out
 

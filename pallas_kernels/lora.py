@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from slora_jax.config import ceil_div
+from slora_jax.config import ceil_div, check_option
 from slora_jax.pool import GROUP, matrix_form
 
 BACKENDS = ("auto", "reference", "pallas")
@@ -152,8 +152,7 @@ def lora_apply_modules(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales,
     then writes half the bytes; `lora_mgpu.expand_out_dtype`).
     """
     n_mod = len(out_features)
-    if out not in ("float32", "pool"):
-        raise ValueError(f"LoRA terms' dtype '{out}' is not float32 or pool")
+    check_option("lora_out", out)
     if resolve_backend(backend) != "pallas":
         ys = tuple(lora_apply(x, rows, slot_pages, a_offsets[:, j], b_offsets[:, j],
                               ranks[:, j], scales[:, j], token_slot, max_rank=max_rank,

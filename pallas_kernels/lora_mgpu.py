@@ -43,6 +43,7 @@ from pallas_kernels import lora as lora_ref
 from pallas_kernels.lora_plan import (
     CHUNK, GROUP, ROWS, GroupPlan, make_group_plan, pick_block_tokens, plan_order, plan_where,
     width_groups, xs_from_shrink, xs_from_xa)
+from slora_jax.config import check_option
 from slora_jax.pool import matrix_form
 
 _log = logging.getLogger(__name__)
@@ -374,15 +375,11 @@ def _expand_launch(gp: GroupPlan, xs, rows, mods: list[int], width: int, *, bloc
     return out[gp.plan["where"]] if gp.sorted else out[:gp.t]
 
 
-OUT_MODES = ("float32", "pool")
-
-
 def expand_out_dtype(pool_dtype, mode: str = "float32"):
     """The dtype the expand writes for `mode` (`StepSpec.lora_out`): "float32", or
     "pool" (the pool's 16-bit dtype: half the bytes, and the rounding PEFT's bf16 LoRA
     layers do)."""
-    if mode not in OUT_MODES:
-        raise ValueError(f"LoRA expand output '{mode}' is not one of {OUT_MODES}")
+    check_option("lora_out", mode)
     return jnp.dtype(jnp.float32 if mode == "float32" else pool_dtype)
 
 

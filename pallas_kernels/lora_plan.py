@@ -36,6 +36,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from slora_jax.config import check_option
 from slora_jax.pool import matrix_form
 
 GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma operand
@@ -43,14 +44,12 @@ CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
 ROWS = GROUP * CHUNK
 MAX_BLOCK_TOKENS = 32    # tokens per tile at most: 32 beat 64 and 128 in the Llama-7B e2e step
 UNSORTED_MAX_TOKENS = 32  # "auto": leave batches of at most this many tokens unsorted
-SORT_MODES = ("always", "never", "auto")
 
 
 def sort_policy(num_tokens: int, mode: str = "always") -> bool:
     """Whether a plan of `num_tokens` tokens sorts them by slot. `mode` (`StepSpec.
     lora_sort`): "always", "never", or "auto" (sort above UNSORTED_MAX_TOKENS tokens)."""
-    if mode not in SORT_MODES:
-        raise ValueError(f"LoRA token sort mode '{mode}' is not one of {SORT_MODES}")
+    check_option("lora_sort", mode)
     return mode == "always" or (mode == "auto" and num_tokens > UNSORTED_MAX_TOKENS)
 
 

@@ -184,10 +184,7 @@ class Engine:
                              f"max_prefill_tokens={ec.max_prefill_tokens}")
         self.params, self.mc, self.ec, self.cfg = params, mc, ec, config
         self.layout = PoolLayout.create(mc, ec)
-        self.spec = StepSpec(mc, self.layout, lora_backend=ec.lora_backend,
-                             attention_backend=ec.attention_backend,
-                             lora_sort=ec.lora_sort, lora_out=ec.lora_out,
-                             lora_max_tile=ec.lora_max_tile, lora_shrink=ec.lora_shrink)
+        self.spec = StepSpec.for_engine(mc, self.layout, ec)
         self.dtype = jnp.dtype(dtype)
         self.metrics = metrics or ServingMetrics()
         self.pool = init_pool(self.layout, self.dtype)

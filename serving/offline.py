@@ -58,10 +58,7 @@ class OfflineEngine:
         self.dtype = dtype
         self.pool = init_pool(self.layout, dtype)
         self.allocator = PageAllocator(ec.num_pages)
-        self.spec = StepSpec(mc, self.layout, lora_backend=ec.lora_backend,
-                             attention_backend=ec.attention_backend,
-                             lora_sort=ec.lora_sort, lora_out=ec.lora_out,
-                             lora_max_tile=ec.lora_max_tile, lora_shrink=ec.lora_shrink)
+        self.spec = StepSpec.for_engine(mc, self.layout, ec)
         self.adapters: dict[str, LoraAdapter] = {}
         self.resident: dict[str, SlotInfo] = {}
 

@@ -233,14 +233,8 @@ class EngineConfig:
     lora_shrink: str = "tile"    # shrink blocks: "tile" (lanes of a tile) or "balanced"
 
     def __post_init__(self):
-        if self.lora_sort not in ("always", "never", "auto"):
-            raise ValueError(f"lora_sort: '{self.lora_sort}' is not always, never or auto")
-        if self.lora_out not in ("float32", "pool"):
-            raise ValueError(f"lora_out: '{self.lora_out}' is not float32 or pool")
-        if self.lora_shrink not in ("tile", "balanced"):
-            raise ValueError(f"lora_shrink: '{self.lora_shrink}' is not tile or balanced")
-        if self.lora_max_tile not in (8, 16, 32, 64, 128):
-            raise ValueError(f"lora_max_tile: {self.lora_max_tile} is not 8, 16, 32, 64 or 128")
+        for name in LORA_PLAN_OPTIONS:
+            check_option(name, getattr(self, name))
         mods = tuple(self.lora_modules)
         bad = [m for m in mods if m not in MODULES]
         if bad:
@@ -264,6 +258,22 @@ class EngineConfig:
         raise ValueError(f"{what}={n} exceeds the largest bucket {buckets[-1]}")
 
 
+# The Pallas LoRA plan options (`EngineConfig` and `StepSpec` fields) and their values.
+LORA_PLAN_OPTIONS = {
+    "lora_sort": ("always", "never", "auto"),
+    "lora_out": ("float32", "pool"),
+    "lora_max_tile": (8, 16, 32, 64, 128),
+    "lora_shrink": ("tile", "balanced"),
+}
+
+
+def check_option(name: str, value) -> None:
+    """ValueError naming the option and its values unless `value` is one of them."""
+    allowed = LORA_PLAN_OPTIONS[name]
+    if value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -274,4 +284,5 @@ def round_up(a: int, b: int) -> int:
 
 __all__ = ["MODULES", "HF_MODULE_NAMES", "ConfigError", "RopeScaling", "ModelConfig",
            "EngineConfig", "model_config_from_hf", "load_model_config", "preset",
+           "LORA_PLAN_OPTIONS", "check_option",
            "ceil_div", "round_up"]

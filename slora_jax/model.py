@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from pallas_kernels import lora as lora_ops
-from slora_jax.config import MODULES, ModelConfig
+from slora_jax.config import LORA_PLAN_OPTIONS, MODULES, EngineConfig, ModelConfig
 from slora_jax.params import Params
 from slora_jax.pool import Pool, PoolLayout, adapter_row_view
 
@@ -45,6 +45,13 @@ class StepSpec:
     lora_out: str = "float32"     # Pallas LoRA: expand output dtype ("float32"|"pool")
     lora_max_tile: int = 32       # Pallas LoRA: most tokens per tile (64+: wide expand)
     lora_shrink: str = "tile"     # Pallas LoRA: shrink blocks by tile, or "balanced"
+
+    @staticmethod
+    def for_engine(mc: ModelConfig, layout: PoolLayout, ec: EngineConfig) -> "StepSpec":
+        """The step spec of an engine: its backends and LoRA plan options."""
+        return StepSpec(mc, layout, lora_backend=ec.lora_backend,
+                        attention_backend=ec.attention_backend,
+                        **{k: getattr(ec, k) for k in LORA_PLAN_OPTIONS})
 
     def with_(self, **kw) -> "StepSpec":
         return dataclasses.replace(self, **kw)

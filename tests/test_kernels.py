@@ -411,7 +411,7 @@ def test_unsorted_plan_items_are_the_distinct_tile_slot_pairs():
     assert lora_plan.batch_plan(jnp.asarray(ts, jnp.int32), s, sort=True).keys() >= {"order"}
     assert lora_plan.sort_policy(32, "auto") is False and lora_plan.sort_policy(33, "auto")
     assert lora_plan.sort_policy(8) and not lora_plan.sort_policy(4096, "never")
-    with pytest.raises(ValueError, match="sort mode 'sometimes'"):
+    with pytest.raises(ValueError, match="lora_sort: 'sometimes' is not one of always"):
         lora_plan.sort_policy(8, "sometimes")
 
 

@@ -153,6 +153,7 @@ def test_lora_modules_restrict_the_step(tiny):
         full.adapters["a3"].pack(eng.layout)
     with pytest.raises(ValueError, match="unknown modules"):
         EngineConfig(lora_modules=("q", "qkv"))
+
     reqs = [Request("x", [5, 1, 7, 2], "a0", max_tokens=8), Request("y", [3, 3], None, max_tokens=5)]
     got, want = eng.generate(reqs), full.generate(reqs)
     for g, w in zip(got, want):
@@ -165,3 +166,23 @@ def test_lora_modules_restrict_the_step(tiny):
     n_small = decode.lower(params, eng.pool, b, spec=eng.spec).as_text().count("dot_general")
     n_full = decode.lower(params, full.pool, b, spec=full.spec).as_text().count("dot_general")
     assert n_small < n_full
+
+
+
+def test_lora_plan_options_are_checked_and_reach_the_step(tiny):
+    """EngineConfig refuses a bad Pallas LoRA plan option by name, listing the good values,
+    and an engine's StepSpec carries the ones it was given."""
+    from slora_jax.config import EngineConfig
+    from slora_jax.model import StepSpec
+    from slora_jax.pool import PoolLayout
+    for name, bad in (("lora_sort", "sometimes"), ("lora_out", "bfloat16"),
+                      ("lora_max_tile", 48), ("lora_shrink", "stream")):
+        with pytest.raises(ValueError, match=f"{name}: {bad!r} is not one of"):
+            EngineConfig(**{name: bad})
+    mc, params = tiny
+    ec = tiny_engine_config(lora_sort="auto", lora_out="pool", lora_max_tile=64,
+                            lora_shrink="balanced")
+    spec = StepSpec.for_engine(mc, PoolLayout.create(mc, ec), ec)
+    assert (spec.lora_sort, spec.lora_out, spec.lora_max_tile, spec.lora_shrink) == (
+        "auto", "pool", 64, "balanced")
+    assert OfflineEngine(params, mc, ec, jnp.float32).spec == spec
