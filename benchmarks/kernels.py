@@ -16,6 +16,9 @@ Times, in one run and with CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`
                            at prefill;
       - `pallas-wide`    : prefill only: unsorted, tiles of WIDE_TILE = 64 tokens (the
                            expand computes xs·B as stored, no transpose);
+      - `pallas-ragged`  : decode expand, planned, with N splits that need not divide
+                           the N steps (`lora_mgpu.RAGGED_SPLITS`), at widths whose
+                           step count has no divisor near the split target (W = 11008);
       - `xla-gather`     : baseline (a), the jnp reference (backend="reference");
       - `xla-onehot`     : baseline (b), one-hot einsum over stacked padded slots.
   * LoRA at prefill (segments of 256..2048 tokens, one adapter each; 512, 2048, 8192
@@ -188,11 +191,14 @@ def run_lora(cfg, pool, R):
     # Tokens left unsorted (`pallas-unsorted`) where `lora_sort="auto"` would leave them
     # so (<= 32 tokens), and at prefill, where segments are already contiguous.
     unsorted = ("pallas-unsorted",) if prefill or t <= lora_plan.UNSORTED_MAX_TOKENS else ()
-    backends = ("pallas-planned", *unsorted, "pallas-wide", "xla-gather") if prefill else \
-        ("pallas", "pallas-planned", *unsorted, "xla-gather")
     for op, mod in cfg["ops"]:
         w_in, w_out = pool.shapes[mod]
         width = w_in if op == "shrink" else w_out
+        # 256-column N steps: a count with no divisor near the splits (11008 = 43 · 256)
+        ragged = ("pallas-ragged",) if (op == "expand" and not prefill
+                                        and _divisor_at_most(width // 256, 8) < 4) else ()
+        backends = ("pallas-planned", *unsorted, "pallas-wide", "xla-gather") if prefill \
+            else ("pallas", "pallas-planned", *unsorted, *ragged, "xla-gather")
         p = dict(params, module=mod, width=width)
         if op == "shrink" and w_in not in xs:
             xs[w_in] = [randn(jax.random.key(1000 + next(keys)), (t, w_in)) for _ in range(k)]
@@ -208,7 +214,8 @@ def run_lora(cfg, pool, R):
         fell_back = False
         for backend in backends:
             common = dict(reps=k, nbytes=nbytes, flops=flops)
-            if backend in ("pallas-planned", "pallas-unsorted", "pallas-wide") and plans is None:
+            if backend in ("pallas-planned", "pallas-unsorted", "pallas-wide",
+                           "pallas-ragged") and plans is None:
                 R.emit(name, backend, p, error=f"plan: {plan_err}", **common)
                 continue
             if backend.startswith("pallas") and fell_back:   # the other pallas row did
@@ -217,7 +224,7 @@ def run_lora(cfg, pool, R):
                 continue
             f = _lora_fn(op, backend, max_rank, width, ps)
             pl_ = {"pallas-planned": plans, "pallas-unsorted": plans_u,
-                   "pallas-wide": plans_w}.get(backend, [None] * k)
+                   "pallas-wide": plans_w, "pallas-ragged": plans}.get(backend, [None] * k)
             row = R.emit(name, backend, p, f, (pool.rows, bs, pl_),
                          check_kernel=backend.startswith("pallas"), **common)
             fell_back = fell_back or bool(row and row.get("fallback"))
@@ -256,6 +263,10 @@ def _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k):
                    check_kernel=be == "pallas", reps=k, nbytes=nbytes, flops=None)
 
 
+def _divisor_at_most(n: int, want: int) -> int:
+    return max([d for d in range(1, want + 1) if n % d == 0] or [1])
+
+
 def _lora_fn(op, backend, max_rank, width, ps):
     be = "reference" if backend == "xla-gather" else "pallas"
 
@@ -268,6 +279,11 @@ def _lora_fn(op, backend, max_rank, width, ps):
             return lora_mgpu.lora_expand(act, rows, pages, off, rank, scale, ts,
                                          out_features=width, page_size=ps, plan=plan,
                                          block_tokens=WIDE_TILE)
+        if backend == "pallas-ragged":
+            from pallas_kernels import lora_mgpu
+            return lora_mgpu.lora_expand(act, rows, pages, off, rank, scale, ts,
+                                         out_features=width, page_size=ps, plan=plan,
+                                         ragged_splits=True)
         if op == "shrink":
             return lora.lora_shrink(act, rows, pages, off, rank, ts, max_rank=max_rank,
                                     page_size=ps, backend=be, plan=plan)

@@ -50,6 +50,9 @@ _log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 TARGET_BLOCKS = 4 * 132  # expand: split N until about this many blocks (4 per H100 SM)
+# Expand splits that need not divide the N steps (`_expand_splits`). Off until measured
+# on the GPU: `benchmarks/kernels.py`'s `pallas-ragged` rows time it at W = 11008.
+RAGGED_SPLITS = False
 SHRINK_BLOCKS = 132      # shrink: split K until about this many blocks
 STAGE_BYTES = 40 << 10   # SMEM per pipeline stage we aim for
 SMEM_BYTES = 110 << 10   # SMEM per block for the stages: two blocks fit on an SM
@@ -63,6 +66,17 @@ def _copy_if(predicate: bool, cond) -> dict:
     """Skip a copy on the GPU. The interpreter takes no predicate: there the copy
     runs, from a row past the pool, and TMA's zero fill gives the same result."""
     return {"predicate": cond} if predicate else {}
+
+
+def _expand_splits(n_steps: int, want: int, ragged: bool | None = None) -> int:
+    """N splits of the expand: the largest divisor of n_steps up to `want`; if `ragged`
+    (None: RAGGED_SPLITS) and that divisor is under half of `want`, as many splits as
+    `want` (the last split takes fewer N steps), trimmed so that none is empty."""
+    even = _divisor_at_most(n_steps, want)
+    if not (RAGGED_SPLITS if ragged is None else ragged) or 2 * even >= min(want, n_steps):
+        return even
+    per = -(-n_steps // min(want, n_steps))
+    return -(-n_steps // per)
 
 
 def _divisor_at_most(n: int, want: int) -> int:
@@ -188,7 +202,9 @@ def _shrink_call(starts, chunk_tile, grp, x_sorted, rows_c, *, bound, bt, bk, st
 def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt, bn, num_n,
                    stages, splits, width, chunk_width):
     """Block (tile, module * splits + split): num_n N steps of bn columns, each the
-    sum over the tile's chunks; one pipeline runs through all (N step, chunk).
+    sum over the tile's chunks; one pipeline runs through all (N step, chunk). Where
+    splits do not divide the width's N steps (W = 11008 has 43 of 256 columns), each
+    split takes num_n of them and the last split fewer (a dynamic count).
 
     Narrow tiles (bt < 64 tokens, decode) compute out^T [bn, bt] = B^T · xs^T, the
     wgmma's 64+ rows being output columns, and transpose through SMEM; wide tiles
@@ -204,7 +220,12 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt,
     split = lax.rem(lax.axis_index("s"), splits)
     c0 = starts_ref[mod, tile]
     nch = starts_ref[mod, tile + 1] - c0
-    total = num_n * nch
+    n_steps = width // bn
+    if num_n * splits == n_steps:
+        my_n = num_n                       # even splits: a static count
+    else:
+        my_n = jnp.clip(n_steps - split * num_n, 0, num_n)
+    total = my_n * nch
     n_base = split * (num_n * bn)
 
     def issue(step, stage):
@@ -224,7 +245,7 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt,
 
     _fill(issue, stages, total)
 
-    @pl.loop(0, num_n)
+    @pl.loop(0, my_n)
     def _n(ns):
         def acc_scope(acc_ref):
             def mma(st):
@@ -262,7 +283,7 @@ def _expand_call(starts, grp, xs, rows_c, *, bt, bn, stages, splits, width, chun
                  out_dtype, interpret):
     n_mod, nt = starts.shape[0], starts.shape[1] - 1
     dt = rows_c.dtype
-    body = functools.partial(_expand_kernel, bt=bt, bn=bn, num_n=width // (bn * splits),
+    body = functools.partial(_expand_kernel, bt=bt, bn=bn, num_n=-(-width // (bn * splits)),
                              stages=stages, splits=splits, width=width,
                              chunk_width=chunk_width)
     return plgpu.kernel(
@@ -353,14 +374,19 @@ def _shrink_launch(gp: GroupPlan, x, rows, *, block_k=None, num_stages=None, num
 
 
 def _expand_launch(gp: GroupPlan, xs, rows, mods: list[int], width: int, *, block_n=None,
-                   num_stages=None, num_splits=None, out_dtype=jnp.float32, interpret=None):
+                   num_stages=None, num_splits=None, out_dtype=jnp.float32,
+                   ragged_splits=None, interpret=None):
     """The expand kernel for modules `mods` (one width): [T, len(mods) * width] in
     `out_dtype` (float32, or the pool's 16-bit dtype), in token order."""
     n_rows, h = rows.shape
     c, _ = matrix_form(width, h)
     bt, nt = gp.bt, gp.num_tiles
     bn = block_n or _block_n(c, width, bt)
-    splits = num_splits or _divisor_at_most(width // bn, -(-TARGET_BLOCKS // (nt * len(mods))))
+    splits = num_splits or _expand_splits(width // bn, -(-TARGET_BLOCKS // (nt * len(mods))),
+                                          ragged_splits)
+    if not 1 <= splits <= width // bn or -(-(width // bn) // splits) * (splits - 1) >= width // bn:
+        raise ValueError(f"num_splits={splits}: {width // bn} N steps of {bn} columns leave "
+                         "a split with none")
     stage = (ROWS * bn + bt * ROWS) * 2
     out_dtype = jnp.dtype(out_dtype)
     epilogue = (1 if bt % 64 == 0 else 2) * bn * bt * out_dtype.itemsize   # o (and t) SMEM
@@ -487,12 +513,14 @@ def lora_expand_multi(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
                       block_tokens: int | None = None, block_n: int | None = None,
                       num_stages: int | None = None, num_splits: int | None = None,
                       plan: dict | None = None, sort: bool | None = None,
-                      out_dtype=jnp.float32, interpret=None) -> jax.Array:
+                      out_dtype=jnp.float32, ragged_splits: bool | None = None,
+                      interpret=None) -> jax.Array:
     """The expands of M modules of one output width in one launch.
 
     xa: [M, T, R] f32 (`lora_shrink_multi`); b_offsets, ranks, scales: [S, M].
     Returns [T, M · out_features] in `out_dtype` (float32, or the pool dtype), module m
     in columns [m·out, (m+1)·out). `plan`, `sort`: as `lora_shrink_multi`.
+    `ragged_splits`: N splits need not divide the N steps (None: RAGGED_SPLITS).
     """
     n_mod, t, max_rank = xa.shape
     s = slot_pages.shape[0]
@@ -510,4 +538,5 @@ def lora_expand_multi(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
     mods = list(range(n_mod))
     return _expand_launch(gp, xs_from_xa(gp, xa, mods, rows.dtype), rows, mods, out_features,
                           block_n=block_n, num_stages=num_stages, num_splits=num_splits,
-                          out_dtype=out_dtype, interpret=interpret)
+                          out_dtype=out_dtype, ragged_splits=ragged_splits,
+                          interpret=interpret)

@@ -42,15 +42,31 @@ from slora_jax.pool import matrix_form
 GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma operand
 CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
 ROWS = GROUP * CHUNK
-MAX_BLOCK_TOKENS = 32    # tokens per tile at most: 32 beat 64 and 128 in the Llama-7B e2e step
-UNSORTED_MAX_TOKENS = 32  # "auto": leave batches of at most this many tokens unsorted
+MAX_BLOCK_TOKENS = 32    # decode: tokens per tile at most (32 beat 64 in the e2e step)
+PREFILL_BLOCK_TOKENS = 64  # prefill: tiles of 64 take the expand's wide form (2.6x faster)
+UNSORTED_MAX_TOKENS = 32  # "auto" at decode: leave batches of at most this many unsorted
 
 
-def sort_policy(num_tokens: int, mode: str = "always") -> bool:
+def sort_policy(num_tokens: int, mode: str = "auto", prefill: bool = False) -> bool:
     """Whether a plan of `num_tokens` tokens sorts them by slot. `mode` (`StepSpec.
-    lora_sort`): "always", "never", or "auto" (sort above UNSORTED_MAX_TOKENS tokens)."""
+    lora_sort`): "always", "never", or "auto": never at prefill (each request's tokens
+    are already one run), above UNSORTED_MAX_TOKENS tokens at decode."""
     check_option("lora_sort", mode)
-    return mode == "always" or (mode == "auto" and num_tokens > UNSORTED_MAX_TOKENS)
+    if mode != "auto":
+        return mode == "always"
+    return not prefill and num_tokens > UNSORTED_MAX_TOKENS
+
+
+def step_policy(num_tokens: int, num_slots: int, sort: str = "auto",
+                max_tile: int | None = None, prefill: bool = False) -> tuple[int, bool]:
+    """(tokens per tile, sorted) of a step's token plan from the `StepSpec` options:
+    `max_tile` None picks PREFILL_BLOCK_TOKENS at prefill, MAX_BLOCK_TOKENS at decode
+    (the choices measured best in benchmarks/NOTES_kernels.md, session 7)."""
+    check_option("lora_max_tile", max_tile)
+    if max_tile is None:
+        max_tile = PREFILL_BLOCK_TOKENS if prefill else MAX_BLOCK_TOKENS
+    return (pick_block_tokens(num_tokens, num_slots, max_tile),
+            sort_policy(num_tokens, sort, prefill))
 
 
 def is_sorted(plan: dict) -> bool:

@@ -223,14 +223,15 @@ class EngineConfig:
     lora_backend: str = "auto"
     attention_backend: str = "auto"
     lora_modules: tuple[str, ...] = MODULES
-    # Pallas LoRA kernels (`StepSpec.lora_sort`/`lora_out`/`lora_max_tile`): whether the
-    # token plan sorts tokens by adapter ("always", "never", "auto": not at <= 32
-    # tokens), the dtype the expand writes ("float32", or "pool": the pool's bf16), and
-    # the most tokens per tile (64+: the expand's wide, transpose-free form).
-    lora_sort: str = "always"
+    # Pallas LoRA kernels (`StepSpec.lora_sort`/`lora_out`/`lora_max_tile`/`lora_shrink`):
+    # whether the token plan sorts tokens by adapter ("always", "never", "auto": never at
+    # prefill, above 32 tokens at decode), the dtype the expand writes ("float32", or
+    # "pool": the pool's bf16), the most tokens per tile (None: 64 at prefill, the
+    # expand's wide form, 32 at decode), and how the shrink's blocks share the chunks.
+    lora_sort: str = "auto"
     lora_out: str = "float32"
-    lora_max_tile: int = 32      # most tokens per LoRA tile (8..128, a power of two)
-    lora_shrink: str = "tile"    # shrink blocks: "tile" (lanes of a tile) or "balanced"
+    lora_max_tile: int | None = None  # most tokens per LoRA tile (8..128, a power of two)
+    lora_shrink: str = "balanced"     # shrink blocks: "balanced" or "tile" (one per tile)
 
     def __post_init__(self):
         for name in LORA_PLAN_OPTIONS:
@@ -262,7 +263,7 @@ class EngineConfig:
 LORA_PLAN_OPTIONS = {
     "lora_sort": ("always", "never", "auto"),
     "lora_out": ("float32", "pool"),
-    "lora_max_tile": (8, 16, 32, 64, 128),
+    "lora_max_tile": (None, 8, 16, 32, 64, 128),
     "lora_shrink": ("tile", "balanced"),
 }
 

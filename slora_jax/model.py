@@ -41,10 +41,11 @@ class StepSpec:
     lora_backend: str = "reference"
     attention_backend: str = "reference"
     logits: str = "none"          # "none" | "last" | "all" (prefill) logits returned
-    lora_sort: str = "always"     # Pallas LoRA: sort tokens by slot ("always"|"never"|"auto")
-    lora_out: str = "float32"     # Pallas LoRA: expand output dtype ("float32"|"pool")
-    lora_max_tile: int = 32       # Pallas LoRA: most tokens per tile (64+: wide expand)
-    lora_shrink: str = "tile"     # Pallas LoRA: shrink blocks by tile, or "balanced"
+    # Pallas LoRA plan options (`EngineConfig` says what each does; defaults measured best)
+    lora_sort: str = "auto"       # sort tokens by slot: "always" | "never" | "auto"
+    lora_out: str = "float32"     # expand output dtype: "float32" | "pool"
+    lora_max_tile: int | None = None  # most tokens per tile (None: 64 prefill, 32 decode)
+    lora_shrink: str = "balanced"  # shrink blocks: "balanced" | "tile"
 
     @staticmethod
     def for_engine(mc: ModelConfig, layout: PoolLayout, ec: EngineConfig) -> "StepSpec":
@@ -95,7 +96,8 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
 class _Lora:
     """Per-step LoRA context: which slot each token uses, and the slot tables."""
 
-    def __init__(self, lora: LoraBatch | None, token_slot: jax.Array | None, spec: StepSpec):
+    def __init__(self, lora: LoraBatch | None, token_slot: jax.Array | None, spec: StepSpec,
+                 prefill: bool = False):
         self.lora, self.token_slot, self.spec = lora, token_slot, spec
         self.plan = self.block_tokens = None
         self.group_plans: dict = {}     # Pallas: each module group's packing, built once
@@ -105,9 +107,9 @@ class _Lora:
             # all modules and layers.
             from pallas_kernels import lora_plan
             t, s = token_slot.shape[0], lora.slot_pages.shape[0]
-            self.block_tokens = lora_plan.pick_block_tokens(t, s, spec.lora_max_tile)
-            self.plan = lora_plan.plan_batch(token_slot, s, self.block_tokens,
-                                             sort=lora_plan.sort_policy(t, spec.lora_sort))
+            self.block_tokens, sort = lora_plan.step_policy(
+                t, s, spec.lora_sort, spec.lora_max_tile, prefill)
+            self.plan = lora_plan.plan_batch(token_slot, s, self.block_tokens, sort=sort)
 
     def delta(self, x: jax.Array, module: str, pool_layer: jax.Array) -> jax.Array | float:
         return self.deltas(x, (module,), pool_layer)[0]
@@ -155,13 +157,14 @@ Attend = Callable[[int, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.A
 
 def transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax.Array,
                 attend: Attend, lora: LoraBatch | None, token_slot: jax.Array | None,
-                spec: StepSpec) -> tuple[Pool, jax.Array]:
-    """tokens, positions: [T] -> (new pool, final hidden states [T, H])."""
+                spec: StepSpec, prefill: bool = False) -> tuple[Pool, jax.Array]:
+    """tokens, positions: [T] -> (new pool, final hidden states [T, H]). `prefill`: the
+    tokens are prompts (each request's a run), which picks the LoRA plan's tiles."""
     mc = spec.model
     t = tokens.shape[0]
     dtype = params.embed.dtype
     inv_freq = rope_inv_freq(mc)
-    lo = _Lora(lora, token_slot, spec)
+    lo = _Lora(lora, token_slot, spec, prefill)
     x = params.embed[tokens]
     new_layers = []
     for li, (lp, pl) in enumerate(zip(params.layers, pool.layers)):

@@ -73,7 +73,7 @@ def prefill(params: Params, pool: Pool, batch: PrefillBatch, *, spec: StepSpec):
         return pl, out
 
     pool, h = transformer(params, pool, batch.tokens, batch.positions, attend, batch.lora,
-                          token_slot, spec)
+                          token_slot, spec, prefill=True)
     h_last = h[batch.last_index]
     logits = lm_logits(params, h_last)
     tokens, logprobs = sample(logits, batch.sampling, batch.positions[batch.last_index] + 1)

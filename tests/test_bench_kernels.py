@@ -57,9 +57,14 @@ def test_pallas_rows_compute_what_the_reference_rows_compute():
         width = w_in if op == "shrink" else w_out
         act = setup.randn(jax.random.key(1), (t, w_in)) if op == "shrink" else xa
         bs = [(act, *pool.slots(adapters, mod, "a" if op == "shrink" else "b"), scale, ts)]
+        backends = ("pallas-planned", "xla-gather") + (("pallas-ragged",) if op == "expand"
+                                                        else ())
         outs = {b: bench._lora_fn(op, b, pool.max_rank, width, pool.page_size)(
-            pool.rows, bs, [plan if b == "pallas-planned" else None])[0]
-            for b in ("pallas-planned", "xla-gather")}
+            pool.rows, bs, [None if b == "xla-gather" else plan])[0]
+            for b in backends}
+        if "pallas-ragged" in outs:
+            np.testing.assert_allclose(outs["pallas-ragged"], outs["pallas-planned"],
+                                       rtol=1e-5, atol=1e-5)
         assert outs["xla-gather"].shape == (t, pool.max_rank if op == "shrink" else width)
         np.testing.assert_allclose(outs["pallas-planned"], outs["xla-gather"], rtol=2e-2,
                                    atol=2e-2 * float(jnp.abs(outs["xla-gather"]).max()))

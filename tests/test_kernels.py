@@ -138,6 +138,26 @@ def test_expand_matches_reference(kind):
                            token_slot=ts), H)
 
 
+@pytest.mark.parametrize("width,splits", [(320, 3), (192, 2), (320, None)])
+def test_expand_ragged_splits(width, splits, monkeypatch):
+    """Splits that do not divide the expand's N steps (W = 320 in rows of H = 128: five
+    steps of 64 columns; three splits take 2, 2 and 1), explicit or chosen under
+    RAGGED_SPLITS, write every column; a count that leaves a split empty is refused."""
+    rng = np.random.default_rng()
+    ts, ranks = _batch(rng, "mixed", 24, 6, 16)
+    c = lora_case(rng, h=H, t=len(ts), s=len(ranks), max_rank=16, ranks=ranks,
+                  token_slot=ts, widths=(H, width))
+    if splits is None:
+        monkeypatch.setattr(lora_mgpu, "RAGGED_SPLITS", True)
+        assert lora_mgpu._expand_splits(width // 64, 4) == 3      # 2 + 2 + 1 N steps
+    ragged = lora_mgpu.RAGGED_SPLITS            # 43 N steps (W = 11008): 6 per split
+    assert lora_mgpu._expand_splits(43, 8) == (8 if ragged else 1)
+    assert lora_mgpu._expand_splits(56, 8) == 8 and lora_mgpu._expand_splits(44, 8) == 4
+    check_expand(c, width, **({} if splits is None else dict(num_splits=splits)))
+    with pytest.raises(ValueError, match="num_splits=4: 5 N steps of 64 columns leave"):
+        check_expand(c, 320, num_splits=4)
+
+
 def multi_case(rng, *, h, t, s, max_rank, ranks, out_widths, token_slot, page_size=8):
     """A pool whose `s` slots each hold M = len(out_widths) A^T [r, h] / B [r, out_m]
     pairs (q/k/v-like: one input, several outputs), at random aligned offsets inside
@@ -410,9 +430,26 @@ def test_unsorted_plan_items_are_the_distinct_tile_slot_pairs():
         assert plan["item_lo"][w] <= p < plan["item_hi"][w]
     assert lora_plan.batch_plan(jnp.asarray(ts, jnp.int32), s, sort=True).keys() >= {"order"}
     assert lora_plan.sort_policy(32, "auto") is False and lora_plan.sort_policy(33, "auto")
-    assert lora_plan.sort_policy(8) and not lora_plan.sort_policy(4096, "never")
+    assert lora_plan.sort_policy(8, "always") and not lora_plan.sort_policy(4096, "never")
+    assert not lora_plan.sort_policy(4096, "auto", prefill=True)
+    assert lora_plan.sort_policy(4096, "always", prefill=True)
     with pytest.raises(ValueError, match="lora_sort: 'sometimes' is not one of always"):
         lora_plan.sort_policy(8, "sometimes")
+
+
+def test_step_policy_picks_tiles_and_order_by_phase():
+    """The step's plan choice (`StepSpec.lora_sort`/`lora_max_tile`): by default prefill
+    runs unsorted 64-token tiles (the wide expand) and decode sorts above 32 tokens with
+    tiles of at most 32; given options override either phase; bad ones are named."""
+    pol = lora_plan.step_policy
+    assert pol(4096, 4, prefill=True) == (64, False)
+    assert pol(4096, 4) == (32, True)                    # decode-sized slots, many tokens
+    assert pol(128, 128) == (8, True) and pol(32, 32) == (8, False)
+    assert pol(16, 16, prefill=True) == (8, False)      # one token per slot: small tiles
+    assert pol(4096, 4, "always", 32, prefill=True) == (32, True)
+    assert pol(4096, 4, "never", 128) == (128, False)
+    with pytest.raises(ValueError, match="lora_max_tile: 48 is not one of"):
+        pol(64, 2, max_tile=48)
 
 
 @pytest.mark.parametrize("sort", [True, False])
@@ -570,6 +607,7 @@ def test_gpu_lora_mlp_widths(f):
             check_shrink(c)
         else:
             check_expand(c, f)
+            check_expand(c, f, num_splits=5)    # ragged: 43 or 56 N steps, 5 splits
 
 
 @pytest.mark.gpu

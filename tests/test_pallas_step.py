@@ -42,15 +42,18 @@ LLAMA7B_2L = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=1
 BACKENDS = [("reference", "reference"), ("pallas", "reference"), ("reference", "pallas"),
             ("pallas", "pallas"),        # (lora_backend, attention_backend)
             ("reference-bf16", "reference"),      # LoRA terms rounded to bf16 ...
-            ("pallas-unsorted-bf16", "pallas")]   # ... as the kernels write them, with
-                                                  # the tokens left unsorted, and (prefill)
-                                                  # tiles of 64 tokens: the wide expand
-# StepSpec options of the lora backend names above that are not backends
+            ("pallas-sorted-bf16", "pallas")]     # ... as the kernels write them, with
+                                                  # the plan the defaults do not pick at
+                                                  # small batches: sorted, 32-token tiles,
+                                                  # one shrink block per tile
+# StepSpec options of the lora backend names above that are not backends ("pallas" runs
+# the defaults: unsorted at these batches, 64-token tiles at prefill, balanced shrink)
 LORA_OPTS = {"reference-bf16": dict(lora_backend="reference", lora_out="pool"),
-             "pallas-unsorted-bf16": dict(lora_backend="pallas", lora_sort="never",
-                                          lora_out="pool", lora_max_tile=64)}
+             "pallas-sorted-bf16": dict(lora_backend="pallas", lora_sort="always",
+                                        lora_out="pool", lora_max_tile=32,
+                                        lora_shrink="tile")}
 # What each is compared with: the reference step that rounds its LoRA terms alike
-REF = {"pallas-unsorted-bf16": ("reference-bf16", "reference")}
+REF = {"pallas-sorted-bf16": ("reference-bf16", "reference")}
 CHECKED = [k for k in BACKENDS[1:] if k[0] != "reference-bf16"]
 
 

@@ -180,9 +180,13 @@ def test_lora_plan_options_are_checked_and_reach_the_step(tiny):
         with pytest.raises(ValueError, match=f"{name}: {bad!r} is not one of"):
             EngineConfig(**{name: bad})
     mc, params = tiny
-    ec = tiny_engine_config(lora_sort="auto", lora_out="pool", lora_max_tile=64,
-                            lora_shrink="balanced")
+    ec = tiny_engine_config(lora_sort="never", lora_out="pool", lora_max_tile=64,
+                            lora_shrink="tile")
     spec = StepSpec.for_engine(mc, PoolLayout.create(mc, ec), ec)
     assert (spec.lora_sort, spec.lora_out, spec.lora_max_tile, spec.lora_shrink) == (
-        "auto", "pool", 64, "balanced")
+        "never", "pool", 64, "tile")
+    # An engine left at the defaults runs the step's defaults (one table of them).
+    dflt = StepSpec.for_engine(mc, PoolLayout.create(mc, tiny_engine_config()),
+                               tiny_engine_config())
+    assert dflt == StepSpec(mc, dflt.layout, dflt.lora_backend, dflt.attention_backend)
     assert OfflineEngine(params, mc, ec, jnp.float32).spec == spec
