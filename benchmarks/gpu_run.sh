@@ -11,6 +11,12 @@
 #   bash benchmarks/gpu_run.sh variants # e2e with the Pallas backends and the LoRA step
 #                                      # options beside the default (StepSpec.lora_sort,
 #                                      # lora_out); BATCHES/ADAPTERS/VARIANTS narrow it
+#   bash benchmarks/gpu_run.sh ragged  # one call (~9 min): the ragged-split GPU tests, the
+#                                      # decode LoRA split sweep at B=32, and kernels.py
+#                                      # --only lora (pallas-ragged, pallas-layer rows)
+#   bash benchmarks/gpu_run.sh defaults # one call (~9 min): e2e with the measured
+#                                      # defaults at B=32/128/256, then kernels.py
+#                                      # --only lora-prefill (pallas-layer vs dense)
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -55,5 +61,19 @@ case "$1" in
       --lora-backend pallas --attention-backend pallas \
       --lora-variants "${VARIANTS:-sort=auto,out=pool,sort=auto+out=pool}" \
       --breakdown "${BREAKDOWN:-0}" --out "$OUTDIR" 2>&1 | grep -v "^|" ;;
-  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune|variants" >&2; exit 2 ;;
+  ragged)
+    JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+      tests/test_kernels.py -k "ragged or mlp_widths" 2>&1 | tail -5
+    timeout 200 python3 benchmarks/tune_lora.py --budget-s 170 --out "$OUTDIR" \
+      --shapes llama-7b:qkv:32:32:mixed,llama-7b:o:32:32:mixed 2>&1 | grep "^|" | tail -30
+    python3 benchmarks/kernels.py --budget-s 230 --only lora --out "$OUTDIR/kernels_lora.json" \
+      2>&1 | sed -n '/^SUMMARY/,$p' | cut -c1-330 ;;
+  defaults)
+    timeout 330 python3 benchmarks/e2e_decode.py --preset llama-7b \
+      --batches "${BATCHES:-32:512,128:512,256:256}" --adapters "${ADAPTERS:-1,32,128}" \
+      --iters 10 --lora-backend pallas --attention-backend pallas --out "$OUTDIR" 2>&1 \
+      | grep "^B="
+    python3 benchmarks/kernels.py --budget-s 200 --only lora-prefill \
+      --out "$OUTDIR/kernels_prefill.json" 2>&1 | sed -n '/^SUMMARY/,$p' | cut -c1-330 ;;
+  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune|variants|ragged|defaults" >&2; exit 2 ;;
 esac

@@ -19,6 +19,9 @@ Times, in one run and with CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`
       - `pallas-ragged`  : decode expand, planned, with N splits that need not divide
                            the N steps (`lora_mgpu.RAGGED_SPLITS`), at widths whose
                            step count has no divisor near the split target (W = 11008);
+      - `pallas-layer`   : `lora_apply` only (decode and prefill): the step's plan
+                           (`lora_plan.step_policy`) and packing built outside, as a
+                           step builds them once for all layers: what one layer pays;
       - `xla-gather`     : baseline (a), the jnp reference (backend="reference");
       - `xla-onehot`     : baseline (b), one-hot einsum over stacked padded slots.
   * LoRA at prefill (segments of 256..2048 tokens, one adapter each; 512, 2048, 8192
@@ -230,14 +233,17 @@ def run_lora(cfg, pool, R):
             fell_back = fell_back or bool(row and row.get("fallback"))
         if prefill:
             _prefill_baselines(name, op, p, t, width, max_rank, cfg["segs"], k, R)
-    if not prefill:
-        _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k)
+    _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k, prefill, tok_rank)
 
 
-def _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k):
-    """lora_apply (the module's whole LoRA term, shrink then expand) at decode: the
-    kernels (`pallas-planned`, plan shared as in a step) vs the references (`xla-gather`)."""
-    t, ps, max_rank = cfg["b"], pool.page_size, pool.max_rank
+def _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k, prefill, tok_rank):
+    """lora_apply (the module's whole LoRA term, shrink then expand): the kernels with
+    the token plan shared as in a step (`pallas-planned`, decode), the kernels with
+    the step's plan and packing built outside as a step builds them once for all
+    layers (`pallas-layer`: what one layer pays; `lora_plan.step_policy`), and the
+    references (`xla-gather`, decode) or one dense x·A·B at the max rank (`dense`,
+    prefill: the target is LoRA within 1.5x of it)."""
+    t, n, ps, max_rank = cfg["b"], cfg["n"], pool.page_size, pool.max_rank
     mods = [m for m in dict.fromkeys(mod for _, mod in cfg["ops"])
             if ("shrink", m) in cfg["ops"] and ("expand", m) in cfg["ops"]]
     for mod in mods:
@@ -249,6 +255,11 @@ def _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k):
             b_off = pool.slots(a, mod, "b")[1]
             bs.append((xs[w_in][i], pages, a_off, b_off, rank, scale, ts))
         nbytes = used * (w_in + w_out) * 2 + t * w_in * 2 + t * w_out * 4
+        flops = 2 * tok_rank * (w_in + w_out) if prefill else None
+        _apply_layer(p, pool, R, bs, t, n, w_in, w_out, prefill, k, nbytes, flops)
+        if prefill:
+            _apply_dense(p, R, xs[w_in], t, w_in, w_out, max_rank, k)
+            continue
         for backend, be in (("pallas-planned", "pallas"), ("xla-gather", "reference")):
             if be == "pallas" and plans is None:
                 continue
@@ -261,6 +272,49 @@ def _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k):
             pl_ = plans if be == "pallas" else [None] * k
             R.emit("lora_apply", backend, p, f, (pool.rows, bs, pl_),
                    check_kernel=be == "pallas", reps=k, nbytes=nbytes, flops=None)
+
+
+def _apply_layer(p, pool, R, bs, t, n, w_in, w_out, prefill, k, nbytes, flops):
+    """`pallas-layer`: lora_apply_modules with the step's token plan and module-group
+    packing built outside the timed call (`_Lora` builds them once per step)."""
+    ps, max_rank = pool.page_size, pool.max_rank
+    bt, srt = lora_plan.step_policy(t, n, prefill=prefill)
+
+    def packing(rows, x, pages, a_off, b_off, rank, sc, ts):
+        return lora_plan.make_group_plan(
+            ts, rows, pages, a_off[:, None], b_off[:, None], rank[:, None], sc[:, None],
+            k_in=w_in, widths=(w_out,), max_rank=max_rank, page_size=ps,
+            plan=lora_plan.plan_batch(ts, n, bt, sort=srt), block_tokens=bt, balanced=True)
+
+    def one(rows, x, pages, a_off, b_off, rank, sc, ts, gp):
+        return lora.lora_apply_modules(x, rows, pages, a_off[:, None], b_off[:, None],
+                                       rank[:, None], sc[:, None], ts, max_rank=max_rank,
+                                       out_features=(w_out,), page_size=ps,
+                                       backend="pallas", plan=gp)[0]
+    try:
+        gps = jax.jit(lambda rows, bs: [packing(rows, *b) for b in bs])(pool.rows, bs)
+    except Exception as e:
+        R.emit("lora_apply", "pallas-layer", p, error=f"plan: {_err(e)}", reps=k,
+               nbytes=nbytes, flops=flops)
+        return
+    f = jax.jit(lambda rows, bs, gps: [one(rows, *b, g) for b, g in zip(bs, gps)])
+    R.emit("lora_apply", "pallas-layer", dict(p, block_tokens=bt, sorted=srt), f,
+           (pool.rows, bs, gps), check_kernel=True, reps=k, nbytes=nbytes, flops=flops)
+
+
+def _apply_dense(p, R, xs, t, w_in, w_out, r, k):
+    """`dense` lora_apply at prefill: x[T, in]·A[in, r], rounded, ·B[r, out] (f32 out)."""
+    key = jax.random.key(t + w_in + w_out + r)
+    ws = [(randn(jax.random.fold_in(key, i), (w_in, r)),
+           randn(jax.random.fold_in(key, 50 + i), (r, w_out))) for i in range(k)]
+
+    def one(x, a, b):
+        xa = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(x.dtype)
+        return jnp.dot(xa, b, preferred_element_type=jnp.float32)
+    R.emit("lora_apply", "dense", dict(p, dense_rank=r),
+           jax.jit(lambda xs, ws: [one(x, a, b) for x, (a, b) in zip(xs, ws)]), (xs, ws),
+           reps=k, nbytes=t * w_in * 2 + (w_in + w_out) * r * 2 + t * w_out * 4,
+           flops=2 * t * r * (w_in + w_out))
 
 
 def _divisor_at_most(n: int, want: int) -> int:
