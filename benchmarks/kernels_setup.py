@@ -410,9 +410,10 @@ def write_results(rows, args, device, commit, copy_gbps, mm):
     print(f"wrote {base}.json and {base}.md")
 
 
-def write_sweep(out_dir, tag, rows, lines, copy_gbps):
+def write_sweep(out_dir, tag, rows, lines, copy_gbps, show=True):
     """A tuning sweep's results: `{tag}_{platform}.json` (device, JAX, commit, command and
-    every row) and `.md` (the table `lines`), both under out_dir; prints the table."""
+    every row) and `.md` (the table `lines`), both under out_dir; prints the table if
+    `show`."""
     os.makedirs(out_dir, exist_ok=True)
     tag = f"{tag}_{jax.devices()[0].platform}"
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, commit=git_commit(),
@@ -421,4 +422,5 @@ def write_sweep(out_dir, tag, rows, lines, copy_gbps):
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(out_dir, tag + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if show:
+        print("\n".join(lines))

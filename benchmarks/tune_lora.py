@@ -158,10 +158,16 @@ def main(argv=None):
     copy_gbps = copy_bandwidth(args.iters)
     t0 = time.perf_counter()
     rows = []
-    for shape in args.shapes.split(","):
+    for i, shape in enumerate(args.shapes.split(",")):
         model, group, b, n, rk = shape.split(":")
         rows += run_shape(model, group, int(b), int(n), rk, configs, args.iters, copy_gbps,
                           t0 + args.budget_s)
+        # After every shape, so that a run cut off by its caller keeps what it measured.
+        write_sweep(args.out, "tune_lora", rows, _table(rows, copy_gbps), copy_gbps,
+                    show=i == len(args.shapes.split(",")) - 1)
+
+
+def _table(rows, copy_gbps):
     lines = [f"# decode LoRA work-split sweep ({jax.devices()[0].device_kind}, JAX "
              f"{jax.__version__}, commit {git_commit()[:10]})", "",
              f"`{' '.join(sys.argv)}`; copy {copy_gbps:.0f} GB/s; kernel us and % of copy "
@@ -182,7 +188,8 @@ def main(argv=None):
             lines.append(f"| {' | '.join(str(k) for k in key)} | {app:.1f} | {kind} | "
                          f"{d['kernel_us']:.1f} | {d['pct_copy']:.0f} | {_short(best['config'])} "
                          f"| {best['kernel_us']:.1f} | {best['pct_copy']:.0f} |")
-    write_sweep(args.out, "tune_lora", rows, lines, copy_gbps)
+    return lines
+
 
 if __name__ == "__main__":
     main()

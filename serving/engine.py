@@ -407,18 +407,26 @@ class Engine:
 
     def _drain(self) -> None:
         while self._inbox:
-            kind, x = self._inbox.popleft()
-            if kind == "submit":
-                self._live[x.req.id] = x
-                self.scheduler.add(x)
-            elif kind == "evict_idle":
-                x.put(self.store.evict_idle())
-            else:
-                seq = self._live.pop(x, None)
-                if seq is not None and seq.state != "done":
-                    self.scheduler.cancel(seq)
-                    self.metrics.finished.labels(reason="abort").inc()
-                    self._outbox.append((seq.stream, Output([], [], finish_reason="abort")))
+            # Peek, act, then pop: `stats` (other threads) counts the inbox as waiting, so a
+            # request is never in neither the inbox nor the scheduler.
+            kind, x = self._inbox[0]
+            try:
+                self._drain_one(kind, x)
+            finally:
+                self._inbox.popleft()
+
+    def _drain_one(self, kind, x) -> None:
+        if kind == "submit":
+            self._live[x.req.id] = x
+            self.scheduler.add(x)
+        elif kind == "evict_idle":
+            x.put(self.store.evict_idle())
+        else:
+            seq = self._live.pop(x, None)
+            if seq is not None and seq.state != "done":
+                self.scheduler.cancel(seq)
+                self.metrics.finished.labels(reason="abort").inc()
+                self._outbox.append((seq.stream, Output([], [], finish_reason="abort")))
 
     def _on_fail(self, seq: Seq, err: RequestError) -> None:
         self._live.pop(seq.req.id, None)

@@ -203,7 +203,8 @@ class Scheduler:
         seq.state = "done"
 
     def _release(self, seq: Seq) -> None:
-        self.running.remove(seq)
+        # Other threads read `running` and the page counts without a lock (Engine.stats):
+        # the pages go first, so whoever sees the request gone sees its pages free.
         self.kv_pages_used -= self.allocator.free(seq.kv_owner)
         self._free_rows.append(seq.row)
         if seq.entry is not None:
@@ -211,6 +212,7 @@ class Scheduler:
             if not self._adapters_running[seq.entry]:
                 del self._adapters_running[seq.entry]
             self.store.unpin(seq.entry)
+        self.running.remove(seq)
 
     # -- early abort ------------------------------------------------------------------------
     def abort_late(self, now: float) -> None:
@@ -285,15 +287,15 @@ class Scheduler:
                     loads.append(load)
                 self._adapters_running[e] += 1
                 distinct.add(e)
-            self._leave_queue(seq)
             store.make_room(need_kv)
             seq.kv_pages = alloc.alloc(seq.kv_owner, need_kv, "kv")
             alloc.set_used(seq.kv_owner, kv_used_elems(seq.prompt_len + seq.req.max_tokens,
                                                        self.layout))
             self.kv_pages_used += need_kv
             seq.row = self._free_rows.pop()
+            self.running.append(seq)     # running before it leaves the queue: never neither
+            self._leave_queue(seq)
             seq.state = "running"
-            self.running.append(seq)
             admitted.append(seq)
             tokens += seq.prompt_len
         for e in failed_entries:

@@ -111,6 +111,37 @@ def test_cancel_frees_pages_at_once(setup):
     assert st["pages"]["kv"] == free0 == 0
 
 
+def test_other_threads_never_see_a_request_gone_before_its_pages(setup, monkeypatch):
+    """Engine.stats reads the scheduler from other threads without a lock, so the engine
+    orders its writes: a request joins `running` before it leaves the queue, and its KV
+    pages are freed before it leaves `running` (a reader that saw it gone and read the
+    pages before they were freed made an idle check see leftover pages)."""
+    eng, _ = setup
+    sched, seen = eng.scheduler, []
+    free, leave = sched.allocator.free, sched._leave_queue
+
+    def watched_free(owner):
+        seen.append(("free", any(q.kv_owner == owner for q in sched.running)))
+        return free(owner)
+
+    def watched_leave(seq):
+        seen.append(("leave", seq in sched.running or seq.state != "waiting"))
+        return leave(seq)
+    monkeypatch.setattr(sched.allocator, "free", watched_free)
+    monkeypatch.setattr(sched, "_leave_queue", watched_leave)
+    idle(eng)
+    done = eng.generate_sync(GenerationRequest([4, 5, 6], "a01", max_tokens=3))
+    while done.get(timeout=30).finish_reason is None:
+        pass
+    s = eng.generate_sync(GenerationRequest([1, 2, 3], "a02", max_tokens=40))
+    assert s.get(timeout=30).finish_reason is None
+    s.cancel()
+    assert idle(eng)["pages"]["kv"] == 0
+    kinds = [k for k, _ in seen]
+    assert kinds.count("leave") >= 2 and kinds.count("free") >= 2, seen
+    assert all(ok for _, ok in seen), seen
+
+
 def test_requests_that_cannot_meet_their_first_token_slo_are_dropped(setup):
     eng, _ = setup
     late = eng.generate_sync(GenerationRequest([1, 2], None, max_tokens=4, ttft_slo_s=0.0))
