@@ -289,7 +289,8 @@ def desc(p, sep=" "):
 
 
 def _key(r):
-    p = {k: v for k, v in r["params"].items() if k not in ("k_splits", "ppcb", "blocks")}
+    p = {k: v for k, v in r["params"].items()
+         if k not in ("k_splits", "ppcb", "blocks", "block_tokens", "sorted")}
     return r["name"], json.dumps(p, sort_keys=True)
 
 

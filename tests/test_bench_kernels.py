@@ -84,7 +84,7 @@ def test_baseline_rows(tmp_path):
                 "copy_GBps", "tflops", "matmul_tflops", "flops"} <= set(r), r
         assert r["phase"] == "prefill"
     dense = [r for r in rows if r["backend"] == "dense"]
-    assert {r["name"] for r in dense} == {"lora_shrink", "lora_expand"}
+    assert {r["name"] for r in dense} == {"lora_shrink", "lora_expand", "lora_apply"}
     assert all(r["vs_dense"] == 1.0 for r in dense)
     assert all("vs_dense" in r for r in rows if r["name"].startswith("lora"))
     md = out.with_suffix(".md").read_text()
