@@ -224,7 +224,7 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt,
     if num_n * splits == n_steps:
         my_n = num_n                       # even splits: a static count
     else:
-        my_n = jnp.clip(n_steps - split * num_n, 0, num_n)
+        my_n = jnp.minimum(jnp.maximum(n_steps - split * num_n, 0), num_n)
     total = my_n * nch
     n_base = split * (num_n * bn)
 

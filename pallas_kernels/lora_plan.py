@@ -43,7 +43,8 @@ GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma oper
 CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
 ROWS = GROUP * CHUNK
 MAX_BLOCK_TOKENS = 32    # decode: tokens per tile at most (32 beat 64 in the e2e step)
-PREFILL_BLOCK_TOKENS = 64  # prefill: tiles of 64 take the expand's wide form (2.6x faster)
+PREFILL_BLOCK_TOKENS = 64  # prefill: tiles of 64 take the expand's wide form (its kernel
+                           # 2.3x faster than 32-token tiles at 8192 tokens, H200)
 UNSORTED_MAX_TOKENS = 32  # "auto" at decode: leave batches of at most this many unsorted
 
 
