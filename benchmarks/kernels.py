@@ -80,7 +80,8 @@ from kernels_setup import (MIXED_RANKS, MODELS, ON_GPU, PAGE_SIZE, AdapterPool, 
                            add_ratios, copy_bandwidth, desc, fmt_row, git_commit, groups,
                            matmul_rate, measure, randn, repeats, summary, uses_kernel,
                            write_results)
-from pallas_kernels import lora, lora_plan, paged_attention  # noqa: E402
+from pallas_kernels import lora, lora_mgpu, lora_plan, paged_attention  # noqa: E402
+from slora_jax.model import StepSpec  # noqa: E402
 from slora_jax.pool import PoolLayout, kv_page_view  # noqa: E402
 
 FAMILIES = ("lora", "lora-prefill", "attention", "prefill-attention")
@@ -198,8 +199,9 @@ def run_lora(cfg, pool, R):
         w_in, w_out = pool.shapes[mod]
         width = w_in if op == "shrink" else w_out
         # 256-column N steps: a count with no divisor near the splits (11008 = 43 · 256)
-        ragged = ("pallas-ragged",) if (op == "expand" and not prefill
-                                        and _divisor_at_most(width // 256, 8) < 4) else ()
+        ragged = ("pallas-ragged",) if (op == "expand" and not prefill and width >= 256
+                                        and lora_mgpu._divisor_at_most(width // 256, 8) < 4) \
+            else ()
         backends = ("pallas-planned", *unsorted, "pallas-wide", "xla-gather") if prefill \
             else ("pallas", "pallas-planned", *unsorted, *ragged, "xla-gather")
         p = dict(params, module=mod, width=width)
@@ -284,7 +286,8 @@ def _apply_layer(p, pool, R, bs, t, n, w_in, w_out, prefill, k, nbytes, flops):
         return lora_plan.make_group_plan(
             ts, rows, pages, a_off[:, None], b_off[:, None], rank[:, None], sc[:, None],
             k_in=w_in, widths=(w_out,), max_rank=max_rank, page_size=ps,
-            plan=lora_plan.plan_batch(ts, n, bt, sort=srt), block_tokens=bt, balanced=True)
+            plan=lora_plan.plan_batch(ts, n, bt, sort=srt), block_tokens=bt,
+            balanced=StepSpec.lora_shrink == "balanced")
 
     def one(rows, x, pages, a_off, b_off, rank, sc, ts, gp):
         return lora.lora_apply_modules(x, rows, pages, a_off[:, None], b_off[:, None],
@@ -317,16 +320,11 @@ def _apply_dense(p, R, xs, t, w_in, w_out, r, k):
            flops=2 * t * r * (w_in + w_out))
 
 
-def _divisor_at_most(n: int, want: int) -> int:
-    return max([d for d in range(1, want + 1) if n % d == 0] or [1])
-
-
 def _lora_fn(op, backend, max_rank, width, ps):
     be = "reference" if backend == "xla-gather" else "pallas"
 
     def one(rows, act, pages, off, rank, scale, ts, plan):
         if backend == "pallas-wide":        # the kernels' own entry: a tile size
-            from pallas_kernels import lora_mgpu
             if op == "shrink":
                 return lora_mgpu.lora_shrink(act, rows, pages, off, rank, ts, max_rank=max_rank,
                                              page_size=ps, plan=plan, block_tokens=WIDE_TILE)
@@ -334,7 +332,6 @@ def _lora_fn(op, backend, max_rank, width, ps):
                                          out_features=width, page_size=ps, plan=plan,
                                          block_tokens=WIDE_TILE)
         if backend == "pallas-ragged":
-            from pallas_kernels import lora_mgpu
             return lora_mgpu.lora_expand(act, rows, pages, off, rank, scale, ts,
                                          out_features=width, page_size=ps, plan=plan,
                                          ragged_splits=True)

@@ -158,13 +158,14 @@ def main(argv=None):
     copy_gbps = copy_bandwidth(args.iters)
     t0 = time.perf_counter()
     rows = []
-    for i, shape in enumerate(args.shapes.split(",")):
+    shapes = args.shapes.split(",")
+    for i, shape in enumerate(shapes):
         model, group, b, n, rk = shape.split(":")
         rows += run_shape(model, group, int(b), int(n), rk, configs, args.iters, copy_gbps,
                           t0 + args.budget_s)
         # After every shape, so that a run cut off by its caller keeps what it measured.
         write_sweep(args.out, "tune_lora", rows, _table(rows, copy_gbps), copy_gbps,
-                    show=i == len(args.shapes.split(",")) - 1)
+                    show=i == len(shapes) - 1)
 
 
 def _table(rows, copy_gbps):
