@@ -289,6 +289,10 @@ class GroupPlan:
     e_rows: tuple                    # per distinct width: [its M, e_bound * 8, chunks_b]
     e_item: jax.Array                # [M, e_bound * 8] item of each packed group (-1: none)
     e_group: jax.Array               # [M, e_bound * 8] its group within the item's module
+    # Per distinct width (shrink and expand parts only): the tables `xs_from_shrink`
+    # reads, so a layer's xs is one gather and no index arithmetic (`_xs_tables`).
+    xs_tabs: tuple = ()              # [6, its M, e_bound * 8] int32
+    xs_scale: tuple = ()             # [its M, e_bound * 8] float32
 
 
 def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t, k_in,
@@ -330,16 +334,21 @@ def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t
             w_ids.reshape(-1), mode="drop"))
         e_group.append(jnp.full((e_bound * CHUNK,), -1, jnp.int32).at[idx].set(
             jnp.broadcast_to(g, (w_max, gmax)).reshape(-1), mode="drop"))
-    return GroupPlan(t=t, bt=bt, num_tiles=nt, num_slots=s, max_rank=max_rank, k_in=k_in,
-                     sorted=is_sorted(plan), balanced=balanced,
-                     widths=tuple(widths), plan=plan, ranks=ranks, scales=scales,
-                     s_bound=s_bound, s_starts=s_starts, s_pos=s_pos, s_rows=s_rows,
-                     s_tile=s_tile,
-                     e_bound=e_bound, e_starts=jnp.stack(e_starts) if widths else None,
-                     e_rows=tuple(jnp.stack([e_rows[j] for j in mods])
-                                  for mods in width_groups(widths).values()),
-                     e_item=jnp.stack(e_item) if widths else None,
-                     e_group=jnp.stack(e_group) if widths else None)
+    gp = GroupPlan(t=t, bt=bt, num_tiles=nt, num_slots=s, max_rank=max_rank, k_in=k_in,
+                   sorted=is_sorted(plan), balanced=balanced,
+                   widths=tuple(widths), plan=plan, ranks=ranks, scales=scales,
+                   s_bound=s_bound, s_starts=s_starts, s_pos=s_pos, s_rows=s_rows,
+                   s_tile=s_tile,
+                   e_bound=e_bound, e_starts=jnp.stack(e_starts) if widths else None,
+                   e_rows=tuple(jnp.stack([e_rows[j] for j in mods])
+                                for mods in width_groups(widths).values()),
+                   e_item=jnp.stack(e_item) if widths else None,
+                   e_group=jnp.stack(e_group) if widths else None)
+    if k_in is None or not widths:
+        return gp
+    tabs = [_xs_tables(gp, mods) for mods in width_groups(widths).values()]
+    return dataclasses.replace(gp, xs_tabs=tuple(i for i, _ in tabs),
+                               xs_scale=tuple(f for _, f in tabs))
 
 
 # --- the expand's xs (XLA, per layer) -----------------------------------------------
@@ -373,12 +382,62 @@ def _xs_finish(gp, ix, vals, dtype):
     return xs.reshape(xs.shape[0], gp.e_bound, gp.bt, ROWS)
 
 
+def _xs_tables(gp: GroupPlan, mods: list[int]):
+    """What `xs_from_shrink` needs of each packed expand group of `mods`, gathered
+    from the plan once per step instead of once per layer: [6, Mg, e_bound * 8] int32
+    (the packed shrink group it reads; the plan position of its tile's first token;
+    its item's first and past-last plan position; its live rank rows, 0..8, 0 where
+    no item is packed; its item's slot, which an unsorted tile compares with its
+    tokens' keys) and its scale [Mg, e_bound * 8] float32 (0 where no item)."""
+    plan, s, bt = gp.plan, gp.num_slots, gp.bt
+    m = jnp.asarray(mods)[:, None]
+    item, grp = gp.e_item[jnp.asarray(mods)], gp.e_group[jnp.asarray(mods)]
+    w = jnp.maximum(item, 0)
+    slot = jnp.minimum(plan["item_slot"][w], s - 1)
+    dead = (item < 0) | (grp < 0)
+    g = jnp.maximum(grp, 0)
+    nr = jnp.where(dead, 0, jnp.clip(gp.ranks[slot, m] - g * GROUP, 0, GROUP))
+    ints = jnp.stack([gp.s_pos[w, m] + g, plan["item_tile"][w] * bt,
+                      jnp.where(dead, 0, plan["item_lo"][w]),
+                      jnp.where(dead, 0, plan["item_hi"][w]), nr,
+                      plan["item_slot"][w]]).astype(jnp.int32)
+    return ints, jnp.where(dead, 0.0, gp.scales[slot, m]).astype(jnp.float32)
+
+
 def xs_from_shrink(gp: GroupPlan, out_s, mods: list[int], dtype):
-    """The expand's xs straight from the shrink kernel's chunks (sum of the K splits)."""
-    ix = _xs_index(gp, mods)
+    """The expand's xs straight from the shrink kernel's chunks (sum of the K splits).
+    With the plan's tables of this width group (`_xs_tables`), one gather; else the
+    index arithmetic runs here (`_xs_index`)."""
     og = out_s.reshape(out_s.shape[0], gp.s_bound * CHUNK, GROUP, gp.bt)
-    src = gp.s_pos[ix["w"], ix["m"]] + ix["grp"]               # packed shrink group
-    return _xs_finish(gp, ix, og[:, src, ix["rr"], ix["col"]].sum(0), dtype)
+    groups = list(width_groups(gp.widths).values()) if gp.xs_tabs else []
+    if list(mods) not in groups:
+        ix = _xs_index(gp, mods)
+        src = gp.s_pos[ix["w"], ix["m"]] + ix["grp"]               # packed shrink group
+        return _xs_finish(gp, ix, _split_sum(og, src, ix["rr"], ix["col"]), dtype)
+    k = groups.index(list(mods))
+    mg, bt = len(mods), gp.bt
+    src, base, lo, hi, nr, slot = (
+        a.reshape(mg, gp.e_bound, 1, CHUNK, 1) for a in gp.xs_tabs[k])
+    scale = gp.xs_scale[k].reshape(mg, gp.e_bound, 1, CHUNK, 1)
+    col = jnp.arange(bt, dtype=jnp.int32).reshape(1, 1, bt, 1, 1)
+    rr = jnp.arange(GROUP, dtype=jnp.int32).reshape(1, 1, 1, 1, GROUP)
+    tok = base + col
+    live = (rr < nr) & (tok >= lo) & (tok < hi)
+    if not gp.sorted:     # an unsorted tile mixes slots: keep the item's own tokens
+        live &= gp.plan["skey"][jnp.minimum(tok, gp.t - 1)] == slot
+    xs = jnp.where(live, _split_sum(og, src, rr, col) * scale, 0.0).astype(dtype)
+    return xs.reshape(mg, gp.e_bound, bt, ROWS)
+
+
+def _split_sum(og, src, rr, col):
+    """og[:, src, rr, col].sum(0), written as a sum of one gather per K split: XLA
+    then fuses the gathers, the sum and what follows into one loop kernel, where a
+    reduce over the split axis made a reduction kernel of its own (2-6 us on the H100
+    at prefill, `benchmarks/results/kernels_lora-prefill_h100_s8_*`)."""
+    total = og[0, src, rr, col]
+    for i in range(1, og.shape[0]):
+        total = total + og[i, src, rr, col]
+    return total
 
 
 def xs_from_xa(gp: GroupPlan, xa, mods: list[int], dtype):
