@@ -17,6 +17,10 @@
 #   bash benchmarks/gpu_run.sh defaults # one call (~9 min): e2e with the measured
 #                                      # defaults at B=32/128/256, then kernels.py
 #                                      # --only lora-prefill (pallas-layer vs dense)
+#   bash benchmarks/gpu_run.sh glue    # one call (~9 min): e2e at B=32/128 with a
+#                                      # per-kernel breakdown (what XLA glue is left
+#                                      # around the LoRA kernels), then every
+#                                      # pallas-layer row against its baselines
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -75,5 +79,13 @@ case "$1" in
       | grep "^B="
     python3 benchmarks/kernels.py --budget-s 200 --only lora-prefill \
       --out "$OUTDIR/kernels_prefill.json" 2>&1 | sed -n '/^SUMMARY/,$p' | cut -c1-330 ;;
-  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune|variants|ragged|defaults" >&2; exit 2 ;;
+  glue)
+    timeout 300 python3 benchmarks/e2e_decode.py --preset llama-7b \
+      --batches "${BATCHES:-32:512,128:512}" --adapters "${ADAPTERS:-1,32}" --iters 10 \
+      --lora-backend pallas --attention-backend pallas --breakdown "${BREAKDOWN:-16}" \
+      --out "$OUTDIR" 2>&1 | grep "^B="
+    python3 benchmarks/kernels.py --budget-s 220 --only lora,lora-prefill \
+      --backends pallas-layer,xla-gather,dense --out "$OUTDIR/kernels_layer.json" 2>&1 \
+      | sed -n '/^SUMMARY/,$p' | grep "lora_apply" | cut -c1-200 ;;
+  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune|variants|ragged|defaults|glue" >&2; exit 2 ;;
 esac
