@@ -31,7 +31,9 @@ import numpy as np  # noqa: E402
 from benchmarks.kernels_setup import (AdapterPool, copy_bandwidth, git_commit,  # noqa: E402
                                       measure, module_shapes, write_sweep)
 from pallas_kernels import lora_mgpu as lm  # noqa: E402
+from pallas_kernels import lora_plan as lp  # noqa: E402
 from slora_jax.config import MODULES  # noqa: E402
+from slora_jax.model import StepSpec  # noqa: E402
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down": ("down",)}
 RANKS = {"mixed": (8, 16, 32, 64), "r16": (16,), "r64": (64,), "r8": (8,)}
@@ -57,9 +59,13 @@ def setup(model, group, b, n, ranks, seed=0):
     k_in = shapes[mods[0]][0]
     widths = tuple(shapes[m][1] for m in mods)
     x = jax.random.normal(jax.random.key(seed), (b, k_in), jnp.bfloat16)
+    # The step's plan (`_Lora`): its tile and sort policy, its shrink layout.
+    bt, srt = lp.step_policy(b, n)
     gp = jax.jit(lambda ts, t: lm.make_group_plan(
         ts, pool.rows, t["slot_pages"], t["a_offsets"], t["b_offsets"], t["ranks"], t["scales"],
-        k_in=k_in, widths=widths, max_rank=pool.max_rank, page_size=PAGE_SIZE))(ts, tabs)
+        k_in=k_in, widths=widths, max_rank=pool.max_rank, page_size=PAGE_SIZE,
+        plan=lp.plan_batch(ts, n, bt, sort=srt), block_tokens=bt,
+        balanced=StepSpec.lora_shrink == "balanced"))(ts, tabs)
     # Bytes each kernel must move: every item's rank rows once (8-row groups), x / out once.
     plan = jax.tree.map(np.asarray, gp.plan)
     used = (plan["item_hi"] > plan["item_lo"]) & (plan["item_slot"] < n)
@@ -147,9 +153,11 @@ def main(argv=None):
         args.iters = 2
     ints = lambda a: [int(v) for v in a.split(",")]   # noqa: E731
     configs = dict(
-        shrink=[dict(balanced=True)]              # chunks spread evenly over the blocks
+        # The default spreads chunks evenly over the blocks (StepSpec.lora_shrink);
+        # "tile" (balanced=False) shares a tile's chunks among its lanes.
+        shrink=[dict(balanced=False)]
         + [dict(balanced=True, num_splits=sp) for sp in ints(args.splits)]
-        + [dict(num_splits=sp, num_lanes=ln, num_stages=st, block_k=bk)
+        + [dict(balanced=False, num_splits=sp, num_lanes=ln, num_stages=st, block_k=bk)
            for sp, ln, st, bk in itertools.product(ints(args.splits), ints(args.lanes),
                                                    ints(args.stages), ints(args.block_k))],
         expand=[dict(num_splits=sp, num_stages=st, block_n=bn)
