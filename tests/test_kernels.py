@@ -16,6 +16,7 @@ flash kernel does), so it is held to 2e-2 of the output's scale.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -497,6 +498,31 @@ def test_group_plan_packs_each_group_once_inside_its_tile(sort):
         assert live.sum() == sum(-(-ranks[plan["item_slot"][w], m] // 8)
                                  for w in set(e_item[m][live].tolist()))
         assert (e_group[m][live] * 8 < ranks[plan["item_slot"][e_item[m][live]], m]).all()
+
+
+@pytest.mark.parametrize("sort,splits", [(True, 3), (False, 1), (False, 16)])
+def test_xs_tables_agree_with_the_index_path(sort, splits):
+    """The expand's xs built from the GroupPlan's per-step tables (`_xs_tables`) equals
+    the one the per-layer index arithmetic builds (`_xs_index`), bit for bit, for each
+    width group, on random shrink partial sums of `splits` K splits."""
+    rng = np.random.default_rng()
+    t, s, max_rank = 37, 6, 24
+    widths = (H, H // 2, H // 2)
+    c = multi_case(rng, h=H, t=t, s=s, max_rank=max_rank,
+                   ranks=rng.choice([0, 1, 8, 9, max_rank], (s, 3)), out_widths=widths,
+                   token_slot=rng.integers(-1, s, t))
+    gp = lora_plan.make_group_plan(c["token_slot"], c["rows"], c["slot_pages"], c["a_offsets"],
+                                   c["b_offsets"], c["ranks"], c["scales"], k_in=H,
+                                   widths=widths, max_rank=max_rank, page_size=8,
+                                   block_tokens=8, sort=sort)
+    assert len(gp.xs_tabs) == len(lora_plan.width_groups(widths)) == 2
+    untabled = dataclasses.replace(gp, xs_tabs=(), xs_scale=())
+    out_s = jnp.asarray(rng.standard_normal((splits, gp.s_bound, 64, gp.bt)), jnp.float32)
+    for mods in lora_plan.width_groups(widths).values():
+        got = np.asarray(lora_plan.xs_from_shrink(gp, out_s, mods, jnp.float32))
+        want = np.asarray(lora_plan.xs_from_shrink(untabled, out_s, mods, jnp.float32))
+        assert got.shape == (len(mods), gp.e_bound, gp.bt, 64) and (want != 0).any()
+        np.testing.assert_array_equal(got, want)
 
 
 def test_unsupported_width_falls_back_with_a_log(caplog):
