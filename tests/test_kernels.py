@@ -511,16 +511,16 @@ def test_xs_tables_agree_with_the_index_path(sort, splits):
     c = multi_case(rng, h=H, t=t, s=s, max_rank=max_rank,
                    ranks=rng.choice([0, 1, 8, 9, max_rank], (s, 3)), out_widths=widths,
                    token_slot=rng.integers(-1, s, t))
-    gp = lora_plan.make_group_plan(c["token_slot"], c["rows"], c["slot_pages"], c["a_offsets"],
-                                   c["b_offsets"], c["ranks"], c["scales"], k_in=H,
-                                   widths=widths, max_rank=max_rank, page_size=8,
-                                   block_tokens=8, sort=sort)
+    gp = jax.jit(lambda ts, rows, pages, a, b, r, sc: lora_plan.make_group_plan(
+        ts, rows, pages, a, b, r, sc, k_in=H, widths=widths, max_rank=max_rank, page_size=8,
+        block_tokens=8, sort=sort))(c["token_slot"], c["rows"], c["slot_pages"],
+                                    c["a_offsets"], c["b_offsets"], c["ranks"], c["scales"])
     assert len(gp.xs_tabs) == len(lora_plan.width_groups(widths)) == 2
     untabled = dataclasses.replace(gp, xs_tabs=(), xs_scale=())
     out_s = jnp.asarray(rng.standard_normal((splits, gp.s_bound, 64, gp.bt)), jnp.float32)
     for mods in lora_plan.width_groups(widths).values():
-        got = np.asarray(lora_plan.xs_from_shrink(gp, out_s, mods, jnp.float32))
-        want = np.asarray(lora_plan.xs_from_shrink(untabled, out_s, mods, jnp.float32))
+        xs = jax.jit(lambda g, o, mods=mods: lora_plan.xs_from_shrink(g, o, mods, jnp.float32))
+        got, want = np.asarray(xs(gp, out_s)), np.asarray(xs(untabled, out_s))
         assert got.shape == (len(mods), gp.e_bound, gp.bt, 64) and (want != 0).any()
         np.testing.assert_array_equal(got, want)
 
