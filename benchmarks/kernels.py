@@ -281,6 +281,14 @@ def _apply_layer(p, pool, R, bs, t, n, w_in, w_out, prefill, k, nbytes, flops):
     packing built outside the timed call (`_Lora` builds them once per step)."""
     ps, max_rank = pool.page_size, pool.max_rank
     bt, srt = lora_plan.step_policy(t, n, prefill=prefill)
+    if srt and not prefill:
+        # The decode step sorts its rows by adapter once for all layers (`step.decode`),
+        # so a layer gets its tokens grouped and its plan gathers nothing.
+        def grouped(x, pages, a_off, b_off, rank, sc, ts):
+            o = jnp.argsort(jnp.where(ts >= 0, ts, n), stable=True)
+            return (x[o], pages, a_off, b_off, rank, sc, ts[o])
+        bs = [grouped(*b) for b in bs]
+        srt = "grouped"
 
     def packing(rows, x, pages, a_off, b_off, rank, sc, ts):
         return lora_plan.make_group_plan(

@@ -59,8 +59,12 @@ def setup(model, group, b, n, ranks, seed=0):
     k_in = shapes[mods[0]][0]
     widths = tuple(shapes[m][1] for m in mods)
     x = jax.random.normal(jax.random.key(seed), (b, k_in), jnp.bfloat16)
-    # The step's plan (`_Lora`): its tile and sort policy, its shrink layout.
+    # The step's plan (`_Lora`): its tile and sort policy, its shrink layout. A decode
+    # step that sorts does it once for all layers (`step.decode`): the layer's tokens
+    # come grouped by adapter.
     bt, srt = lp.step_policy(b, n)
+    if srt:
+        ts, srt = jnp.sort(ts), "grouped"
     gp = jax.jit(lambda ts, t: lm.make_group_plan(
         ts, pool.rows, t["slot_pages"], t["a_offsets"], t["b_offsets"], t["ranks"], t["scales"],
         k_in=k_in, widths=widths, max_rank=pool.max_rank, page_size=PAGE_SIZE,

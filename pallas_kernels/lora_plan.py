@@ -9,6 +9,8 @@ in that tile (as ragged_dot maps groups to blocks). Two orders:
   holds few slots and an adapter shared by many requests is read by few tiles. The
   shrink reads x in sorted order and the expand writes sorted rows: one XLA gather
   before, one un-sort after (XLA folds it into the add to the base output).
+- *grouped* (`sort="grouped"`): the caller sorted the tokens (the decode step does,
+  once per step, for all layers): the sorted plan's items, and no gathers.
 - *unsorted* (no `order`/`where`): tiles of the tokens as they come. No gathers around
   the kernels, and a tile's rows are as many as its distinct slots. At small batches
   (a few tiles) it does the same kernel work with two fewer XLA ops per module group;
@@ -71,9 +73,16 @@ def step_policy(num_tokens: int, num_slots: int, sort: str = "auto",
 
 
 def is_sorted(plan: dict) -> bool:
-    """Static: whether a token plan sorted its tokens (the dict's keys are its pytree
-    structure, so this is known when tracing)."""
+    """Static: whether a token plan sorted its tokens, so that the kernels read x and
+    write their rows through its order (the dict's keys are its pytree structure, so
+    this is known when tracing)."""
     return "order" in plan
+
+
+def is_grouped(plan: dict) -> bool:
+    """Static: whether a token plan's items are the sorted plan's (one per slot run
+    and tile): a plan that sorted, or one whose caller grouped the tokens."""
+    return "order" in plan or "grouped" in plan
 
 
 # --- the token plan (XLA) ----------------------------------------------------------
@@ -97,9 +106,11 @@ def num_items_bound(num_tokens: int, num_slots: int, block_tokens: int,
 
 
 def plan_batch(token_slot: jax.Array, num_slots: int, block_tokens: int, *,
-               sort: bool = True) -> dict:
+               sort: bool | str = True) -> dict:
     """List the (token tile, slot) work items, after sorting the tokens by slot (`sort`)
-    or in the tokens' own order.
+    or in the tokens' own order; `sort="grouped"`: the caller has sorted them (keys
+    non-decreasing, no-adapter tokens last, as `decode` orders its rows): the sorted
+    plan's items with the identity order, so no gather around the kernels.
 
     token_slot: [T] int32 (-1 = no adapter: those tokens form one more pseudo-slot
     `num_slots`, whose items write zero rows in the expand). Returns int32 arrays: key
@@ -109,15 +120,22 @@ def plan_batch(token_slot: jax.Array, num_slots: int, block_tokens: int, *,
     pos_item [T] (the item owning each plan position), and when sorted order [T] (plan
     position -> token) and where [T] (token -> plan position). Unsorted, plan position
     = token, and [lo, hi) is the item's tile: its tokens are those with key == slot.
-    Items come in tile order.
+    Items come in tile order. A grouped plan has neither order nor where, and a
+    zero-size `grouped` marker (`is_grouped`).
     """
     t = token_slot.shape[0]
     key = jnp.where(token_slot >= 0, token_slot, num_slots).astype(jnp.int32)
     if not sort:
         return _plan_unsorted(key, num_slots, block_tokens)
+    if sort not in (True, "grouped"):
+        raise ValueError(f"sort: {sort!r} is not one of True, False, 'grouped'")
+    grouped = sort == "grouped"
     nseg = num_slots + 1
     bt = block_tokens
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    if grouped:
+        order = jnp.arange(t, dtype=jnp.int32)
+    else:
+        order = jnp.argsort(key, stable=True).astype(jnp.int32)
     where = jnp.zeros((t,), jnp.int32).at[order].set(jnp.arange(t, dtype=jnp.int32))
     counts = (key[:, None] == jnp.arange(nseg, dtype=jnp.int32)[None, :]).sum(0,
                                                                              dtype=jnp.int32)
@@ -135,10 +153,13 @@ def plan_batch(token_slot: jax.Array, num_slots: int, block_tokens: int, *,
     lo = jnp.where(used, jnp.maximum(starts[slot], tile * bt), 0)
     hi = jnp.where(used, jnp.minimum(ends[slot], (tile + 1) * bt), 0)
     p = jnp.arange(t, dtype=jnp.int32)
-    skey = key[order]
+    skey = key if grouped else key[order]
     pos_item = item_base[skey] + p // bt - first_tile[skey]
-    return dict(order=order, where=where, key=key, skey=skey, item_slot=slot,
-                item_tile=jnp.where(used, tile, 0), item_lo=lo, item_hi=hi, pos_item=pos_item)
+    plan = dict(key=key, skey=skey, item_slot=slot, item_tile=jnp.where(used, tile, 0),
+                item_lo=lo, item_hi=hi, pos_item=pos_item)
+    if grouped:
+        return dict(plan, grouped=jnp.zeros((0,), jnp.int32))
+    return dict(plan, order=order, where=where)
 
 
 def _plan_unsorted(key: jax.Array, num_slots: int, bt: int) -> dict:
@@ -459,7 +480,7 @@ def make_group_plan(token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, s
     bt = block_tokens or pick_block_tokens(t, s)
     if plan is None:
         plan = plan_batch(token_slot, s, bt, sort=sort_policy(t) if sort is None else sort)
-    elif plan["item_tile"].shape[0] != num_items_bound(t, s, bt, is_sorted(plan)):
+    elif plan["item_tile"].shape[0] != num_items_bound(t, s, bt, is_grouped(plan)):
         raise ValueError(f"the token plan was not built for {bt} tokens per tile "
                          f"({t} tokens, {s} slots)")
     return group_plan(plan, slot_pages, a_offsets, b_offsets, ranks, scales, t=t, k_in=k_in,

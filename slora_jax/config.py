@@ -225,7 +225,8 @@ class EngineConfig:
     lora_modules: tuple[str, ...] = MODULES
     # Pallas LoRA kernels (`StepSpec.lora_sort`/`lora_out`/`lora_max_tile`/`lora_shrink`):
     # whether the token plan sorts tokens by adapter ("always", "never", "auto": never at
-    # prefill, above 32 tokens at decode), the dtype the expand writes ("float32", or
+    # prefill, above 32 tokens at decode; the decode step sorts its rows once for all
+    # layers), the dtype the expand writes ("float32", or
     # "pool": the pool's bf16), the most tokens per tile (None: 64 at prefill, the
     # expand's wide form, 32 at decode), and how the shrink's blocks share the chunks.
     lora_sort: str = "auto"

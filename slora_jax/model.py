@@ -97,7 +97,7 @@ class _Lora:
     """Per-step LoRA context: which slot each token uses, and the slot tables."""
 
     def __init__(self, lora: LoraBatch | None, token_slot: jax.Array | None, spec: StepSpec,
-                 prefill: bool = False):
+                 prefill: bool = False, grouped: bool = False):
         self.lora, self.token_slot, self.spec = lora, token_slot, spec
         self.plan = self.block_tokens = None
         self.group_plans: dict = {}     # Pallas: each module group's packing, built once
@@ -109,6 +109,8 @@ class _Lora:
             t, s = token_slot.shape[0], lora.slot_pages.shape[0]
             self.block_tokens, sort = lora_plan.step_policy(
                 t, s, spec.lora_sort, spec.lora_max_tile, prefill)
+            if sort and grouped:
+                sort = "grouped"    # the caller sorted the tokens: no gathers per layer
             self.plan = lora_plan.plan_batch(token_slot, s, self.block_tokens, sort=sort)
 
     def delta(self, x: jax.Array, module: str, pool_layer: jax.Array) -> jax.Array | float:
@@ -155,16 +157,32 @@ class _Lora:
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
+def sorts_tokens(spec: StepSpec, lora: LoraBatch | None, num_tokens: int,
+                 prefill: bool = False) -> bool:
+    """Static: whether the step's Pallas LoRA plan sorts its tokens by slot
+    (`lora_plan.step_policy`). The decode step then sorts its rows once (`step.decode`)
+    and passes `grouped=True`, instead of every layer sorting x and un-sorting its terms."""
+    if (lora is None or not lora.slot_pages.shape[0]
+            or lora_ops.resolve_backend(spec.lora_backend) != "pallas"):
+        return False
+    from pallas_kernels import lora_plan
+    return bool(lora_plan.step_policy(num_tokens, lora.slot_pages.shape[0], spec.lora_sort,
+                                      spec.lora_max_tile, prefill)[1])
+
+
 def transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax.Array,
                 attend: Attend, lora: LoraBatch | None, token_slot: jax.Array | None,
-                spec: StepSpec, prefill: bool = False) -> tuple[Pool, jax.Array]:
+                spec: StepSpec, prefill: bool = False,
+                grouped: bool = False) -> tuple[Pool, jax.Array]:
     """tokens, positions: [T] -> (new pool, final hidden states [T, H]). `prefill`: the
-    tokens are prompts (each request's a run), which picks the LoRA plan's tiles."""
+    tokens are prompts (each request's a run), which picks the LoRA plan's tiles.
+    `grouped`: the caller ordered the tokens by slot (slots ascending, no-adapter tokens
+    last), so a sorting LoRA plan need not (`sorts_tokens`)."""
     mc = spec.model
     t = tokens.shape[0]
     dtype = params.embed.dtype
     inv_freq = rope_inv_freq(mc)
-    lo = _Lora(lora, token_slot, spec, prefill)
+    lo = _Lora(lora, token_slot, spec, prefill, grouped)
     x = params.embed[tokens]
     new_layers = []
     for li, (lp, pl) in enumerate(zip(params.layers, pool.layers)):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from pallas_kernels import paged_attention as attn_ops
-from slora_jax.model import LoraBatch, StepSpec, lm_logits, transformer
+from slora_jax.model import LoraBatch, StepSpec, lm_logits, sorts_tokens, transformer
 from slora_jax.params import Params
 from slora_jax.pool import Pool, kv_location, write_kv
 from slora_jax.sampling import SamplingParams, sample
@@ -85,20 +85,35 @@ def prefill(params: Params, pool: Pool, batch: PrefillBatch, *, spec: StepSpec):
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool",))
 def decode(params: Params, pool: Pool, batch: DecodeBatch, *, spec: StepSpec):
-    """One token for each of B requests: write its KV, attend over its pages, sample."""
+    """One token for each of B requests: write its KV, attend over its pages, sample.
+
+    Where the Pallas LoRA plan sorts tokens by adapter (`model.sorts_tokens`), the rows
+    are sorted here, once, and the hidden states put back in the batch's order after
+    the last layer: the requests are independent, so every layer runs on the sorted
+    rows and no layer gathers x or un-sorts its LoRA terms."""
     mc, layout = spec.model, spec.layout
-    page, slot = kv_location(batch.kv_pages, batch.positions, layout)
-    lengths = batch.positions + 1
+    rows = (batch.tokens, batch.positions, batch.kv_pages, batch.req_slot)
+    group = sorts_tokens(spec, batch.lora, batch.tokens.shape[0])
+    if group:
+        s = batch.lora.slot_pages.shape[0]
+        order = jnp.argsort(jnp.where(batch.req_slot >= 0, batch.req_slot, s), stable=True)
+        rows = tuple(a[order] for a in rows)
+    tokens, positions, kv_pages, req_slot = rows
+    page, slot = kv_location(kv_pages, positions, layout)
+    lengths = positions + 1
 
     def attend(li, pl, q, k, v):
         pl = write_kv(pl, k, v, page, slot, layout)
-        out = attn_ops.decode_attention(q, pl, batch.kv_pages, lengths, layout,
+        out = attn_ops.decode_attention(q, pl, kv_pages, lengths, layout,
                                         mc.sliding_window, backend=spec.attention_backend)
         return pl, out
 
-    pool, h = transformer(params, pool, batch.tokens, batch.positions, attend, batch.lora,
-                          batch.req_slot, spec)
+    pool, h = transformer(params, pool, tokens, positions, attend, batch.lora, req_slot, spec,
+                          grouped=group)
+    if group:
+        where = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        h = h[where]                                    # back to the batch's row order
     logits = lm_logits(params, h)
-    tokens, logprobs = sample(logits, batch.sampling, lengths)
+    tokens, logprobs = sample(logits, batch.sampling, batch.positions + 1)
     return pool, StepOutput(tokens=tokens, logprobs=logprobs,
                             logits=None if spec.logits == "none" else logits)

@@ -438,6 +438,44 @@ def test_unsorted_plan_items_are_the_distinct_tile_slot_pairs():
         lora_plan.sort_policy(8, "sometimes")
 
 
+def test_grouped_plan_is_the_sorted_plan_without_gathers():
+    """Tokens the caller already ordered by slot (no-adapter ones last, as the decode
+    step orders its rows): the grouped plan has the sorted plan's items and no
+    order/where, and the kernels through it match the reference; a bad sort is named."""
+    rng = np.random.default_rng()
+    t, s, max_rank = 40, 6, 16
+    ts = rng.integers(-1, s, t)
+    ts = ts[np.argsort(np.where(ts >= 0, ts, s), kind="stable")]
+    tsj = jnp.asarray(ts, jnp.int32)
+    srt = lora_plan.plan_batch(tsj, s, 8, sort=True)
+    grp = lora_plan.plan_batch(tsj, s, 8, sort="grouped")
+    assert lora_plan.is_grouped(grp) and not lora_plan.is_sorted(grp)
+    assert grp.keys() == (srt.keys() - {"order", "where"}) | {"grouped"}
+    for k in grp.keys() - {"grouped"}:
+        np.testing.assert_array_equal(np.asarray(grp[k]), np.asarray(srt[k]), err_msg=k)
+    with pytest.raises(ValueError, match="sort: 'yes' is not one of"):
+        lora_plan.plan_batch(tsj, s, 8, sort="yes")
+    widths = (H, H // 2)
+    c = multi_case(rng, h=H, t=t, s=s, max_rank=max_rank,
+                   ranks=rng.choice([0, 1, 8, max_rank], (s, 2)), out_widths=widths,
+                   token_slot=ts)
+    opts = dict(max_rank=max_rank, page_size=c["page_size"])
+    args = (c["x"], c["rows"], c["slot_pages"], c["a_offsets"], c["b_offsets"], c["ranks"],
+            c["scales"], c["token_slot"])
+    gp = lora_plan.make_group_plan(c["token_slot"], *args[1:7], k_in=H, widths=widths,
+                                   plan=grp, block_tokens=8, **opts)
+    assert not gp.sorted
+    lora_mgpu._warned.clear()
+    got = jax.block_until_ready(lora_mgpu.lora_apply_multi(*args, out_features=widths,
+                                                           plan=gp, **opts))
+    assert not lora_mgpu._warned
+    ref = lora.lora_apply_modules(*args, out_features=widths, **opts)
+    for g, r in zip(got, ref):
+        g, r = np.asarray(g), np.asarray(r)
+        assert g.shape == r.shape and not np.isnan(g).any()
+        np.testing.assert_allclose(g, r, rtol=2e-3, atol=2 ** -7 * max(1.0, np.abs(r).max()))
+
+
 def test_step_policy_picks_tiles_and_order_by_phase():
     """The step's plan choice (`StepSpec.lora_sort`/`lora_max_tile`): by default prefill
     runs unsorted 64-token tiles (the wide expand) and decode sorts above 32 tokens with
