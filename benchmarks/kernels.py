@@ -285,7 +285,7 @@ def _apply_layer(p, pool, R, bs, t, n, w_in, w_out, prefill, k, nbytes, flops):
         # The decode step sorts its rows by adapter once for all layers (`step.decode`),
         # so a layer gets its tokens grouped and its plan gathers nothing.
         def grouped(x, pages, a_off, b_off, rank, sc, ts):
-            o = jnp.argsort(jnp.where(ts >= 0, ts, n), stable=True)
+            o = lora_plan.slot_order(ts, n)[0]
             return (x[o], pages, a_off, b_off, rank, sc, ts[o])
         bs = [grouped(*b) for b in bs]
         srt = "grouped"

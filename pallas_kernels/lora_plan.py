@@ -132,11 +132,6 @@ def plan_batch(token_slot: jax.Array, num_slots: int, block_tokens: int, *,
     grouped = sort == "grouped"
     nseg = num_slots + 1
     bt = block_tokens
-    if grouped:
-        order = jnp.arange(t, dtype=jnp.int32)
-    else:
-        order = jnp.argsort(key, stable=True).astype(jnp.int32)
-    where = jnp.zeros((t,), jnp.int32).at[order].set(jnp.arange(t, dtype=jnp.int32))
     counts = (key[:, None] == jnp.arange(nseg, dtype=jnp.int32)[None, :]).sum(0,
                                                                              dtype=jnp.int32)
     ends = jnp.cumsum(counts, dtype=jnp.int32)
@@ -153,13 +148,25 @@ def plan_batch(token_slot: jax.Array, num_slots: int, block_tokens: int, *,
     lo = jnp.where(used, jnp.maximum(starts[slot], tile * bt), 0)
     hi = jnp.where(used, jnp.minimum(ends[slot], (tile + 1) * bt), 0)
     p = jnp.arange(t, dtype=jnp.int32)
-    skey = key if grouped else key[order]
-    pos_item = item_base[skey] + p // bt - first_tile[skey]
-    plan = dict(key=key, skey=skey, item_slot=slot, item_tile=jnp.where(used, tile, 0),
-                item_lo=lo, item_hi=hi, pos_item=pos_item)
     if grouped:
-        return dict(plan, grouped=jnp.zeros((0,), jnp.int32))
-    return dict(plan, order=order, where=where)
+        skey, extra = key, dict(grouped=jnp.zeros((0,), jnp.int32))
+    else:
+        order, where = slot_order(token_slot, num_slots)
+        skey, extra = key[order], dict(order=order, where=where)
+    pos_item = item_base[skey] + p // bt - first_tile[skey]
+    return dict(key=key, skey=skey, item_slot=slot, item_tile=jnp.where(used, tile, 0),
+                item_lo=lo, item_hi=hi, pos_item=pos_item, **extra)
+
+
+def slot_order(token_slot: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
+    """(order, where) of the tokens sorted by slot, stable, no-adapter tokens (-1)
+    last: order [T] is the token at each sorted position, where [T] its inverse. What
+    a sorted plan uses, and what a caller applies to hand a plan grouped tokens."""
+    t = token_slot.shape[0]
+    key = jnp.where(token_slot >= 0, token_slot, num_slots)
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    where = jnp.zeros((t,), jnp.int32).at[order].set(jnp.arange(t, dtype=jnp.int32))
+    return order, where
 
 
 def _plan_unsorted(key: jax.Array, num_slots: int, bt: int) -> dict:
@@ -295,6 +302,8 @@ class GroupPlan:
     max_rank: int = _static()
     k_in: int = _static()            # shrink input width (None: no shrink part)
     sorted: bool = _static()         # the token plan sorted the tokens (`is_sorted`)
+    grouped: bool = _static()        # its items are slot runs (`is_grouped`): an item's
+                                     # [lo, hi) holds only its own slot's tokens
     balanced: bool = _static()       # shrink: chunks cut evenly over blocks, not by tile
     widths: tuple = _static()        # output width of each module (): no expand part
     s_bound: int = _static()         # shrink chunks, static bound
@@ -356,7 +365,7 @@ def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t
         e_group.append(jnp.full((e_bound * CHUNK,), -1, jnp.int32).at[idx].set(
             jnp.broadcast_to(g, (w_max, gmax)).reshape(-1), mode="drop"))
     gp = GroupPlan(t=t, bt=bt, num_tiles=nt, num_slots=s, max_rank=max_rank, k_in=k_in,
-                   sorted=is_sorted(plan), balanced=balanced,
+                   sorted=is_sorted(plan), grouped=is_grouped(plan), balanced=balanced,
                    widths=tuple(widths), plan=plan, ranks=ranks, scales=scales,
                    s_bound=s_bound, s_starts=s_starts, s_pos=s_pos, s_rows=s_rows,
                    s_tile=s_tile,
@@ -392,7 +401,7 @@ def _xs_index(gp: GroupPlan, mods: list[int]):
     tok = plan["item_tile"][w] * bt + col                                  # plan position
     live = ((grp >= 0) & (grp * GROUP + rr < gp.ranks[slot, m])
             & (tok >= plan["item_lo"][w]) & (tok < plan["item_hi"][w]))
-    if not gp.sorted:     # an unsorted tile mixes slots: keep the item's own tokens
+    if not gp.grouped:    # an unsorted tile mixes slots: keep the item's own tokens
         live &= plan["skey"][jnp.minimum(tok, gp.t - 1)] == plan["item_slot"][w]
     return dict(m=m, w=w, grp=jnp.maximum(grp, 0), col=col, rr=rr, tok=tok, live=live,
                 scale=gp.scales[slot, m])
@@ -444,7 +453,7 @@ def xs_from_shrink(gp: GroupPlan, out_s, mods: list[int], dtype):
     rr = jnp.arange(GROUP, dtype=jnp.int32).reshape(1, 1, 1, 1, GROUP)
     tok = base + col
     live = (rr < nr) & (tok >= lo) & (tok < hi)
-    if not gp.sorted:     # an unsorted tile mixes slots: keep the item's own tokens
+    if not gp.grouped:    # an unsorted tile mixes slots: keep the item's own tokens
         live &= gp.plan["skey"][jnp.minimum(tok, gp.t - 1)] == slot
     xs = jnp.where(live, _split_sum(og, src, rr, col) * scale, 0.0).astype(dtype)
     return xs.reshape(mg, gp.e_bound, bt, ROWS)

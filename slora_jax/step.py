@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from pallas_kernels import paged_attention as attn_ops
+from pallas_kernels.lora_plan import slot_order
 from slora_jax.model import LoraBatch, StepSpec, lm_logits, sorts_tokens, transformer
 from slora_jax.params import Params
 from slora_jax.pool import Pool, kv_location, write_kv
@@ -95,8 +96,7 @@ def decode(params: Params, pool: Pool, batch: DecodeBatch, *, spec: StepSpec):
     rows = (batch.tokens, batch.positions, batch.kv_pages, batch.req_slot)
     group = sorts_tokens(spec, batch.lora, batch.tokens.shape[0])
     if group:
-        s = batch.lora.slot_pages.shape[0]
-        order = jnp.argsort(jnp.where(batch.req_slot >= 0, batch.req_slot, s), stable=True)
+        order, where = slot_order(batch.req_slot, batch.lora.slot_pages.shape[0])
         rows = tuple(a[order] for a in rows)
     tokens, positions, kv_pages, req_slot = rows
     page, slot = kv_location(kv_pages, positions, layout)
@@ -111,7 +111,6 @@ def decode(params: Params, pool: Pool, batch: DecodeBatch, *, spec: StepSpec):
     pool, h = transformer(params, pool, tokens, positions, attend, batch.lora, req_slot, spec,
                           grouped=group)
     if group:
-        where = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         h = h[where]                                    # back to the batch's row order
     logits = lm_logits(params, h)
     tokens, logprobs = sample(logits, batch.sampling, batch.positions + 1)
