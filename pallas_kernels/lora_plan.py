@@ -44,6 +44,7 @@ from slora_jax.pool import matrix_form
 GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma operand
 CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
 ROWS = GROUP * CHUNK
+XS_GATHER_MAX_SPLITS = 1 << 30  # `_split_sum`: gather each K split up to this many splits
 MAX_BLOCK_TOKENS = 32    # decode: tokens per tile at most (32 beat 64 in the e2e step)
 PREFILL_BLOCK_TOKENS = 64  # prefill: tiles of 64 take the expand's wide form (its kernel
                            # 2.3x faster than 32-token tiles at 8192 tokens, H200)
@@ -460,10 +461,14 @@ def xs_from_shrink(gp: GroupPlan, out_s, mods: list[int], dtype):
 
 
 def _split_sum(og, src, rr, col):
-    """og[:, src, rr, col].sum(0), written as a sum of one gather per K split: XLA
-    then fuses the gathers, the sum and what follows into one loop kernel, where a
-    reduce over the split axis made a reduction kernel of its own (2-6 us on the H100
-    at prefill, `benchmarks/results/kernels_lora-prefill_h100_s8_*`)."""
+    """og[:, src, rr, col].sum(0). Up to XS_GATHER_MAX_SPLITS K splits, a sum of one
+    gather per split: XLA then fuses the gathers, the sum and what follows into one
+    loop kernel, where a reduce over the split axis made a reduction kernel of its own
+    (2-6 us on the H100 at prefill, `benchmarks/results/kernels_lora-prefill_h100_s8_*`).
+    Above it, the reduce first: each element's chain of split loads grows with the
+    splits (10 us per xs at 32 splits in the B=32 one-adapter decode step, H100)."""
+    if og.shape[0] > XS_GATHER_MAX_SPLITS:
+        return og.sum(0)[src, rr, col]
     total = og[0, src, rr, col]
     for i in range(1, og.shape[0]):
         total = total + og[i, src, rr, col]
