@@ -139,16 +139,11 @@ class _Lora:
             from pallas_kernels import lora_plan
             key = tuple(modules[j] for j in live)
             if key not in self.group_plans:
-                gp = lora_plan.make_group_plan(
+                self.group_plans[key] = lora_plan.make_group_plan(
                     self.token_slot, rows, lb.slot_pages, a_off, b_off, ranks, scales,
                     k_in=x.shape[1], widths=widths, max_rank=lay.max_rank,
                     page_size=lay.page_size, plan=plan, block_tokens=self.block_tokens,
                     balanced=self.spec.lora_shrink == "balanced")
-                # Materialise the tables once: without the barrier XLA may fuse their
-                # index arithmetic into every layer's consumers and redo it there (the
-                # xs gather of each layer then cost 10 us instead of 2 in the B=32
-                # one-adapter decode step on the H100).
-                self.group_plans[key] = jax.lax.optimization_barrier(gp)
             plan = self.group_plans[key]
         ys = lora_ops.lora_apply_modules(
             x, rows, lb.slot_pages, a_off, b_off, ranks, scales, self.token_slot,
