@@ -461,17 +461,21 @@ def xs_from_shrink(gp: GroupPlan, out_s, mods: list[int], dtype):
 
 
 def _split_sum(og, src, rr, col):
-    """og[:, src, rr, col].sum(0). Up to XS_GATHER_MAX_SPLITS K splits, a sum of one
-    gather per split: XLA then fuses the gathers, the sum and what follows into one
-    loop kernel, where a reduce over the split axis made a reduction kernel of its own
-    (2-6 us on the H100 at prefill, `benchmarks/results/kernels_lora-prefill_h100_s8_*`).
-    Above it, the reduce first: each element's chain of split loads grows with the
-    splits (10 us per xs at 32 splits in the B=32 one-adapter decode step, H100)."""
+    """og[:, src, rr, col].sum(0), gathered through one flat index into each split's
+    [chunk groups * 8 * bt] rows (one int32 per element, shared by the splits; a
+    4-component index made XLA materialise one [N, 4] index array per split and read
+    them all: 10 us per xs at 32 splits in the B=32 one-adapter decode step, H100).
+    Up to XS_GATHER_MAX_SPLITS K splits, a sum of one gather per split: XLA then fuses
+    the gathers, the sum and what follows into one loop kernel, where a reduce over the
+    split axis made a reduction kernel of its own (2-6 us on the H100 at prefill,
+    `benchmarks/results/kernels_lora-prefill_h100_s8_*`). Above it, the reduce first."""
+    flat = og.reshape(og.shape[0], -1)
+    idx = (src * og.shape[2] + rr) * og.shape[3] + col
     if og.shape[0] > XS_GATHER_MAX_SPLITS:
-        return og.sum(0)[src, rr, col]
-    total = og[0, src, rr, col]
+        return flat.sum(0)[idx]
+    total = flat[0][idx]
     for i in range(1, og.shape[0]):
-        total = total + og[i, src, rr, col]
+        total = total + flat[i][idx]
     return total
 
 
