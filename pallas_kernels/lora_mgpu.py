@@ -42,7 +42,7 @@ from pallas_kernels.mgpu_common import default_interpret, smem_transforms, warn_
 from pallas_kernels import lora as lora_ref
 from pallas_kernels.lora_plan import (
     CHUNK, GROUP, ROWS, GroupPlan, make_group_plan, pick_block_tokens, plan_order, plan_where,
-    width_groups, xs_from_shrink, xs_from_xa)
+    split_sum, width_groups, xs_from_shrink, xs_from_xa)
 from slora_jax.config import check_option
 from slora_jax.pool import matrix_form
 
@@ -491,7 +491,7 @@ def lora_shrink_multi(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
     w = gp.plan["pos_item"][pos]
     i = jnp.arange(max_rank, dtype=jnp.int32)
     src = gp.s_pos[w][:, :, None] + i // GROUP                                 # [T, M, R]
-    vals = og[:, src, i % GROUP, (pos % bt)[:, None, None]].sum(0)
+    vals = split_sum(og, src, i % GROUP, (pos % bt)[:, None, None])
     keep = (key < s)[:, None, None] & (i < ranks[jnp.minimum(key, s - 1)][:, :, None])
     return jnp.where(keep, vals, 0.0).transpose(1, 0, 2)
 

@@ -44,7 +44,7 @@ from slora_jax.pool import matrix_form
 GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma operand
 CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
 ROWS = GROUP * CHUNK
-XS_GATHER_MAX_SPLITS = 1 << 30  # `_split_sum`: gather each K split up to this many splits
+XS_GATHER_MAX_SPLITS = 1 << 30  # `split_sum`: gather each K split up to this many splits
 MAX_BLOCK_TOKENS = 32    # decode: tokens per tile at most (32 beat 64 in the e2e step)
 PREFILL_BLOCK_TOKENS = 64  # prefill: tiles of 64 take the expand's wide form (its kernel
                            # 2.3x faster than 32-token tiles at 8192 tokens, H200)
@@ -444,7 +444,7 @@ def xs_from_shrink(gp: GroupPlan, out_s, mods: list[int], dtype):
     if list(mods) not in groups:
         ix = _xs_index(gp, mods)
         src = gp.s_pos[ix["w"], ix["m"]] + ix["grp"]               # packed shrink group
-        return _xs_finish(gp, ix, _split_sum(og, src, ix["rr"], ix["col"]), dtype)
+        return _xs_finish(gp, ix, split_sum(og, src, ix["rr"], ix["col"]), dtype)
     k = groups.index(list(mods))
     mg, bt = len(mods), gp.bt
     src, base, lo, hi, nr, slot = (
@@ -456,11 +456,11 @@ def xs_from_shrink(gp: GroupPlan, out_s, mods: list[int], dtype):
     live = (rr < nr) & (tok >= lo) & (tok < hi)
     if not gp.grouped:    # an unsorted tile mixes slots: keep the item's own tokens
         live &= gp.plan["skey"][jnp.minimum(tok, gp.t - 1)] == slot
-    xs = jnp.where(live, _split_sum(og, src, rr, col) * scale, 0.0).astype(dtype)
+    xs = jnp.where(live, split_sum(og, src, rr, col) * scale, 0.0).astype(dtype)
     return xs.reshape(mg, gp.e_bound, bt, ROWS)
 
 
-def _split_sum(og, src, rr, col):
+def split_sum(og, src, rr, col):
     """og[:, src, rr, col].sum(0), gathered through one flat index into each split's
     [chunk groups * 8 * bt] rows (one int32 per element, shared by the splits; a
     4-component index made XLA materialise one [N, 4] index array per split and read

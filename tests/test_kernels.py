@@ -563,6 +563,25 @@ def test_xs_tables_agree_with_the_index_path(sort, splits):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("splits", [1, 2, 7, 32])
+@pytest.mark.parametrize("reduce_first", [False, True])
+def test_split_sum_is_the_indexed_sum_over_splits(splits, reduce_first, monkeypatch):
+    """`split_sum` (one flat index shared by the K splits; a gather per split, or the
+    reduce first above XS_GATHER_MAX_SPLITS) equals numpy's og[:, src, rr, col].sum(0)
+    on random partial sums and random broadcast indices, to f32 rounding (the reduce
+    may add in another order)."""
+    monkeypatch.setattr(lora_plan, "XS_GATHER_MAX_SPLITS", 0 if reduce_first else 1 << 30)
+    rng = np.random.default_rng()
+    og = rng.standard_normal((splits, 13, 8, 16)).astype(np.float32)
+    src = rng.integers(0, 13, (3, 5, 1, 8, 1)).astype(np.int32)
+    rr = np.arange(8, dtype=np.int32).reshape(1, 1, 1, 1, 8)
+    col = rng.integers(0, 16, (1, 1, 16, 1, 1)).astype(np.int32)
+    got = np.asarray(jax.jit(lora_plan.split_sum)(og, src, rr, col))
+    want = og[:, src, rr, col].sum(0)
+    assert got.shape == (3, 5, 16, 8, 8)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * splits)
+
+
 def test_unsupported_width_falls_back_with_a_log(caplog):
     rng = np.random.default_rng()
     c = lora_case(rng, h=H, t=4, s=2, max_rank=8, ranks=[8, 4], token_slot=[0, 1, 1, -1])
