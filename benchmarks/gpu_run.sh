@@ -21,6 +21,10 @@
 #                                      # per-kernel breakdown (what XLA glue is left
 #                                      # around the LoRA kernels), then every
 #                                      # pallas-layer row against its baselines
+#   bash benchmarks/gpu_run.sh applysweep # one call (~5 min): tune_lora.py --apply-sweep,
+#                                      # the whole decode apply (kernels + XLA glue) under
+#                                      # each shrink split cap and xs split-sum form,
+#                                      # beside the XLA reference, B = 1..256
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -87,5 +91,13 @@ case "$1" in
     python3 benchmarks/kernels.py --budget-s 220 --only lora,lora-prefill \
       --backends pallas-layer,xla-gather,dense --out "$OUTDIR/kernels_layer.json" 2>&1 \
       | sed -n '/^SUMMARY/,$p' | grep "lora_apply" | cut -c1-200 ;;
-  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune|variants|ragged|defaults|glue" >&2; exit 2 ;;
+  applysweep)
+    timeout 480 python3 benchmarks/tune_lora.py --apply-sweep --budget-s 430 --iters 20 \
+      --min-k-steps 1,2,4,8,16 --xs-max 1,1073741824 --out "$OUTDIR" --shapes "${SHAPES:-\
+llama-7b:qkv:32:1:mixed,llama-7b:o:32:1:mixed,llama-7b:qkv:32:32:mixed,llama-7b:o:32:32:mixed,\
+llama-7b:qkv:1:1:mixed,llama-7b:qkv:8:8:mixed,llama-7b:qkv:16:16:mixed,llama-7b:qkv:128:1:mixed,\
+llama-7b:qkv:128:32:mixed,llama-7b:o:128:32:mixed,llama-7b:o:1:1:mixed,llama-7b:qkv:256:256:mixed}" \
+      2>&1 | grep "^|" ;;
+  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune|variants|ragged|defaults|glue|applysweep" >&2
+     exit 2 ;;
 esac

@@ -147,7 +147,10 @@ def run_apply_sweep(model, group, b, n, rank_kind, min_k_steps, xs_max, iters, c
                                     t["b_offsets"][:, j], t["ranks"][:, j], t["scales"][:, j],
                                     ts, max_rank=pool.max_rank, out_features=w,
                                     page_size=PAGE_SIZE) for j, w in enumerate(widths)]
-    us, _ = measure(jax.jit(ref), (x, pool.rows, tabs), iters)
+    ref_f = jax.jit(ref)
+    us, _ = measure(ref_f, (x, pool.rows, tabs), iters)
+    want = [np.asarray(y, np.float32) for y in ref_f(x, pool.rows, tabs)]
+    scale = max(float(np.abs(w).max()) for w in want) or 1.0
     out.append(dict(base, kind="xla", config="reference", us=us, splits=None))
     try:
         for mk, xm in itertools.product(min_k_steps, xs_max):
@@ -166,8 +169,11 @@ def run_apply_sweep(model, group, b, n, rank_kind, min_k_steps, xs_max, iters, c
                 print(f"  {base} min_k_steps={mk} xs_max={xm}: {type(e).__name__}: "
                       f"{str(e)[:160]}")
                 continue
+            got = f(x, pool.rows, gp, tabs)
+            diff = max(float(np.abs(np.asarray(g, np.float32) - w).max())
+                       for g, w in zip(got, want)) / scale
             out.append(dict(base, kind="apply", config=dict(min_k_steps=mk, xs_max=xm),
-                            us=us, splits=splits, kernels_us=per))
+                            us=us, splits=splits, kernels_us=per, rel_diff_vs_xla=diff))
     finally:
         lm.SHRINK_MIN_K_STEPS, lp.XS_GATHER_MAX_SPLITS = saved
     return out

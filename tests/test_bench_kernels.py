@@ -138,6 +138,41 @@ def test_tune_lora_quick(tmp_path):
     assert (tmp_path / f"tune_lora_{jax.default_backend()}.md").exists()
 
 
+def test_tune_lora_apply_sweep(tmp_path):
+    """--apply-sweep: each (SHRINK_MIN_K_STEPS, XS_GATHER_MAX_SPLITS) computes what the
+    XLA reference computes (to the bf16 rounding of x·A), the splits follow the cap,
+    and the module constants are put back afterwards."""
+    from pallas_kernels import lora_mgpu, lora_plan
+    tune = _load("tune_lora")
+    saved = (lora_mgpu.SHRINK_MIN_K_STEPS, lora_plan.XS_GATHER_MAX_SPLITS)
+    tune.main(["--apply-sweep", "--shapes", "tiny-mha:qkv:4:2:mixed", "--iters", "1",
+               "--min-k-steps", "1,2", "--xs-max", "0,1073741824", "--out", str(tmp_path)])
+    assert (lora_mgpu.SHRINK_MIN_K_STEPS, lora_plan.XS_GATHER_MAX_SPLITS) == saved
+    rows = json.load(open(tmp_path / f"tune_lora_apply_{jax.default_backend()}.json"))["rows"]
+    assert [r["kind"] for r in rows] == ["xla"] + ["apply"] * 4
+    for r in rows[1:]:
+        assert r["rel_diff_vs_xla"] < 2e-2, r
+    splits = {r["config"]["min_k_steps"]: r["splits"] for r in rows[1:]}
+    assert splits[2] <= max(1, splits[1] // 2) or splits[1] == 1, splits
+
+
+def test_hlo_fusions_prints_the_called_computation(tmp_path):
+    """benchmarks/hlo_fusions.py finds a CUPTI kernel name's HLO instruction (ROOT or
+    not) and prints the computation it calls; a name not there says so."""
+    (tmp_path / "m.after_optimizations.txt").write_text(
+        "%fused_computation.7 (p0: f32[4]) -> bf16[4] {\n"
+        "  %p0 = f32[4]{0} parameter(0)\n"
+        "  ROOT %marker = bf16[4]{0} convert(%p0)\n}\n\n"
+        "ENTRY %main (a: f32[4]) -> bf16[4] {\n  %a = f32[4]{0} parameter(0)\n"
+        "  ROOT %loop_convert_fusion.157 = bf16[4]{0} fusion(%a), kind=kLoop, "
+        "calls=%fused_computation.7\n}\n")
+    hlo = _load("hlo_fusions")
+    text = (tmp_path / "m.after_optimizations.txt").read_text()
+    got = hlo.find(text, "loop_convert_fusion_157", 1000)
+    assert got[0].startswith("-- ROOT %loop_convert_fusion.157") and "%marker" in got[1]
+    assert hlo.find(text, "loop_convert_fusion_15", 1000) == []
+
+
 def test_plan_balance_table(capsys):
     """benchmarks/plan_balance.py: the table's rows, and the imbalance it exists to show
     (sorted tiles of 2 and 5 chunks at B=128 over 32 adapters; balanced evens them)."""
