@@ -23,7 +23,7 @@
 #                                      # pallas-layer row against its baselines
 #   bash benchmarks/gpu_run.sh applysweep # one call (~5 min): tune_lora.py --apply-sweep,
 #                                      # the whole decode apply (kernels + XLA glue) under
-#                                      # each shrink split cap and xs split-sum form,
+#                                      # each SHRINK_BLOCKS (the shrink's K splits),
 #                                      # beside the XLA reference, B = 1..256
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -93,7 +93,7 @@ case "$1" in
       | sed -n '/^SUMMARY/,$p' | grep "lora_apply" | cut -c1-200 ;;
   applysweep)
     timeout 480 python3 benchmarks/tune_lora.py --apply-sweep --budget-s 430 --iters 20 \
-      --min-k-steps 1,2,4,8,16 --xs-max 1,1073741824 --out "$OUTDIR" --shapes "${SHAPES:-\
+      --shrink-blocks 132,66,33,16,8 --out "$OUTDIR" --shapes "${SHAPES:-\
 llama-7b:qkv:32:1:mixed,llama-7b:o:32:1:mixed,llama-7b:qkv:32:32:mixed,llama-7b:o:32:32:mixed,\
 llama-7b:qkv:1:1:mixed,llama-7b:qkv:8:8:mixed,llama-7b:qkv:16:16:mixed,llama-7b:qkv:128:1:mixed,\
 llama-7b:qkv:128:32:mixed,llama-7b:o:128:32:mixed,llama-7b:o:1:1:mixed,llama-7b:qkv:256:256:mixed}" \

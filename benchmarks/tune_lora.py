@@ -130,17 +130,17 @@ def run_shape(model, group, b, n, rank_kind, configs, iters, copy_gbps, budget_e
     return out
 
 
-def run_apply_sweep(model, group, b, n, rank_kind, min_k_steps, xs_max, iters, copy_gbps,
-                    budget_end):
+def run_apply_sweep(model, group, b, n, rank_kind, shrink_blocks, iters, budget_end):
     """The whole lora_apply_multi (shrink, the XLA that builds the expand's input,
-    expand) under each (SHRINK_MIN_K_STEPS, XS_GATHER_MAX_SPLITS), beside the XLA
-    reference (`lora_ref`: gather each token's rows, padded einsum) on the same inputs."""
+    expand) under each `lora_mgpu.SHRINK_BLOCKS` (fewer blocks: fewer K splits for the
+    xs to sum), beside the XLA reference (`lora_ref`: gather each token's rows, padded
+    einsum) on the same inputs."""
     from pallas_kernels import lora as lora_ref
     pool, tabs, x, gp, widths, sb, eb = setup(model, group, b, n, RANKS[rank_kind])
     base = dict(model=model, group=group, b=b, adapters=n, ranks=rank_kind)
     ts = jnp.asarray(np.asarray(gp.plan["key"]), jnp.int32)
     ts = jnp.where(ts < n, ts, -1)
-    out, saved = [], (lm.SHRINK_MIN_K_STEPS, lp.XS_GATHER_MAX_SPLITS)
+    out, saved = [], lm.SHRINK_BLOCKS
 
     def ref(x, rows, t):
         return [lora_ref.lora_apply(x, rows, t["slot_pages"], t["a_offsets"][:, j],
@@ -153,10 +153,10 @@ def run_apply_sweep(model, group, b, n, rank_kind, min_k_steps, xs_max, iters, c
     scale = max(float(np.abs(w).max()) for w in want) or 1.0
     out.append(dict(base, kind="xla", config="reference", us=us, splits=None))
     try:
-        for mk, xm in itertools.product(min_k_steps, xs_max):
+        for blocks in shrink_blocks:
             if time.perf_counter() > budget_end:
                 break
-            lm.SHRINK_MIN_K_STEPS, lp.XS_GATHER_MAX_SPLITS = mk, xm
+            lm.SHRINK_BLOCKS = blocks
             f = jax.jit(lambda x, rows, gp, t: lm.lora_apply_multi(
                 x, rows, t["slot_pages"], t["a_offsets"], t["b_offsets"], t["ranks"],
                 t["scales"], None, max_rank=pool.max_rank, out_features=widths,
@@ -166,26 +166,26 @@ def run_apply_sweep(model, group, b, n, rank_kind, min_k_steps, xs_max, iters, c
             try:
                 us, per = measure(f, (x, pool.rows, gp, tabs), iters)
             except Exception as e:    # a config the compiler rejects: say so, go on
-                print(f"  {base} min_k_steps={mk} xs_max={xm}: {type(e).__name__}: "
+                print(f"  {base} shrink_blocks={blocks}: {type(e).__name__}: "
                       f"{str(e)[:160]}")
                 continue
             got = f(x, pool.rows, gp, tabs)
             diff = max(float(np.abs(np.asarray(g, np.float32) - w).max())
                        for g, w in zip(got, want)) / scale
-            out.append(dict(base, kind="apply", config=dict(min_k_steps=mk, xs_max=xm),
-                            us=us, splits=splits, kernels_us=per, rel_diff_vs_xla=diff))
+            out.append(dict(base, kind="apply", config=dict(shrink_blocks=blocks), us=us,
+                            splits=splits, kernels_us=per, rel_diff_vs_xla=diff))
     finally:
-        lm.SHRINK_MIN_K_STEPS, lp.XS_GATHER_MAX_SPLITS = saved
+        lm.SHRINK_BLOCKS = saved
     return out
 
 
 def _sweep_table(rows):
-    lines = [f"# decode LoRA apply: shrink splits and the xs split sum "
+    lines = [f"# decode LoRA apply: the shrink's K splits "
              f"({jax.devices()[0].device_kind}, JAX {jax.__version__}, commit "
              f"{git_commit()[:10]})", "", f"`{' '.join(sys.argv)}`; us of the whole "
              "lora_apply_multi (kernels and XLA glue), no L2 rotation", "",
-             "| model | group | B | adapters | ranks | xla us | min K steps | xs gather max "
-             "| shrink splits | us | xla/us |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | group | B | adapters | ranks | xla us | shrink blocks | shrink splits "
+             "| us | xla/us |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, grp in itertools.groupby(rows, key=lambda r: (r["model"], r["group"], r["b"],
                                                            r["adapters"], r["ranks"])):
         grp = list(grp)
@@ -194,8 +194,8 @@ def _sweep_table(rows):
             if r["kind"] == "apply":
                 c = r["config"]
                 lines.append(f"| {' | '.join(str(k) for k in key)} | {xla:.1f} | "
-                             f"{c['min_k_steps']} | {c['xs_max']} | {r['splits']} | "
-                             f"{r['us']:.1f} | {xla / r['us']:.2f} |")
+                             f"{c['shrink_blocks']} | {r['splits']} | {r['us']:.1f} | "
+                             f"{xla / r['us']:.2f} |")
     return lines
 
 
@@ -219,11 +219,10 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--apply-sweep", action="store_true",
-                    help="time the whole apply under each --min-k-steps x --xs-max "
-                         "(lora_mgpu.SHRINK_MIN_K_STEPS, lora_plan.XS_GATHER_MAX_SPLITS) "
-                         "and the XLA reference, instead of the kernel sweep")
-    ap.add_argument("--min-k-steps", default="1,2,4,8")
-    ap.add_argument("--xs-max", default="1,1073741824")
+                    help="time the whole apply under each --shrink-blocks "
+                         "(lora_mgpu.SHRINK_BLOCKS) and the XLA reference, instead of "
+                         "the kernel sweep")
+    ap.add_argument("--shrink-blocks", default="132,66,33,16")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -249,9 +248,8 @@ def main(argv=None):
     if args.apply_sweep:
         for i, shape in enumerate(shapes):
             model, group, b, n, rk = shape.split(":")
-            rows += run_apply_sweep(model, group, int(b), int(n), rk, ints(args.min_k_steps),
-                                    ints(args.xs_max), args.iters, copy_gbps,
-                                    t0 + args.budget_s)
+            rows += run_apply_sweep(model, group, int(b), int(n), rk,
+                                    ints(args.shrink_blocks), args.iters, t0 + args.budget_s)
             write_sweep(args.out, "tune_lora_apply", rows, _sweep_table(rows), copy_gbps,
                         show=i == len(shapes) - 1)
         return

@@ -55,8 +55,6 @@ TARGET_BLOCKS = 4 * 132  # expand: split N until about this many blocks (4 per H
 # 43.1 us ragged, kernel alone, on the H100 (benchmarks/results/kernels_lora_h100_s8_*).
 RAGGED_SPLITS = True
 SHRINK_BLOCKS = 132      # shrink: split K until about this many blocks
-SHRINK_MIN_K_STEPS = 1   # shrink: K steps per split at least (fewer splits: fewer partial
-                         # sums for `lora_plan.xs_from_shrink` to add; tune_lora --apply-sweep)
 STAGE_BYTES = 40 << 10   # SMEM per pipeline stage we aim for
 SMEM_BYTES = 110 << 10   # SMEM per block for the stages: two blocks fit on an SM
 
@@ -361,8 +359,7 @@ def _shrink_launch(gp: GroupPlan, x, rows, *, block_k=None, num_stages=None, num
     per_tile = -(-min(bt, gp.num_slots + 1) * gp.ranks.shape[1] * (-(-gp.max_rank // GROUP))
                  // CHUNK)
     lanes = num_lanes or max(1, min(4, per_tile))
-    splits = num_splits or _divisor_at_most(
-        k // bk, min(-(-SHRINK_BLOCKS // (nt * lanes)), k // bk // SHRINK_MIN_K_STEPS))
+    splits = num_splits or _divisor_at_most(k // bk, -(-SHRINK_BLOCKS // (nt * lanes)))
     stage = (ROWS + bt) * bk * 2
     stages = num_stages or max(2, min(4, (SMEM_BYTES - ROWS * bt * 4) // stage))
     x = x.astype(rows.dtype)

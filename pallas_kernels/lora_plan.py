@@ -44,7 +44,6 @@ from slora_jax.pool import matrix_form
 GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma operand
 CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand
 ROWS = GROUP * CHUNK
-XS_GATHER_MAX_SPLITS = 1 << 30  # `split_sum`: gather each K split up to this many splits
 MAX_BLOCK_TOKENS = 32    # decode: tokens per tile at most (32 beat 64 in the e2e step)
 PREFILL_BLOCK_TOKENS = 64  # prefill: tiles of 64 take the expand's wide form (its kernel
                            # 2.3x faster than 32-token tiles at 8192 tokens, H200)
@@ -465,14 +464,13 @@ def split_sum(og, src, rr, col):
     [chunk groups * 8 * bt] rows (one int32 per element, shared by the splits; a
     4-component index made XLA materialise one [N, 4] index array per split and read
     them all: 10 us per xs at 32 splits in the B=32 one-adapter decode step, H100).
-    Up to XS_GATHER_MAX_SPLITS K splits, a sum of one gather per split: XLA then fuses
-    the gathers, the sum and what follows into one loop kernel, where a reduce over the
-    split axis made a reduction kernel of its own (2-6 us on the H100 at prefill,
-    `benchmarks/results/kernels_lora-prefill_h100_s8_*`). Above it, the reduce first."""
+    A sum of one gather per split: XLA then fuses the gathers, the sum and what follows
+    into one loop kernel, where a reduce over the split axis made a reduction kernel of
+    its own (2-6 us on the H100 at prefill, `benchmarks/results/kernels_lora-prefill_
+    h100_s8_*`; reducing first was no faster at decode either, `results/tune_lora_apply_
+    h100_s9_*`)."""
     flat = og.reshape(og.shape[0], -1)
     idx = (src * og.shape[2] + rr) * og.shape[3] + col
-    if og.shape[0] > XS_GATHER_MAX_SPLITS:
-        return flat.sum(0)[idx]
     total = flat[0][idx]
     for i in range(1, og.shape[0]):
         total = total + flat[i][idx]

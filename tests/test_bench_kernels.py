@@ -139,21 +139,21 @@ def test_tune_lora_quick(tmp_path):
 
 
 def test_tune_lora_apply_sweep(tmp_path):
-    """--apply-sweep: each (SHRINK_MIN_K_STEPS, XS_GATHER_MAX_SPLITS) computes what the
-    XLA reference computes (to the bf16 rounding of x·A), the splits follow the cap,
-    and the module constants are put back afterwards."""
-    from pallas_kernels import lora_mgpu, lora_plan
+    """--apply-sweep: under each SHRINK_BLOCKS the apply computes what the XLA reference
+    computes (to the bf16 rounding of x·A), one target block means one K split, and
+    the module constant is put back afterwards."""
+    from pallas_kernels import lora_mgpu
     tune = _load("tune_lora")
-    saved = (lora_mgpu.SHRINK_MIN_K_STEPS, lora_plan.XS_GATHER_MAX_SPLITS)
+    saved = lora_mgpu.SHRINK_BLOCKS
     tune.main(["--apply-sweep", "--shapes", "tiny-mha:qkv:4:2:mixed", "--iters", "1",
-               "--min-k-steps", "1,2", "--xs-max", "0,1073741824", "--out", str(tmp_path)])
-    assert (lora_mgpu.SHRINK_MIN_K_STEPS, lora_plan.XS_GATHER_MAX_SPLITS) == saved
+               "--shrink-blocks", "132,1", "--out", str(tmp_path)])
+    assert lora_mgpu.SHRINK_BLOCKS == saved
     rows = json.load(open(tmp_path / f"tune_lora_apply_{jax.default_backend()}.json"))["rows"]
-    assert [r["kind"] for r in rows] == ["xla"] + ["apply"] * 4
+    assert [r["kind"] for r in rows] == ["xla"] + ["apply"] * 2
     for r in rows[1:]:
         assert r["rel_diff_vs_xla"] < 2e-2, r
-    splits = {r["config"]["min_k_steps"]: r["splits"] for r in rows[1:]}
-    assert splits[2] <= max(1, splits[1] // 2) or splits[1] == 1, splits
+    splits = {r["config"]["shrink_blocks"]: r["splits"] for r in rows[1:]}
+    assert splits[1] == 1 and splits[132] >= 1, splits
 
 
 def test_hlo_fusions_prints_the_called_computation(tmp_path):

@@ -564,13 +564,10 @@ def test_xs_tables_agree_with_the_index_path(sort, splits):
 
 
 @pytest.mark.parametrize("splits", [1, 2, 7, 32])
-@pytest.mark.parametrize("reduce_first", [False, True])
-def test_split_sum_is_the_indexed_sum_over_splits(splits, reduce_first, monkeypatch):
-    """`split_sum` (one flat index shared by the K splits; a gather per split, or the
-    reduce first above XS_GATHER_MAX_SPLITS) equals numpy's og[:, src, rr, col].sum(0)
-    on random partial sums and random broadcast indices, to f32 rounding (the reduce
-    may add in another order)."""
-    monkeypatch.setattr(lora_plan, "XS_GATHER_MAX_SPLITS", 0 if reduce_first else 1 << 30)
+def test_split_sum_is_the_indexed_sum_over_splits(splits):
+    """`split_sum` (one flat index shared by the K splits, one gather per split) equals
+    numpy's og[:, src, rr, col].sum(0) on random partial sums and random broadcast
+    indices, to f32 rounding."""
     rng = np.random.default_rng()
     og = rng.standard_normal((splits, 13, 8, 16)).astype(np.float32)
     src = rng.integers(0, 13, (3, 5, 1, 8, 1)).astype(np.int32)
