@@ -140,14 +140,15 @@ def git_commit() -> str:
 
 def parse_variants(spec: str) -> dict[str, dict[str, str]]:
     """'sort=auto,sort=auto+out=pool' -> {name: StepSpec options}."""
-    keys = {name.split("_")[-1]: name for name in LORA_PLAN_OPTIONS}   # sort=, out=, ...
+    keys = {"xla" if name == "lora_xla_tokens" else name.split("_")[-1]: name
+            for name in LORA_PLAN_OPTIONS}                      # sort=, out=, ..., xla=N
     out = {}
     for name in filter(None, (v.strip() for v in spec.split(","))):
         opts = {}
         for part in name.split("+"):
             k, _, v = part.partition("=")
             field = keys.get(k)
-            value = int(v) if field == "lora_max_tile" and v.isdigit() else v
+            value = int(v) if v.isdigit() else v
             if field is None or value not in LORA_PLAN_OPTIONS[field]:
                 raise SystemExit(f"--lora-variants: '{part}' is not one of " + ", ".join(
                     f"{k}={'|'.join(map(str, LORA_PLAN_OPTIONS[f]))}" for k, f in keys.items()))
@@ -173,7 +174,8 @@ def main(argv=None):
     ap.add_argument("--lora-variants", default="",
                     help="comma-separated extra LoRA steps to time beside `slora`, each "
                          "StepSpec options joined by '+': sort=always|never|auto, "
-                         "out=float32|pool, tile=8..128, shrink=tile|balanced "
+                         "out=float32|pool, tile=8..128, shrink=tile|balanced, "
+                         "xla=0..64 (steps of at most N tokens on the XLA LoRA path) "
                          "(e.g. 'sort=auto,sort=auto+out=pool')")
     ap.add_argument("--layers", type=int, default=None,
                     help="override the preset's layer count (compile-time checks)")

@@ -21,6 +21,9 @@
 #                                      # per-kernel breakdown (what XLA glue is left
 #                                      # around the LoRA kernels), then every
 #                                      # pallas-layer row against its baselines
+#   bash benchmarks/gpu_run.sh small   # one call (~9 min): e2e at B=1..32 with the
+#                                      # Pallas LoRA kernels beside the XLA path for small
+#                                      # steps (StepSpec.lora_xla_tokens), 1 and 32 adapters
 #   bash benchmarks/gpu_run.sh applysweep # one call (~5 min): tune_lora.py --apply-sweep,
 #                                      # the whole decode apply (kernels + XLA glue) under
 #                                      # each SHRINK_BLOCKS (the shrink's K splits),
@@ -91,6 +94,11 @@ case "$1" in
     python3 benchmarks/kernels.py --budget-s 220 --only lora,lora-prefill \
       --backends pallas-layer,xla-gather,dense --out "$OUTDIR/kernels_layer.json" 2>&1 \
       | sed -n '/^SUMMARY/,$p' | grep "lora_apply" | cut -c1-200 ;;
+  small)
+    timeout "${E2E_S:-540}" python3 benchmarks/e2e_decode.py --preset llama-7b \
+      --batches "${BATCHES:-1:512,4:512,16:512,32:512}" --adapters "${ADAPTERS:-1,32}" \
+      --iters 10 --lora-backend pallas --attention-backend pallas \
+      --lora-variants "${VARIANTS:-xla=64}" --out "$OUTDIR" 2>&1 | grep "^B=" ;;
   applysweep)
     timeout 480 python3 benchmarks/tune_lora.py --apply-sweep --budget-s 430 --iters 20 \
       --shrink-blocks 132,66,33,16,8 --out "$OUTDIR" --shapes "${SHAPES:-\
@@ -98,6 +106,6 @@ llama-7b:qkv:32:1:mixed,llama-7b:o:32:1:mixed,llama-7b:qkv:32:32:mixed,llama-7b:
 llama-7b:qkv:1:1:mixed,llama-7b:qkv:8:8:mixed,llama-7b:qkv:16:16:mixed,llama-7b:qkv:128:1:mixed,\
 llama-7b:qkv:128:32:mixed,llama-7b:o:128:32:mixed,llama-7b:o:1:1:mixed,llama-7b:qkv:256:256:mixed}" \
       2>&1 | grep "^|" ;;
-  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune|variants|ragged|defaults|glue|applysweep" >&2
+  *) echo "usage: $0 e2e|serve|pallas|tests|kernels|tune|variants|ragged|defaults|glue|small|applysweep" >&2
      exit 2 ;;
 esac

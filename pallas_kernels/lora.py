@@ -65,14 +65,25 @@ def gather_slot_matrix(rows: jax.Array, slot_pages: jax.Array, offset: jax.Array
     return jnp.where(live, mat, 0)
 
 
+def _token_matrices(rows, slot_pages, offset, rank, token_slot, width, max_rank, page_size):
+    """Each token's `[max_rank, width]` matrix of its slot: [T, R, width]. Gathered per
+    slot and indexed by token when the batch has at least as many tokens as slots;
+    gathered per token when it has fewer (a decode step of a few requests in a step
+    compiled for many slots reads only the adapters its tokens use)."""
+    s = jnp.clip(token_slot, 0, slot_pages.shape[0] - 1)
+    if token_slot.shape[0] < slot_pages.shape[0]:
+        return gather_slot_matrix(rows, slot_pages[s], offset[s], rank[s], width, max_rank,
+                                  page_size)
+    return gather_slot_matrix(rows, slot_pages, offset, rank, width, max_rank, page_size)[s]
+
+
 def lora_shrink_reference(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
                           a_offset: jax.Array, rank: jax.Array, token_slot: jax.Array,
                           *, max_rank: int, page_size: int) -> jax.Array:
     """xa[t] = x[t] · A_{slot(t)}: [T, in] -> [T, max_rank] float32; 0 where slot(t) < 0."""
-    a = gather_slot_matrix(rows, slot_pages, a_offset, rank, x.shape[-1], max_rank,
-                           page_size)                                          # [S, R, in]
-    s = jnp.clip(token_slot, 0, a.shape[0] - 1)
-    xa = jnp.einsum("ti,tri->tr", x.astype(jnp.float32), a[s].astype(jnp.float32))
+    a = _token_matrices(rows, slot_pages, a_offset, rank, token_slot, x.shape[-1], max_rank,
+                        page_size)                                             # [T, R, in]
+    xa = jnp.einsum("ti,tri->tr", x.astype(jnp.float32), a.astype(jnp.float32))
     return jnp.where(token_slot[:, None] >= 0, xa, 0.0)
 
 
@@ -86,11 +97,11 @@ def lora_expand_reference(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
     kernels feed it to the tensor cores in that dtype, and so does this reference.
     """
     max_rank = xa.shape[-1]
-    b = gather_slot_matrix(rows, slot_pages, b_offset, rank, out_features, max_rank,
-                           page_size)                                          # [S, R, out]
-    s = jnp.clip(token_slot, 0, b.shape[0] - 1)
+    b = _token_matrices(rows, slot_pages, b_offset, rank, token_slot, out_features, max_rank,
+                        page_size)                                             # [T, R, out]
+    s = jnp.clip(token_slot, 0, slot_pages.shape[0] - 1)
     xs = (xa * scale[s][:, None]).astype(rows.dtype).astype(jnp.float32)
-    y = jnp.einsum("tr,tro->to", xs, b[s].astype(jnp.float32))
+    y = jnp.einsum("tr,tro->to", xs, b.astype(jnp.float32))
     return jnp.where(token_slot[:, None] >= 0, y, 0.0)
 
 
