@@ -140,8 +140,7 @@ def git_commit() -> str:
 
 def parse_variants(spec: str) -> dict[str, dict[str, str]]:
     """'sort=auto,sort=auto+out=pool' -> {name: StepSpec options}."""
-    keys = {"xla" if name == "lora_xla_tokens" else name.split("_")[-1]: name
-            for name in LORA_PLAN_OPTIONS}                      # sort=, out=, ..., xla=N
+    keys = {name.split("_")[-1]: name for name in LORA_PLAN_OPTIONS}   # sort=, out=, ...
     out = {}
     for name in filter(None, (v.strip() for v in spec.split(","))):
         opts = {}
@@ -174,8 +173,7 @@ def main(argv=None):
     ap.add_argument("--lora-variants", default="",
                     help="comma-separated extra LoRA steps to time beside `slora`, each "
                          "StepSpec options joined by '+': sort=always|never|auto, "
-                         "out=float32|pool, tile=8..128, shrink=tile|balanced, "
-                         "xla=0..64 (steps of at most N tokens on the XLA LoRA path) "
+                         "out=float32|pool, tile=8..128, shrink=tile|balanced "
                          "(e.g. 'sort=auto,sort=auto+out=pool')")
     ap.add_argument("--layers", type=int, default=None,
                     help="override the preset's layer count (compile-time checks)")

@@ -21,9 +21,8 @@
 #                                      # per-kernel breakdown (what XLA glue is left
 #                                      # around the LoRA kernels), then every
 #                                      # pallas-layer row against its baselines
-#   bash benchmarks/gpu_run.sh small   # one call (~9 min): e2e at B=1..32 with the
-#                                      # Pallas LoRA kernels beside the XLA path for small
-#                                      # steps (StepSpec.lora_xla_tokens), 1 and 32 adapters
+#   bash benchmarks/gpu_run.sh small   # one call (~5 min): e2e at B=1..32 with the Pallas
+#                                      # backends, 1 and 32 adapters (VARIANTS: step options)
 #   bash benchmarks/gpu_run.sh applysweep # one call (~5 min): tune_lora.py --apply-sweep,
 #                                      # the whole decode apply (kernels + XLA glue) under
 #                                      # each SHRINK_BLOCKS (the shrink's K splits),
@@ -98,7 +97,7 @@ case "$1" in
     timeout "${E2E_S:-540}" python3 benchmarks/e2e_decode.py --preset llama-7b \
       --batches "${BATCHES:-1:512,4:512,16:512,32:512}" --adapters "${ADAPTERS:-1,32}" \
       --iters 10 --lora-backend pallas --attention-backend pallas \
-      --lora-variants "${VARIANTS:-xla=64}" --out "$OUTDIR" 2>&1 | grep "^B=" ;;
+      ${VARIANTS:+--lora-variants "$VARIANTS"} --out "$OUTDIR" 2>&1 | grep "^B=" ;;
   applysweep)
     timeout 480 python3 benchmarks/tune_lora.py --apply-sweep --budget-s 430 --iters 20 \
       --shrink-blocks 132,66,33,16,8 --out "$OUTDIR" --shapes "${SHAPES:-\

@@ -223,8 +223,7 @@ class EngineConfig:
     lora_backend: str = "auto"
     attention_backend: str = "auto"
     lora_modules: tuple[str, ...] = MODULES
-    # Pallas LoRA kernels (`StepSpec.lora_sort`/`lora_out`/`lora_max_tile`/`lora_shrink`/
-    # `lora_xla_tokens`):
+    # Pallas LoRA kernels (`StepSpec.lora_sort`/`lora_out`/`lora_max_tile`/`lora_shrink`):
     # whether the token plan sorts tokens by adapter ("always", "never", "auto": never at
     # prefill, above 32 tokens at decode; the decode step sorts its rows once for all
     # layers), the dtype the expand writes ("float32", or
@@ -234,10 +233,6 @@ class EngineConfig:
     lora_out: str = "float32"
     lora_max_tile: int | None = None  # most tokens per LoRA tile (8..128, a power of two)
     lora_shrink: str = "balanced"     # shrink blocks: "balanced" or "tile" (one per tile)
-    # Steps of at most this many tokens compute their LoRA terms with the XLA reference
-    # instead of the Pallas kernels (0: never): at a few tokens the kernels' launches
-    # cost more than the bytes (benchmarks/NOTES_kernels.md, session 10).
-    lora_xla_tokens: int = 0
 
     def __post_init__(self):
         for name in LORA_PLAN_OPTIONS:
@@ -271,7 +266,6 @@ LORA_PLAN_OPTIONS = {
     "lora_out": ("float32", "pool"),
     "lora_max_tile": (None, 8, 16, 32, 64, 128),
     "lora_shrink": ("tile", "balanced"),
-    "lora_xla_tokens": (0, 1, 2, 4, 8, 16, 32, 64),
 }
 
 

@@ -46,16 +46,6 @@ class StepSpec:
     lora_out: str = "float32"     # expand output dtype: "float32" | "pool"
     lora_max_tile: int | None = None  # most tokens per tile (None: 64 prefill, 32 decode)
     lora_shrink: str = "balanced"  # shrink blocks: "balanced" | "tile"
-    lora_xla_tokens: int = 0      # steps of at most this many tokens: the XLA LoRA path
-
-    def lora_backend_for(self, num_tokens: int) -> str:
-        """The LoRA backend a step of `num_tokens` tokens runs: `lora_backend` resolved,
-        but the XLA reference where Pallas would run at most `lora_xla_tokens` tokens
-        (there the kernels' launches cost more than the adapters' bytes)."""
-        backend = lora_ops.resolve_backend(self.lora_backend)
-        if backend == "pallas" and num_tokens <= self.lora_xla_tokens:
-            return "reference"
-        return backend
 
     @staticmethod
     def for_engine(mc: ModelConfig, layout: PoolLayout, ec: EngineConfig) -> "StepSpec":
@@ -111,9 +101,8 @@ class _Lora:
         self.lora, self.token_slot, self.spec = lora, token_slot, spec
         self.plan = self.block_tokens = None
         self.group_plans: dict = {}     # Pallas: each module group's packing, built once
-        self.backend = (spec.lora_backend_for(token_slot.shape[0])
-                        if token_slot is not None else spec.lora_backend)
-        if (lora is not None and lora.slot_pages.shape[0] and self.backend == "pallas"):
+        if (lora is not None and lora.slot_pages.shape[0]
+                and lora_ops.resolve_backend(spec.lora_backend) == "pallas"):
             # The kernels' token plan depends on token_slot alone: build it once for
             # all modules and layers.
             from pallas_kernels import lora_plan
@@ -159,7 +148,7 @@ class _Lora:
         ys = lora_ops.lora_apply_modules(
             x, rows, lb.slot_pages, a_off, b_off, ranks, scales, self.token_slot,
             max_rank=lay.max_rank, out_features=widths, page_size=lay.page_size,
-            backend=self.backend, plan=plan, out=self.spec.lora_out)
+            backend=self.spec.lora_backend, plan=plan, out=self.spec.lora_out)
         for j, y in zip(live, ys):
             out[j] = y
         return tuple(out)
@@ -174,7 +163,7 @@ def sorts_tokens(spec: StepSpec, lora: LoraBatch | None, num_tokens: int,
     (`lora_plan.step_policy`). The decode step then sorts its rows once (`step.decode`)
     and passes `grouped=True`, instead of every layer sorting x and un-sorting its terms."""
     if (lora is None or not lora.slot_pages.shape[0]
-            or spec.lora_backend_for(num_tokens) != "pallas"):
+            or lora_ops.resolve_backend(spec.lora_backend) != "pallas"):
         return False
     from pallas_kernels import lora_plan
     return bool(lora_plan.step_policy(num_tokens, lora.slot_pages.shape[0], spec.lora_sort,

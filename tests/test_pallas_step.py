@@ -59,9 +59,7 @@ CHECKED = [k for k in BACKENDS[1:] if k[0] != "reference-bf16"]
 
 def _spec(eng, lora_b, attn_b):
     opts = LORA_OPTS.get(lora_b, dict(lora_backend=lora_b))
-    # The kernels at every batch size, even where the engine's default would take the
-    # XLA path for a small step (`lora_xla_tokens`): these tests are of the kernels.
-    return eng.spec.with_(attention_backend=attn_b, logits="last", lora_xla_tokens=0, **opts)
+    return eng.spec.with_(attention_backend=attn_b, logits="last", **opts)
 ADAPTERS = [(1, ("q", "k", "v", "o")), (16, ("q", "k", "v", "o")), (5, ("q", "v")),
             (8, ("o",)), (4, ("gate", "up", "down"))]
 
@@ -176,31 +174,6 @@ def test_pallas_prefill_step_matches_reference():
     _check_prefill(SMALL, batch=6, context=72, seed=5)
 
 
-def test_small_steps_take_the_xla_lora_path():
-    """`lora_xla_tokens`: a Pallas step of at most that many tokens lowers to exactly the
-    reference step (no kernel, no plan), and a larger one to the kernels."""
-    from slora_jax.model import StepSpec
-    mc = SMALL
-    eng, params = _engine(mc, batch=4, context=32, seed=2)
-    slots = [eng._make_resident(f"a{i}") for i in range(3)]
-    kv = [eng.allocator.alloc(("r", i), 2, "kv") for i in range(4)]
-
-    def text(batch, **kw):
-        b = decode_batch(list(range(1, batch + 1)), [3] * batch, kv[:batch],
-                         [i % 3 for i in range(batch)], [Sampling()] * batch, slots,
-                         eng.ec, eng.layout)
-        return decode.lower(params, eng.pool, b, spec=eng.spec.with_(**kw)).as_text()
-
-    # Two requests in the engine's one decode bucket of 4 rows: the step has 4 tokens.
-    ref = text(2, lora_backend="reference")
-    assert text(2, lora_backend="pallas", lora_xla_tokens=4) == ref
-    assert text(2, lora_backend="pallas", lora_xla_tokens=2) != ref
-    assert text(2, lora_backend="pallas", lora_xla_tokens=0) != ref     # 0: never
-    spec = StepSpec(mc, eng.layout, "pallas", lora_xla_tokens=8)
-    assert [spec.lora_backend_for(t) for t in (1, 8, 9)] == ["reference"] * 2 + ["pallas"]
-    assert spec.with_(lora_backend="reference").lora_backend_for(64) == "reference"
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_gpu_pallas_prefill_step_llama7b_layers():
@@ -224,7 +197,7 @@ def test_gpu_pallas_step_updates_pool_in_place():
     kv = [eng.allocator.alloc(("r", i), 4, "kv") for i in range(8)]
     db = decode_batch(list(range(1, 9)), [30] * 8, kv, [0, 1, 2, -1, 0, 1, 2, 0],
                       [Sampling()] * 8, slots, eng.ec, eng.layout)
-    spec = eng.spec.with_(lora_backend="pallas", attention_backend="pallas", lora_xla_tokens=0)
+    spec = eng.spec.with_(lora_backend="pallas", attention_backend="pallas")
     hlo = decode.lower(params, eng.pool, db, spec=spec).compile().as_text()
     m = re.search(r"input_output_alias=\{(.*?)\}\s*,\s*entry", hlo, re.S)
     assert m, "the pool is not donated"

@@ -176,8 +176,7 @@ def test_lora_plan_options_are_checked_and_reach_the_step(tiny):
     from slora_jax.model import StepSpec
     from slora_jax.pool import PoolLayout
     for name, bad in (("lora_sort", "sometimes"), ("lora_out", "bfloat16"),
-                      ("lora_max_tile", 48), ("lora_shrink", "stream"),
-                      ("lora_xla_tokens", 3)):
+                      ("lora_max_tile", 48), ("lora_shrink", "stream")):
         with pytest.raises(ValueError, match=f"{name}: {bad!r} is not one of"):
             EngineConfig(**{name: bad})
     mc, params = tiny
