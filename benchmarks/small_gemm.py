@@ -1,6 +1,8 @@
 """The base model's weight matmuls at a few rows: as the decode step writes them
-(`model._mm`: float32 output, rounded after the LoRA term is added) against the plain
-XLA step's `h @ w` (bf16 output), each behind its RMS norm, timed with CUPTI.
+(float32 output, rounded after the LoRA term is added: `model._mm`, the step's form
+before session 10; bf16 output: `model._proj`, its form since) against the plain XLA
+step's `h @ w`, each behind its RMS norm, with and without a float32 LoRA term added,
+timed with CUPTI.
 
 At B=1 the e2e LoRA-off step's weight GEMMs took ~1000 us/step more than the plain-XLA
 step's (benchmarks/NOTES_kernels.md, session 10); this isolates the GEMM form.
@@ -37,14 +39,22 @@ def forms():
     def step_bf16(x, nw, w):
         return jnp.dot(rms_norm(x, nw, 1e-5), w, preferred_element_type=x.dtype)
 
-    return {"xla": xla, "step-f32": step, "step-bf16": step_bf16}
+    def lora_f32(x, nw, w, d):        # with a float32 LoRA term added before rounding
+        return (_mm(rms_norm(x, nw, 1e-5), w) + d).astype(x.dtype)
+
+    def lora_bf16(x, nw, w, d):
+        return (jnp.dot(rms_norm(x, nw, 1e-5), w, preferred_element_type=x.dtype)
+                + d).astype(x.dtype)
+
+    return {"xla": xla, "step-f32": step, "step-bf16": step_bf16, "lora-f32": lora_f32,
+            "lora-bf16": lora_bf16}
 
 
 def gemm_configs(f, args) -> list[str]:
-    """The backend configs of the compiled function's GEMM fusions (tiling, split-k)."""
+    """The tiling XLA gave the compiled function's GEMM fusions (output tile, warps)."""
     text = jax.jit(f).lower(*args).compile().as_text()
-    return sorted({m for m in re.findall(r'"triton_gemm_config":\{[^}]*\}', text)}
-                  | {m for m in re.findall(r'custom_call_target="__cublas\w*"', text)})
+    return sorted(set(re.findall(r'"num_warps":"\d+","output_tiles":\[\{"sizes":\[[^]]*\]', text))
+                  | set(re.findall(r'custom_call_target="__cublas\w*"', text)))
 
 
 def main(argv=None):
@@ -61,9 +71,11 @@ def main(argv=None):
         for m in map(int, args.rows.split(",")):
             x = randn(jax.random.key(m), (m, k))
             cells = []
+            d = randn(jax.random.key(m + 1), (m, n), jnp.float32)
             for form, f in forms().items():
-                us, _ = measure(jax.jit(f), (x, nw, w), args.iters)
-                cfg = gemm_configs(f, (x, nw, w))
+                fa = (x, nw, w, d) if form.startswith("lora") else (x, nw, w)
+                us, _ = measure(jax.jit(f), fa, args.iters)
+                cfg = gemm_configs(f, fa)
                 gbps = w.nbytes / (us * 1e-6) / 1e9
                 rows.append(dict(shape=name, k=k, n=n, m=m, form=form, median_us=us,
                                  achieved_GBps=gbps, copy_GBps=copy, gemm_configs=cfg))
