@@ -41,7 +41,7 @@ LLAMA7B_2L = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=1
                          name="llama-7b-2-layers")
 BACKENDS = [("reference", "reference"), ("pallas", "reference"), ("reference", "pallas"),
             ("pallas", "pallas"),        # (lora_backend, attention_backend)
-            ("reference-bf16", "reference"),      # LoRA terms rounded to bf16 ...
+            ("reference-bf16", "pallas"),         # LoRA terms rounded to bf16 ...
             ("pallas-sorted-bf16", "pallas")]     # ... as the kernels write them, with
                                                   # the plan the defaults do not pick at
                                                   # small batches: sorted, 32-token tiles,
@@ -52,8 +52,10 @@ LORA_OPTS = {"reference-bf16": dict(lora_backend="reference", lora_out="pool"),
              "pallas-sorted-bf16": dict(lora_backend="pallas", lora_sort="always",
                                         lora_out="pool", lora_max_tile=32,
                                         lora_shrink="tile")}
-# What each is compared with: the reference step that rounds its LoRA terms alike
-REF = {"pallas-sorted-bf16": ("reference-bf16", "reference")}
+# What each is compared with: the reference LoRA step that rounds its terms alike, on
+# the same attention kernel (the attention kernel has its own rows above), so that
+# only the LoRA kernels differ
+REF = {"pallas-sorted-bf16": ("reference-bf16", "pallas")}
 CHECKED = [k for k in BACKENDS[1:] if k[0] != "reference-bf16"]
 
 
@@ -139,6 +141,7 @@ def _check(mc, batch, context, seed):
         for a, b in zip(ref_pool.layers, got_pool.layers):
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
             assert np.abs(a - b).max() <= 5e-2 * np.abs(a).max(), key
+    print("max error / logits' scale:", {k: float(e.max()) for k, e in errs.items()})
     assert all(e.max() < 2e-2 for e in errs.values()), {k: float(e.max()) for k, e in errs.items()}
 
 
