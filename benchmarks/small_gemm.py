@@ -1,6 +1,6 @@
 """The base model's weight matmuls at a few rows: as the decode step writes them
 (float32 output, rounded after the LoRA term is added: `model._mm`, the step's form
-before session 10; bf16 output: `model._proj`, its form since) against the plain XLA
+before session 10; bf16 output: `model.proj`, its form since) against the plain XLA
 step's `h @ w`, each behind its RMS norm, with and without a float32 LoRA term added,
 timed with CUPTI.
 

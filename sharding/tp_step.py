@@ -37,7 +37,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from pallas_kernels import lora as lora_ops
 from pallas_kernels import paged_attention as attn_ops
 from slora_jax.config import MODULES, ModelConfig
-from slora_jax.model import LoraBatch, StepSpec, apply_rope, lm_logits, rms_norm, rope_inv_freq
+from slora_jax.model import (LoraBatch, StepSpec, proj, apply_rope, lm_logits, rms_norm,
+                             rope_inv_freq)
 from slora_jax.params import Params
 from slora_jax.pool import Pool, PoolLayout, adapter_row_view, kv_location, write_kv
 from slora_jax.sampling import sample
@@ -151,9 +152,9 @@ def tp_transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax
     new_layers = []
     for li, (lp, pl) in enumerate(zip(params.layers, pool.layers)):
         h = rms_norm(x, lp.attn_norm, mc.rms_norm_eps)
-        q = (_mm(h, lp.wq) + lo.column(h, "q", pl)).astype(dtype)
-        k = (_mm(h, lp.wk) + lo.column(h, "k", pl)).astype(dtype)
-        v = (_mm(h, lp.wv) + lo.column(h, "v", pl)).astype(dtype)
+        q = (proj(h, lp.wq) + lo.column(h, "q", pl)).astype(dtype)
+        k = (proj(h, lp.wk) + lo.column(h, "k", pl)).astype(dtype)
+        v = (proj(h, lp.wv) + lo.column(h, "v", pl)).astype(dtype)
         q = apply_rope(q.reshape(t, nq, hd), positions, inv_freq)
         k = apply_rope(k.reshape(t, nkv, hd), positions, inv_freq)
         v = v.reshape(t, nkv, hd)
@@ -162,10 +163,12 @@ def tp_transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax
         q, k, v, pl = jax.lax.optimization_barrier((q, k, v, pl))
         pl, att = attend(li, pl, q, k, v)
         att = att.reshape(t, nq * hd).astype(dtype)
+        # Row-parallel partial sums stay float32 until the all-reduce has summed them;
+        # the column-parallel projections round as the one-device step's do (`proj`).
         x = (x.astype(jnp.float32) + lo.row_reduce(_mm(att, lp.wo), att, "o", pl)).astype(dtype)
         h = rms_norm(x, lp.mlp_norm, mc.rms_norm_eps)
-        gate = _mm(h, lp.w_gate) + lo.column(h, "gate", pl)
-        up = _mm(h, lp.w_up) + lo.column(h, "up", pl)
+        gate = proj(h, lp.w_gate) + lo.column(h, "gate", pl)
+        up = proj(h, lp.w_up) + lo.column(h, "up", pl)
         act = (jax.nn.silu(gate.astype(dtype).astype(jnp.float32))
                * up.astype(dtype).astype(jnp.float32)).astype(dtype)
         x = (x.astype(jnp.float32) + lo.row_reduce(_mm(act, lp.w_down), act, "down", pl)

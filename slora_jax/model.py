@@ -93,7 +93,7 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
-def _proj(x: jax.Array, w: jax.Array) -> jax.Array:
+def proj(x: jax.Array, w: jax.Array) -> jax.Array:
     """A weight projection, output in the activations' dtype (as HF's Linear gives it;
     the LoRA term is added to it in float32 and the sum rounded once more). A float32
     output cost 20-28% more at one row on the H100, where XLA then tiles the GEMM
@@ -196,9 +196,9 @@ def transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax.Ar
     for li, (lp, pl) in enumerate(zip(params.layers, pool.layers)):
         h = rms_norm(x, lp.attn_norm, mc.rms_norm_eps)
         dq, dk, dv = lo.deltas(h, ("q", "k", "v"), pl)
-        q = (_proj(h, lp.wq) + dq).astype(dtype)
-        k = (_proj(h, lp.wk) + dk).astype(dtype)
-        v = (_proj(h, lp.wv) + dv).astype(dtype)
+        q = (proj(h, lp.wq) + dq).astype(dtype)
+        k = (proj(h, lp.wk) + dk).astype(dtype)
+        v = (proj(h, lp.wv) + dv).astype(dtype)
         q = apply_rope(q.reshape(t, mc.num_heads, mc.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(t, mc.num_kv_heads, mc.head_dim), positions, inv_freq)
         v = v.reshape(t, mc.num_kv_heads, mc.head_dim)
@@ -208,14 +208,14 @@ def transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax.Ar
         q, k, v, pl = jax.lax.optimization_barrier((q, k, v, pl))
         pl, att = attend(li, pl, q, k, v)
         att = att.reshape(t, mc.q_size).astype(dtype)
-        x = (x.astype(jnp.float32) + _proj(att, lp.wo) + lo.delta(att, "o", pl)).astype(dtype)
+        x = (x.astype(jnp.float32) + proj(att, lp.wo) + lo.delta(att, "o", pl)).astype(dtype)
         h = rms_norm(x, lp.mlp_norm, mc.rms_norm_eps)
         dg, du = lo.deltas(h, ("gate", "up"), pl)
-        gate = _proj(h, lp.w_gate) + dg
-        up = _proj(h, lp.w_up) + du
+        gate = proj(h, lp.w_gate) + dg
+        up = proj(h, lp.w_up) + du
         act = (jax.nn.silu(gate.astype(dtype).astype(jnp.float32))
                * up.astype(dtype).astype(jnp.float32)).astype(dtype)
-        x = (x.astype(jnp.float32) + _proj(act, lp.w_down) + lo.delta(act, "down", pl)).astype(dtype)
+        x = (x.astype(jnp.float32) + proj(act, lp.w_down) + lo.delta(act, "down", pl)).astype(dtype)
         new_layers.append(pl)
     x = rms_norm(x, params.final_norm, mc.rms_norm_eps)
     return Pool(layers=tuple(new_layers)), x
