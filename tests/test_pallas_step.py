@@ -177,6 +177,25 @@ def test_pallas_prefill_step_matches_reference():
     _check_prefill(SMALL, batch=6, context=72, seed=5)
 
 
+def test_weight_projections_output_the_activations_dtype():
+    """The step's weight GEMMs return bf16 (as HF's Linear does), the LoRA terms added
+    after: at one row a float32 output made XLA tile them 20-28% slower on the H100
+    (benchmarks/results/small_gemm_h100_s10_*). Only the logits may come out float32."""
+    mc = SMALL
+    eng, params = _engine(mc, batch=1, context=32, seed=4)
+    slot = eng._make_resident("a1")
+    kv = [eng.allocator.alloc("r", 2, "kv")]
+    b = decode_batch([1], [3], kv, [0], [Sampling()], [slot], eng.ec, eng.layout)
+    text = decode.lower(params, eng.pool, b, spec=eng.spec).as_text()
+    weights = {f"{w.shape[0]}x{w.shape[1]}xbf16" for lp in params.layers
+               for w in (lp.wq, lp.wk, lp.wv, lp.wo, lp.w_gate, lp.w_up, lp.w_down)}
+    dots = [l for l in text.splitlines() if "dot_general" in l
+            and any(f"tensor<{w}>" in l for w in weights)]
+    assert len(dots) >= 7 * mc.num_layers, len(dots)
+    f32 = [l for l in dots if re.search(r"->\s*tensor<[\dx]*f32>", l)]
+    assert not f32, f32[:2]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_gpu_pallas_prefill_step_llama7b_layers():
