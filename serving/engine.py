@@ -44,7 +44,7 @@ import numpy as np
 from serving.adapter_store import AdapterStore, PendingLoad, StoreConfig
 from serving.allocator import PageAllocator
 from serving.metrics import ServingMetrics
-from serving.scheduler import (AdapterLoadFailed, GenerationRequest, InvalidRequest, Overloaded,
+from serving.scheduler import (AdapterLoadFailed, EngineInfo, GenerationRequest, InvalidRequest, Overloaded,
                                RequestError, Scheduler, SchedulerConfig, Seq, SloAbort, Step,
                                Unavailable, UnknownAdapter, now)
 from slora_jax.batching import (Sampling, SlotInfo, decode_batch, lora_batch, prefill_batch)
@@ -95,14 +95,51 @@ class Output:
     num_prompt_tokens: int = 0
 
 
-class AsyncStream:
-    """Per-request async iterator of `Output`s; raises the request's `RequestError` if it fails."""
+class LoopChannel:
+    """Delivers the outputs of one flush to the `AsyncStream`s of one event loop, in one
+    `call_soon_threadsafe` (not one wake-up per token per stream). Channels of the same
+    loop compare equal, so a flush groups by loop."""
 
-    def __init__(self, engine: "Engine", loop: asyncio.AbstractEventLoop):
-        self.engine, self.loop = engine, loop
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+
+    def __eq__(self, other):
+        return isinstance(other, LoopChannel) and other.loop is self.loop
+
+    def __hash__(self):
+        return id(self.loop)
+
+    def deliver(self, items: list[tuple[Any, Output]]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:        # the loop is closed: nobody listens any more
+            pass
+
+
+class QueueChannel:
+    """Delivers outputs to blocking `SyncStream`s."""
+
+    def deliver(self, items: list[tuple[Any, Output]]) -> None:
+        for stream, out in items:
+            stream.put(out)
+
+
+class AsyncStream:
+    """Per-request async iterator of `Output`s; raises the request's `RequestError` if it fails.
+
+    `canceller` is whoever takes the cancellation (an `Engine`, or a client of an engine in
+    another process): anything with `cancel(request_id)`."""
+
+    def __init__(self, canceller, loop: asyncio.AbstractEventLoop):
+        self.engine, self.loop = canceller, loop
+        self.channel = LoopChannel(loop)
         self._q: asyncio.Queue[Output] = asyncio.Queue()
         self.request_id: str | None = None
         self.done = False
+
+    def push(self, out: Output) -> None:
+        """Called on the stream's event loop."""
+        self._q.put_nowait(out)
 
     def __aiter__(self):
         return self
@@ -124,8 +161,13 @@ class AsyncStream:
             self.engine.cancel(self.request_id)
 
 
+_QUEUE_CHANNEL = QueueChannel()
+
+
 class SyncStream:
     """Blocking stream for scripts and tests."""
+
+    channel = _QUEUE_CHANNEL
 
     def __init__(self, engine: "Engine"):
         self.engine = engine
@@ -157,7 +199,7 @@ class SyncStream:
 
 def _deliver(items: list[tuple[AsyncStream, Output]]) -> None:
     for stream, out in items:
-        stream._q.put_nowait(out)
+        stream.push(out)
 
 
 @dataclasses.dataclass
@@ -360,6 +402,27 @@ class Engine:
             self._inbox.append(("cancel", request_id))
             self._wake.set()
 
+    # -- what the HTTP server calls (serving.client.EngineClient has the same surface) ------
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(model_name=self.mc.name, vocab_size=self.mc.vocab_size,
+                          max_context=self.ec.max_context,
+                          max_prompt_tokens=self.ec.max_prefill_tokens,
+                          eos_token_ids=tuple(self.mc.eos_token_ids))
+
+    async def adapter_names(self) -> list[str]:
+        return self.store.names()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await asyncio.to_thread(self.store.register_path, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Raises KeyError for an unknown name."""
+        self.store.unregister(name)
+
+    async def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
     def stats(self) -> dict:
         cap = self.allocator.capacity
         free = self.allocator.num_free
@@ -434,20 +497,16 @@ class Engine:
         self._outbox.append((seq.stream, Output([], [], error=err)))
 
     def _flush(self) -> None:
+        """Hand this iteration's outputs over, one delivery per channel (event loop, queue
+        or process link)."""
         if not self._outbox:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        by_channel: dict[Any, list] = {}
         for stream, out in self._outbox:
-            if isinstance(stream, AsyncStream):
-                by_loop.setdefault(stream.loop, []).append((stream, out))
-            else:
-                stream.put(out)
+            by_channel.setdefault(stream.channel, []).append((stream, out))
         self._outbox = []
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:        # the loop is closed: nobody listens any more
-                pass
+        for channel, items in by_channel.items():
+            channel.deliver(items)
 
     # -- dispatch ---------------------------------------------------------------------------
     def _write(self, load: PendingLoad) -> None:

@@ -101,6 +101,16 @@ class GenerationRequest:
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What the HTTP side needs to know of an engine (in this process or another)."""
+    model_name: str
+    vocab_size: int
+    max_context: int
+    max_prompt_tokens: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
 _uids = itertools.count()
 
 

@@ -126,7 +126,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
     """The FastAPI app serving `engine` (started by the caller) under `model_name`."""
     app = FastAPI(title="slora-jax", version="0.1.0")
     app.state.engine = engine
-    eos_ids = set(engine.mc.eos_token_ids) | codec.eos_token_ids()
+    eos_ids = set(engine.info.eos_token_ids) | codec.eos_token_ids()
     created = int(time.time())
 
     # -- errors ---------------------------------------------------------------------
@@ -161,7 +161,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
         return None if model == model_name else model
 
     def gen_request(body, prompt: list[int], max_tokens: int | None) -> GenerationRequest:
-        limit = engine.ec.max_context - len(prompt)
+        limit = engine.info.max_context - len(prompt)
         if max_tokens is None:
             max_tokens = max(1, min(limit, default_max_tokens or limit))
         stop_ids = frozenset(body.stop_token_ids or ()) | (frozenset() if body.ignore_eos
@@ -251,16 +251,16 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
 
     @app.get("/metrics")
     async def metrics():
-        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await engine.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
         base = {"id": model_name, "object": "model", "created": created, "owned_by": "slora-jax",
                 "root": model_name, "parent": None,
-                "max_model_len": engine.ec.max_context, "vocab_size": engine.mc.vocab_size}
+                "max_model_len": engine.info.max_context, "vocab_size": engine.info.vocab_size}
         data = [base] + [{"id": n, "object": "model", "created": created,
                           "owned_by": "slora-jax", "root": n, "parent": model_name}
-                         for n in engine.store.names()]
+                         for n in await engine.adapter_names()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/load_lora_adapter")
@@ -268,7 +268,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
         if body.lora_name == model_name:
             raise InvalidRequest(f"'{body.lora_name}' is the base model's name", "lora_name")
         try:
-            await asyncio.to_thread(engine.store.register_path, body.lora_name, body.lora_path)
+            await engine.load_adapter(body.lora_name, body.lora_path)
         except AdapterPathNotAllowed as e:
             return _error(403, str(e), "permission_error", "lora_path")
         except (AdapterError, OSError) as e:
@@ -279,7 +279,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora(body: UnloadLoraRequest):
         try:
-            engine.store.unregister(body.lora_name)
+            await engine.unload_adapter(body.lora_name)
         except KeyError:
             return _error(404, f"The LoRA adapter `{body.lora_name}` does not exist.",
                           "invalid_request_error", "lora_name", "model_not_found")
