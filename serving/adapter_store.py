@@ -309,6 +309,8 @@ class AdapterStore:
     def _install_host(self, e: AdapterEntry, host: HostCopy, seconds: float) -> None:
         with self._lock:
             e.loading, e.error = False, None
+            if e.removed and e.wants == 0:      # unregistered while it loaded: keep nothing
+                return
             e.host = host
             self._host_lru[e] = None
             self._host_bytes += host.nbytes
@@ -410,6 +412,13 @@ class AdapterStore:
 
     def unwant(self, e: AdapterEntry) -> None:
         e.wants -= 1
+        if e.removed and e.wants == 0:
+            # Unregistered while requests waited for it: the last of them is gone (admitted,
+            # cancelled or aborted), so nothing of it may stay behind.
+            with self._lock:
+                self._drop_host(e)
+            if e.pins == 0:
+                self.evict(e)
 
     def pin(self, e: AdapterEntry) -> None:
         e.pins += 1

@@ -35,7 +35,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,8 @@ from serving.metrics import ServingMetrics
 from serving.scheduler import (AdapterLoadFailed, EngineInfo, GenerationRequest, InvalidRequest, Overloaded,
                                RequestError, Scheduler, SchedulerConfig, Seq, SloAbort, Step,
                                Unavailable, UnknownAdapter, now)
-from slora_jax.batching import (Sampling, SlotInfo, decode_batch, lora_batch, prefill_batch)
+from slora_jax.batching import (Sampling, SamplingError, SlotInfo, decode_batch, lora_batch,
+                                prefill_batch)
 from slora_jax.config import MODULES, EngineConfig, ModelConfig
 from slora_jax.model import StepSpec
 from slora_jax.params import Params
@@ -56,6 +57,7 @@ from slora_jax.sampling import SamplingParams
 from slora_jax.step import DecodeBatch, PrefillBatch, decode, prefill
 
 log = logging.getLogger("serving.engine")
+MAX_SLO_S = 86400.0       # a first-token SLO longer than a day is a mistake, not a wish
 
 __all__ = ["Engine", "Output", "AsyncStream", "SyncStream", "GenerationRequest", "Sampling",
            "SchedulerConfig", "StoreConfig", "RequestError", "InvalidRequest", "UnknownAdapter",
@@ -217,7 +219,8 @@ class Engine:
     def __init__(self, params: Params, mc: ModelConfig, ec: EngineConfig, *,
                  dtype=jnp.bfloat16, config: SchedulerConfig = SchedulerConfig(),
                  store_config: StoreConfig = StoreConfig(),
-                 metrics: ServingMetrics | None = None):
+                 metrics: ServingMetrics | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None):
         if ec.batch_buckets()[-1] < ec.max_batch:
             raise ValueError(f"decode_buckets {ec.batch_buckets()} do not reach max_batch="
                              f"{ec.max_batch}")
@@ -245,6 +248,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
+        self.on_fatal = on_fatal     # called on the engine thread if the loop fails
         self._last_ready = 0.0
         self._compiled: dict[str, int] | None = None
         self._n_steps = 0
@@ -339,8 +343,8 @@ class Engine:
         if bad:
             raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary "
                                  f"[0, {mc.vocab_size})", "prompt")
-        if req.max_tokens < 1:
-            raise InvalidRequest("max_tokens must be at least 1", "max_tokens")
+        if not isinstance(req.max_tokens, (int, np.integer)) or req.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be an integer >= 1", "max_tokens")
         if len(p) > ec.max_prefill_tokens:
             raise InvalidRequest(f"the prompt has {len(p)} tokens; this server accepts at most "
                                  f"{ec.max_prefill_tokens}", "prompt")
@@ -350,10 +354,14 @@ class Engine:
                                  f"{ec.max_context} tokens", "max_tokens")
         if self.scheduler.kv_pages_for(req) > self.allocator.capacity:
             raise InvalidRequest("the request's KV cache cannot fit in the pool", "max_tokens")
-        s = req.sampling
-        if s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
-            raise InvalidRequest("sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0",
-                                 "temperature")
+        try:
+            req.sampling.check()
+        except SamplingError as e:
+            raise InvalidRequest(str(e), e.field) from None
+        slo = req.ttft_slo_s
+        if slo is not None and not (isinstance(slo, (int, float)) and 0 < slo <= MAX_SLO_S):
+            raise InvalidRequest(f"'ttft_slo_s' must be in (0, {MAX_SLO_S:g}] seconds, got "
+                                 f"{slo!r}", "ttft_slo_s")
         if req.adapter is None:
             return None
         try:
@@ -455,18 +463,25 @@ class Engine:
                 if inflight is None and not self._inbox:
                     if self._wake.wait(0.02 if self.scheduler.waiting else 0.5):
                         self._wake.clear()
-        except BaseException as e:  # noqa: BLE001 - the server reports it via /health
+        except BaseException as e:  # noqa: BLE001 - reported to every request, then on_fatal
             log.exception("engine loop failed")
             self.error = e
         finally:
             if inflight is not None and self.error is None:
                 self._complete(inflight)
             why = Unavailable("the engine stopped" if self.error is None else
-                              f"the engine failed: {self.error!r}")
-            self._drain()
-            for seq in list(self._live.values()):
-                self.scheduler.fail(seq, why)
-            self._flush()
+                              f"the engine failed ({type(self.error).__name__}); the server "
+                              "is restarting")
+            try:
+                self._drain()
+            finally:
+                for seq in list(self._live.values()):
+                    self.scheduler.fail(seq, why)
+                self._flush()
+                if self.error is not None and self.on_fatal is not None:
+                    # A loop that failed cannot be trusted with the pool: the process exits
+                    # so that a supervisor restarts it, instead of answering 503 forever.
+                    self.on_fatal(self.error)
 
     def _drain(self) -> None:
         while self._inbox:
@@ -475,6 +490,15 @@ class Engine:
             kind, x = self._inbox[0]
             try:
                 self._drain_one(kind, x)
+            except Exception as e:  # noqa: BLE001 - one request's failure is its own
+                if kind != "submit":
+                    raise
+                log.exception("request %s could not be queued", x.req.id)
+                if x.state == "waiting":
+                    self.scheduler.cancel(x)
+                x.state = "done"
+                self._on_fail(x, InvalidRequest(f"the request could not be queued "
+                                                f"({type(e).__name__})"))
             finally:
                 self._inbox.popleft()
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from serving.allocator import OutOfPages, PageAllocator, adapter_used_elems, kv_used_elems
 from slora_jax.adapters import AdapterError, LoraAdapter, check_served_modules
-from slora_jax.batching import Sampling, SlotInfo, decode_batch, prefill_batch
+from slora_jax.batching import Sampling, SamplingError, SlotInfo, decode_batch, prefill_batch
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.model import StepSpec
 from slora_jax.params import Params
@@ -101,8 +101,12 @@ class OfflineEngine:
                                f"[0, {self.mc.vocab_size})")
         if r.adapter is not None and r.adapter not in self.adapters:
             raise RequestError(f"request {r.id}: unknown adapter '{r.adapter}'")
-        if r.max_tokens < 1:
-            raise RequestError(f"request {r.id}: max_tokens must be >= 1")
+        if not isinstance(r.max_tokens, (int, np.integer)) or r.max_tokens < 1:
+            raise RequestError(f"request {r.id}: max_tokens must be an integer >= 1")
+        try:
+            r.sampling.check()
+        except SamplingError as e:
+            raise RequestError(f"request {r.id}: {e}") from None
         n = len(r.prompt_token_ids)
         if n > self.ec.max_prefill_tokens:
             raise RequestError(f"request {r.id}: prompt of {n} tokens exceeds the prefill "

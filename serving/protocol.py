@@ -27,17 +27,26 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # --- requests --------------------------------------------------------------------------
 
-class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
+
+class _Req(BaseModel):
+    # Numbers are bounded by what the step's arrays hold (int32, finite float32), so a
+    # request is refused here with a 400 naming the field, never on the engine thread.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: float = Field(default=1.0, ge=0.0, le=FLOAT32_MAX)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)              # vLLM extension; 0 or -1 = off
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=-1, le=INT32_MAX)  # vLLM extension; 0 or -1 = off
+    seed: int | None = Field(default=None, ge=-2**63, lt=2**64)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None           # vLLM extension
+    stop_token_ids: list[int] | None = Field(default=None, max_length=1024)  # vLLM extension
+    # First-token SLO of this request in seconds (S-LoRA's early abort); the server's
+    # --ttft-slo when absent.
+    ttft_slo_s: float | None = Field(default=None, gt=0.0, le=86400.0)
     ignore_eos: bool = False                          # vLLM extension
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -68,7 +77,7 @@ class _Req(BaseModel):
 
 class CompletionRequest(_Req):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = None
@@ -106,7 +115,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Req):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True               # vLLM extension

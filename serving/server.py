@@ -20,7 +20,6 @@ cancels its request and its pages return to the pool at once.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import socket
@@ -28,9 +27,10 @@ import threading
 import time
 from typing import AsyncIterator
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.adapter_store import AdapterPathNotAllowed
@@ -47,11 +47,73 @@ from slora_jax.batching import Sampling
 log = logging.getLogger("serving.server")
 
 
-def _error(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+MAX_BODY_BYTES = 4 << 20      # a request body beyond this gets 413 before it is parsed
 
 
-def _request_error(e: RequestError) -> JSONResponse:
+class JSON(Response):
+    """JSON through orjson: fast, and a non-finite float (a NaN logprob from a broken
+    adapter) becomes `null` instead of invalid JSON or a 500."""
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
+
+def sse(d: dict) -> bytes:
+    """One server-sent event carrying `d` as JSON (non-finite floats as null)."""
+    return b"data: " + orjson.dumps(d) + b"\n\n"
+
+
+def _error(status: int, message: str, type_: str, param=None, code=None) -> JSON:
+    return JSON(error_body(message, type_, param, code), status_code=status)
+
+
+class _BodyTooLarge(BaseException):
+    # A BaseException so that the app's catch-all 500 handler lets it through to BodyLimit.
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `max_bytes`, by Content-Length or as it streams,
+    so an oversized prompt never reaches the JSON parser (which holds the event loop)."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _too_large(self, scope, receive, send) -> None:
+        await _error(413, f"the request body exceeds {self.max_bytes} bytes",
+                     "invalid_request_error", code="body_too_large")(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+        seen, started = 0, False
+
+        async def limited_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return msg
+
+        async def tracked_send(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large(scope, receive, send)
+
+
+def _request_error(e: RequestError) -> JSON:
     r = _error(e.status, e.message, e.type, e.param, e.code)
     if e.status in (429, 503):
         r.headers["Retry-After"] = "1"
@@ -84,6 +146,12 @@ class _Choice:
             self.finish = out.finish_reason
             delta += self.text.flush()
         return delta, ids, lps
+
+
+async def disconnected(request: Request, poll_s: float = 0.1) -> None:
+    """Returns once the client has gone."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll_s)
 
 
 async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Output]]:
@@ -122,9 +190,15 @@ async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Output
 
 
 def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
-               default_max_tokens: int | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` (started by the caller) under `model_name`."""
-    app = FastAPI(title="slora-jax", version="0.1.0")
+               default_max_tokens: int | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app serving `engine` (started by the caller) under `model_name`.
+
+    `engine` is an `Engine` in this process or an `EngineClient` of one in another: the
+    app uses `info`, `alive`, `generate`, `cancel`, `adapter_names`, `load_adapter`,
+    `unload_adapter` and `metrics_text`."""
+    app = FastAPI(title="slora-jax", version="0.1.0", default_response_class=JSON)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.engine = engine
     eos_ids = set(engine.info.eos_token_ids) | codec.eos_token_ids()
     created = int(time.time())
@@ -171,7 +245,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
             prompt=prompt, adapter=adapter_of(body.model), max_tokens=max_tokens,
             sampling=Sampling(temperature=body.temperature, top_p=body.top_p,
                               top_k=max(0, body.top_k), seed=seed),
-            stop_token_ids=stop_ids)
+            stop_token_ids=stop_ids, ttft_slo_s=body.ttft_slo_s)
 
     def check(body) -> None:
         bad = body.unsupported()
@@ -196,11 +270,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
             async for c, out in _merged(choices):
                 c.take(out)
 
-        async def watch():
-            while not await request.is_disconnected():
-                await asyncio.sleep(0.25)
-
-        work, watcher = asyncio.create_task(run()), asyncio.create_task(watch())
+        work, watcher = asyncio.create_task(run()), asyncio.create_task(disconnected(request))
         try:
             done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if work in done:
@@ -213,11 +283,23 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
                 if c.finish is None:
                     c.stream.cancel()
 
-    async def stream_response(choices: list[_Choice], frame, tail) -> Response:
-        """SSE: wait for the first output (errors keep their status), then stream."""
+    async def stream_response(choices: list[_Choice], frame, tail, request: Request) -> Response:
+        """SSE: wait for the first output (errors keep their status), then stream. A client
+        that leaves before its first token cancels the request before its prefill."""
         events = _merged(choices)
+        head = asyncio.ensure_future(events.__anext__())
+        watcher = asyncio.create_task(disconnected(request))
         try:
-            first = await events.__anext__()
+            await asyncio.wait({head, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not head.done():
+            head.cancel()
+            for c in choices:
+                c.stream.cancel()
+            return Response(status_code=499)        # nobody reads it: the client is gone
+        try:
+            first = head.result()
         except StopAsyncIteration:
             first = None
 
@@ -229,10 +311,10 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
                     async for c, out in events:
                         yield frame(c, out)
                 except RequestError as e:
-                    yield f"data: {json.dumps(error_body(e.message, e.type, e.param, e.code))}\n\n"
+                    yield sse(error_body(e.message, e.type, e.param, e.code))
                 for extra in tail():
                     yield extra
-                yield "data: [DONE]\n\n"
+                yield b"data: [DONE]\n\n"
             finally:
                 await events.aclose()
                 for c in choices:
@@ -273,7 +355,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
             return _error(403, str(e), "permission_error", "lora_path")
         except (AdapterError, OSError) as e:
             return _error(400, str(e), "invalid_request_error", "lora_path")
-        log.info("loaded LoRA adapter '%s' from %s", body.lora_name, body.lora_path)
+        log.info("loaded LoRA adapter %r from %r", body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -304,16 +386,16 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
 
         if body.stream:
             def frame(c, out):
-                d = completion_response(rid, body.model, [piece(c, *c.take(out))], {}, chunk=True)
-                return f"data: {json.dumps(d)}\n\n"
+                return sse(completion_response(rid, body.model, [piece(c, *c.take(out))], {},
+                                               chunk=True))
 
             def tail():
                 if body.include_usage():
                     c = choices[0]
                     d = completion_response(rid, body.model, [], {}, chunk=True)
                     d["usage"] = usage(c.n_prompt, len(c.ids))
-                    yield f"data: {json.dumps(d)}\n\n"
-            return await stream_response(choices, frame, tail)
+                    yield sse(d)
+            return await stream_response(choices, frame, tail, request)
 
         await collect(choices, request)
         out = [{"index": c.index, "text": c.text.text,
@@ -344,14 +426,14 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
                     d["content"] = delta
                 ch = {"index": 0, "delta": d, "finish_reason": c.finish,
                       "logprobs": chat_logprobs(codec, ids, lps, top) if want_lp else None}
-                return f"data: {json.dumps(chat_response(rid, body.model, [ch], None, True))}\n\n"
+                return sse(chat_response(rid, body.model, [ch], None, True))
 
             def tail():
                 if body.include_usage():
                     c = choices[0]
-                    d = chat_response(rid, body.model, [], usage(c.n_prompt, len(c.ids)), True)
-                    yield f"data: {json.dumps(d)}\n\n"
-            return await stream_response(choices, frame, tail)
+                    yield sse(chat_response(rid, body.model, [], usage(c.n_prompt, len(c.ids)),
+                                            True))
+            return await stream_response(choices, frame, tail, request)
 
         await collect(choices, request)
         c = choices[0]

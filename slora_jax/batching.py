@@ -29,12 +29,50 @@ class SlotInfo:
     offset: np.ndarray    # [M, 2] int32
 
 
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+GREEDY_BELOW = 1e-5     # temperatures under this sample greedily (as vLLM): 1/t would overflow
+
+
+class SamplingError(ValueError):
+    """A sampling value the step's arrays cannot hold; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"'{field}': {message}")
+        self.field = field
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass
 class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    temperature: float = 0.0    # 0 (or below GREEDY_BELOW) = greedy
+    top_p: float = 1.0          # (0, 1]; 1 = off
+    top_k: int = 0              # [0, 2**31 - 1]; 0 = off
+    seed: int = 0               # any int64/uint64; the device uses its low 31 bits
+
+    def check(self) -> None:
+        """Raise `SamplingError` for a value the step's float32/int32 arrays cannot hold.
+
+        Requests are checked with this at every entry (HTTP, offline JSONL, the
+        engine's own `validate`), so nothing a request carries can fail the
+        engine thread when it builds a step."""
+        t, p, k, s = self.temperature, self.top_p, self.top_k, self.seed
+        if not _is_real(t) or not 0.0 <= t <= FLOAT32_MAX:
+            raise SamplingError("temperature", f"must be a finite number >= 0, got {t!r}")
+        if not _is_real(p) or not 0.0 < p <= 1.0:
+            raise SamplingError("top_p", f"must be in (0, 1], got {p!r}")
+        if not _is_int(k) or not 0 <= k <= INT32_MAX:
+            raise SamplingError("top_k", f"must be an integer in [0, {INT32_MAX}] (0 = off), "
+                                f"got {k!r}")
+        if not _is_int(s) or not -2**63 <= s < 2**64:
+            raise SamplingError("seed", f"must be a 64-bit integer, got {s!r}")
 
 
 def slot_bucket(req_slot: Sequence[int], ec: EngineConfig) -> int:
@@ -62,7 +100,8 @@ def sampling_arrays(samp: Sequence[Sampling], n: int) -> SamplingParams:
     k = np.zeros(n, np.int32)
     s = np.zeros(n, np.int32)
     for i, x in enumerate(samp):
-        t[i], p[i], k[i], s[i] = x.temperature, x.top_p, x.top_k, x.seed & 0x7FFFFFFF
+        t[i] = x.temperature if x.temperature >= GREEDY_BELOW else 0.0
+        p[i], k[i], s[i] = x.top_p, x.top_k, x.seed & 0x7FFFFFFF
     return SamplingParams(temperature=t, top_p=p, top_k=k, seed=s)
 
 
