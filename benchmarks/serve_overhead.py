@@ -1,0 +1,306 @@
+"""What the serving loop adds to the step: one decode-heavy trace, timed three ways.
+
+    (a) step    the decode step alone at the running batch (benchmarks/e2e_decode.py, CUPTI)
+    (b) engine  the `Engine` driven in-process by asyncio clients, no HTTP
+    (c) http    `slora-jax serve` (HTTP server and engine core) with streaming HTTP clients
+
+each base only and with N adapters (power-law popularity). (b) and (c) report the mean time
+per output token of a request (TPOT: from its first to its last token, over its tokens
+after the first), the figure a streaming user sees; (a) is the floor both approach. Each
+phase runs in its own process, so the device memory of one is free for the next; (b) starts
+with an empty compilation cache (cold start) and (c) reuses it (warm start).
+
+    # GPU (one device call, under 10 minutes):
+    python benchmarks/serve_overhead.py --dummy llama-7b --config configs/server/llama-7b-bench.yaml
+    # CPU smoke run (tiny preset):
+    python benchmarks/serve_overhead.py --quick
+
+Prints a table and writes benchmarks/results/serving_overhead_<device>_<commit>.json with
+`device`, `commit`, `command`, `date`, `rows` ({"adapters", "batch", "step_ms", "engine_ms",
+"http_tpot_ms"}) and the start-up times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for p in (_ROOT, _HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dummy", default="llama-7b", help="model preset (random weights)")
+    p.add_argument("--config", default=os.path.join(_ROOT, "configs", "server",
+                                                    "llama-7b-bench.yaml"))
+    p.add_argument("--adapters", type=int, default=1000, help="N of the adapter rows")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch", type=int, default=128, help="running batch of the trace")
+    p.add_argument("--context", type=int, default=512, help="context of the step-alone row")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--input-range", default="8,32")
+    p.add_argument("--output-range", default="480,512")
+    p.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent")
+    p.add_argument("--skip", default="", help="phases to skip: comma list of step,engine,http")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny preset, 24 requests")
+    p.add_argument("--out", default=os.path.join(_HERE, "results"))
+    p.add_argument("--phase", help=argparse.SUPPRESS)            # internal: run one phase
+    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    return p
+
+
+def _quick(args) -> None:
+    args.dummy, args.config = "tiny", os.path.join(_ROOT, "configs", "server", "tiny.yaml")
+    args.adapters, args.batch, args.context, args.num_requests = 20, 16, 64, 24
+    args.input_range, args.output_range = "4,16", "24,32"
+
+
+def _trace(args, n_adapters: int, vocab: int, seed: int) -> list[tuple[str | None, list[int], int]]:
+    rng = np.random.default_rng(seed)
+    (ilo, ihi), (olo, ohi) = (tuple(int(x) for x in r.split(","))
+                              for r in (args.input_range, args.output_range))
+    out = []
+    for _ in range(args.num_requests):
+        ad = None if not n_adapters else f"lora-{int(rng.power(args.alpha) * n_adapters) % n_adapters}"
+        out.append((ad, [int(x) for x in rng.integers(3, vocab, int(rng.integers(ilo, ihi)))],
+                    int(rng.integers(olo, ohi))))
+    return out
+
+
+def _serve_flags(args, n_adapters: int, cache: str) -> list[str]:
+    return ["--dummy", args.dummy, "--config", args.config, "--dummy-adapters", str(n_adapters),
+            "--dummy-ranks", str(args.rank), "--preload", "--compile-cache", cache,
+            "--max-batch", str(args.batch), "--ttft-slo", "100000", "--log-level", "warning"]
+
+
+def _tpot_ms(spans: list[tuple[float, float, int]]) -> float:
+    """Mean over requests of (last - first token time) / (tokens - 1), in ms."""
+    xs = [(t1 - t0) / (n - 1) for t0, t1, n in spans if n > 1]
+    return 1000 * float(np.mean(xs)) if xs else float("nan")
+
+
+# --- phase (b): the engine in this process ---------------------------------------------
+
+def phase_engine(args) -> dict:
+    from serving.cli import build, build_parser as serve_parser
+    from serving.scheduler import GenerationRequest
+    from slora_jax.batching import Sampling
+    t0 = time.perf_counter()
+    engine, _, _, _ = build(serve_parser().parse_args(_serve_flags(args, args.adapters,
+                                                                   args.cache_dir)))
+    engine.warmup(progress=False)
+    start_s = time.perf_counter() - t0
+    engine.start()
+    out = {"start_s": start_s}
+
+    async def one(req) -> tuple[float, float, int]:
+        n, first = 0, None
+        async for o in engine.generate(req):
+            n += len(o.token_ids)
+            if first is None:
+                first = time.perf_counter()
+        return first, time.perf_counter(), n
+
+    async def run(trace):
+        reqs = [GenerationRequest(prompt=p, adapter=a, max_tokens=m, sampling=Sampling(),
+                                  ttft_slo_s=None) for a, p, m in trace]
+        return await asyncio.gather(*(one(r) for r in reqs))
+
+    for n in (0, args.adapters):
+        spans = asyncio.run(run(_trace(args, n, engine.mc.vocab_size, seed=n)))
+        out[str(n)] = _tpot_ms(spans)
+        print(f"engine adapters={n}: {out[str(n)]:.2f} ms per output token", flush=True)
+    engine.shutdown()
+    return out
+
+
+# --- phase (c): the HTTP server ---------------------------------------------------------------
+
+def phase_http(args) -> dict:
+    import httpx
+
+    import serve_load
+    with tempfile.TemporaryDirectory() as d:
+        port_file = os.path.join(d, "log")
+        log = open(port_file, "w")
+        port = _free_port()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--port", str(port),
+                                 *_serve_flags(args, args.adapters, args.cache_dir)],
+                                cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"the server exited ({proc.returncode}):\n"
+                                     + open(port_file).read()[-3000:])
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            out = {"start_s": time.perf_counter() - t0}
+            vocab = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["vocab_size"]
+            for n in (0, args.adapters):
+                reqs = [serve_load.Req(i, 0.0, a or "base", p, m) for i, (a, p, m)
+                        in enumerate(_trace(args, n, vocab, seed=n))]
+                base = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+                for r in reqs:
+                    if r.adapter == "base":
+                        r.adapter = base
+                recs, wall = asyncio.run(serve_load.run_trace(url, reqs, 600))
+                bad = [r.error for r in recs if r.error]
+                if bad:
+                    raise SystemExit(f"{len(bad)} requests failed: {bad[:3]}")
+                s = serve_load.summarize(recs, wall, 1e9)
+                out[str(n)] = 1000 * s["tpot_mean_s"]
+                print(f"http adapters={n}: {out[str(n)]:.2f} ms per output token "
+                      f"({s['throughput_req_s']:.2f} req/s)", flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+    return out
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- phase (a): the step alone -----------------------------------------------------------------
+
+def phase_step(args) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        backend = "pallas" if not args.quick else "reference"
+        n_distinct = min(args.batch, args.adapters)
+        cmd = [sys.executable, os.path.join(_HERE, "e2e_decode.py"), "--preset", args.dummy,
+               "--batches", f"{args.batch}:{args.context}", "--adapters", f"1,{n_distinct}",
+               "--ranks", str(args.rank), "--iters", "3" if args.quick else "10",
+               "--lora-backend", backend, "--attention-backend", backend, "--out", d]
+        subprocess.run(cmd, cwd=_ROOT, check=True, stdout=subprocess.DEVNULL)
+        res = json.load(open(next(os.path.join(d, f) for f in os.listdir(d)
+                                  if f.endswith(".json"))))
+    rows = {r["distinct_adapters"]: r for r in res["rows"]}
+    return {"0": rows[1]["base_us"] / 1000, str(args.adapters): rows[n_distinct]["slora_us"] / 1000,
+            "distinct": n_distinct}
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+def _run_phase(name: str, argv: list[str], cache: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--phase", name, "--cache-dir", cache]
+    r = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True)
+    sys.stderr.write(r.stderr[-4000:] if r.returncode else "")
+    for line in r.stdout.splitlines():
+        if not line.startswith("{"):
+            print(line, flush=True)
+    if r.returncode:
+        raise SystemExit(f"phase {name} failed ({r.returncode})")
+    return json.loads(next(l for l in reversed(r.stdout.splitlines()) if l.startswith("{")))
+
+
+def _device() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        if out:
+            return out.splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "cpu"
+
+
+def _commit() -> str:
+    if os.environ.get("SLORA_COMMIT"):
+        return os.environ["SLORA_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=_ROOT,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        _quick(args)
+    if args.phase:
+        fn = {"step": phase_step, "engine": phase_engine, "http": phase_http}[args.phase]
+        print(json.dumps(fn(args)), flush=True)
+        return 0
+    skip = set(filter(None, args.skip.split(",")))
+    cache = tempfile.mkdtemp(prefix="slora-jax-cache-")
+    try:
+        res = {}
+        for name in ("step", "engine", "http"):
+            if name not in skip:
+                t = time.perf_counter()
+                res[name] = _run_phase(name, argv, cache)
+                print(f"[{name}: {time.perf_counter() - t:.0f} s]", flush=True)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    rows = []
+    for n in (0, args.adapters):
+        row = {"adapters": n, "batch": args.batch}
+        for key, phase in (("step_ms", "step"), ("engine_ms", "engine"), ("http_tpot_ms", "http")):
+            row[key] = res.get(phase, {}).get(str(n))
+        rows.append(row)
+    device, commit = _device(), _commit()
+    record = {"benchmark": "serve_overhead", "device": device, "commit": commit,
+              "date": datetime.date.today().isoformat(),
+              "command": " ".join(["benchmarks/serve_overhead.py", *argv]),
+              "workload": {"model": args.dummy, "config": os.path.relpath(args.config, _ROOT),
+                           "rank": args.rank, "num_requests": args.num_requests,
+                           "input_range": args.input_range, "output_range": args.output_range,
+                           "alpha": args.alpha, "step_context": args.context},
+              "start_s": {"cold (engine phase, empty cache)": res.get("engine", {}).get("start_s"),
+                          "warm (http phase)": res.get("http", {}).get("start_s")},
+              "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    path = os.path.join(args.out, f"serving_overhead_{slug}_{commit}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"
+    print(f"\nserving overhead, {args.dummy}, {device}, commit {commit}")
+    print("| adapters | batch | step ms | engine ms/token | http ms/token | http/step | "
+          "engine/step |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = lambda a: (fmt(r[a] / r["step_ms"]) if r[a] is not None and r["step_ms"]
+                           else "-")
+        print(f"| {r['adapters']} | {r['batch']} | {fmt(r['step_ms'])} | {fmt(r['engine_ms'])} | "
+              f"{fmt(r['http_tpot_ms'])} | {ratio('http_tpot_ms')} | {ratio('engine_ms')} |")
+    st = record["start_s"]
+    print(f"start-up: cold {fmt(st['cold (engine phase, empty cache)'])} s, "
+          f"warm {fmt(st['warm (http phase)'])} s")
+    print(f"wrote {os.path.relpath(path, _ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
