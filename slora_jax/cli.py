@@ -3,17 +3,12 @@
     slora-jax generate --model DIR [--adapter NAME=DIR ...] --requests IN.jsonl --out OUT.jsonl
     slora-jax serve ...            (see `slora-jax serve --help`)
 
-Input lines: {"id", "adapter" (name or null), "prompt_token_ids" or "prompt",
-"max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos"}. Output
-lines: {"id", "token_ids", "logprobs", "text" (when the model folder has a
-tokenizer), "finish_reason"} or {"id", "error"} for a request that could not
-run; one bad line never stops the others.
+Both drive the serving engine (serving/generate.py, serving/cli.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -47,107 +42,11 @@ def load_model(model: str | None, dummy: str | None, dtype_name: str):
     return mc, params, tok
 
 
-def _parse_requests(path: str, tok, mc):
-    from serving.offline import Request
-    from slora_jax.batching import Sampling
-    reqs, errors = [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rid = f"line-{n}"
-            try:
-                d = json.loads(line)
-                if not isinstance(d, dict):
-                    raise ValueError("a request line must be a JSON object")
-                rid = str(d.get("id", rid))
-                if "prompt_token_ids" in d:
-                    ids = [int(t) for t in d["prompt_token_ids"]]
-                elif "prompt" in d:
-                    if tok is None:
-                        raise ValueError("field 'prompt' needs a model folder with tokenizer.json; "
-                                         "give 'prompt_token_ids' instead")
-                    ids = tok.encode(str(d["prompt"])).ids
-                else:
-                    raise ValueError("needs 'prompt_token_ids' or 'prompt'")
-                stop = () if d.get("ignore_eos") else tuple(mc.eos_token_ids)
-                reqs.append(Request(
-                    id=rid, prompt_token_ids=ids, adapter=d.get("adapter"),
-                    max_tokens=int(d.get("max_tokens", 16)),
-                    sampling=Sampling(temperature=float(d.get("temperature", 0.0)),
-                                      top_p=float(d.get("top_p", 1.0)),
-                                      top_k=int(d.get("top_k", 0)), seed=int(d.get("seed", 0))),
-                    stop_token_ids=stop))
-            except (ValueError, TypeError) as e:
-                errors.append({"id": rid, "error": f"{path}:{n}: {e}"})
-    return reqs, errors
-
-
-def cmd_generate(args) -> int:
-    from serving.offline import OfflineEngine
-    from slora_jax.adapters import load_peft_adapter
-    from slora_jax.config import EngineConfig
-    from slora_jax.pool import PoolLayout
-
-    mc, params, tok = load_model(args.model, args.dummy, args.dtype)
-    adapters = []
-    for spec in args.adapter:
-        name, _, path = spec.partition("=")
-        if not path:
-            raise SystemExit(f"--adapter expects NAME=DIR, got '{spec}'")
-        adapters.append(load_peft_adapter(path, mc, name=name, max_rank=args.max_rank))
-    reqs, errors = _parse_requests(args.requests, tok, mc)
-    max_ctx = min(args.max_context, mc.max_position_embeddings)
-    probe = EngineConfig(page_size=args.page_size, num_pages=2, max_rank=args.max_rank,
-                         max_context=max_ctx)
-    lay = PoolLayout.create(mc, probe)
-    num_pages = args.num_pages or (1 + args.max_batch * lay.kv_pages_for(max_ctx)
-                                   + min(len(adapters), args.max_batch) * lay.max_adapter_pages)
-    ec = EngineConfig(page_size=args.page_size, num_pages=num_pages, max_rank=args.max_rank,
-                      max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
-                      max_prefill_requests=min(8, args.max_batch), max_context=max_ctx,
-                      max_adapters_per_batch=max(1, min(args.max_batch, len(adapters) or 1)))
-    eng = OfflineEngine(params, mc, ec, _dtype(args.dtype))
-    for ad in adapters:
-        eng.add_adapter(ad)
-    results = eng.generate(reqs, progress=not args.quiet)
-    with open(args.out, "w") as f:
-        for e in errors:
-            f.write(json.dumps(e) + "\n")
-        for r in results:
-            if r.error:
-                f.write(json.dumps({"id": r.id, "error": r.error}) + "\n")
-                continue
-            d = {"id": r.id, "token_ids": r.token_ids, "logprobs": r.logprobs,
-                 "finish_reason": r.finish_reason}
-            if tok is not None:
-                d["text"] = tok.decode(r.token_ids, skip_special_tokens=True)
-            f.write(json.dumps(d) + "\n")
-    n_err = len(errors) + sum(1 for r in results if r.error)
-    log.info("wrote %d results (%d errors) to %s", len(results) + len(errors), n_err, args.out)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slora-jax", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="offline batch generation from a JSONL file")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="Hugging Face model folder (config.json + safetensors)")
-    src.add_argument("--dummy", help="random weights of a preset in configs/models/")
-    g.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="a PEFT LoRA adapter folder, repeatable")
-    g.add_argument("--requests", required=True, help="input JSONL")
-    g.add_argument("--out", required=True, help="output JSONL")
-    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    g.add_argument("--max-batch", type=int, default=32)
-    g.add_argument("--max-context", type=int, default=2048)
-    g.add_argument("--max-prefill-tokens", type=int, default=1024)
-    g.add_argument("--max-rank", type=int, default=64)
-    g.add_argument("--page-size", type=int, default=16)
-    g.add_argument("--num-pages", type=int, default=0, help="0 = size for max-batch")
-    g.add_argument("--quiet", action="store_true")
-    g.set_defaults(func=cmd_generate)
+    from serving.generate import add_parser
+    add_parser(sub)
     s = sub.add_parser("serve", help="the OpenAI-compatible HTTP server", add_help=False)
     s.set_defaults(func=None)
     return p

@@ -31,7 +31,7 @@ def test_generate_jsonl(tmp_path):
         assert len(res[r["id"]]["logprobs"]) == 6
     assert "in.jsonl:5" in res["line-5"]["error"]
     assert "needs a model folder with tokenizer.json" in res["text"]["error"]
-    assert "unknown adapter 'nope'" in res["unk"]["error"]
+    assert "`nope` does not exist" in res["unk"]["error"]
 
 
 def test_generate_bad_model_dir(tmp_path, caplog):
@@ -40,3 +40,44 @@ def test_generate_bad_model_dir(tmp_path, caplog):
                "--out", str(tmp_path / "o.jsonl")])
     assert rc == 2
     assert "no config.json" in caplog.text
+
+
+def test_generate_equals_the_server(tmp_path):
+    """The offline CLI and the HTTP server run the same engine: the same requests give the
+    same tokens, greedy and seeded."""
+    import httpx
+
+    from serving.cli import build, build_parser
+    from serving.server import ServerThread, create_app
+    with open(os.path.join(FIX, "requests.json")) as f:
+        reqs = json.load(f)[:6]
+    samplings = [{"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.8, "seed": 11},
+                 {"temperature": 1.3, "top_k": 5, "seed": 3}]
+    lines = [{"id": f"{r['id']}-{j}", "adapter": r["adapter"], "max_tokens": 7,
+              "prompt_token_ids": r["prompt_token_ids"], "ignore_eos": True, **s}
+             for r in reqs for j, s in enumerate(samplings)]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    adapters = [f"--adapter={n}={os.path.join(FIX, 'adapters', n)}"
+                for n in sorted(os.listdir(os.path.join(FIX, "adapters")))]
+    flags = ["--dtype", "float32", "--max-batch", "8", "--max-context", "64", "--page-size", "4",
+             "--max-rank", "16"]
+    assert main(["generate", "--model", os.path.join(FIX, "model"), *adapters, "--requests",
+                 str(inp), "--out", str(out), "--quiet", *flags]) == 0
+    offline = {d["id"]: d["token_ids"] for d in map(json.loads, out.read_text().splitlines())}
+
+    engine, codec, name, _ = build(build_parser().parse_args(
+        ["--model", os.path.join(FIX, "model"), "--adapters", os.path.join(FIX, "adapters"),
+         "--max-prefill-tokens", "64", "--compile-cache", "none", *flags]))
+    engine.start()
+    server = ServerThread(create_app(engine, codec, name)).start()
+    try:
+        for d in lines:
+            body = {k: v for k, v in d.items() if k not in ("id", "adapter", "prompt_token_ids")}
+            r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+                **body, "model": d["adapter"] or name, "prompt": d["prompt_token_ids"]})
+            assert r.status_code == 200, r.text
+            assert [int(t) for t in r.json()["choices"][0]["text"].split()] == offline[d["id"]]
+    finally:
+        server.stop()
+        engine.shutdown()
