@@ -122,10 +122,22 @@ def phase_engine(args) -> dict:
                                   ttft_slo_s=None) for a, p, m in trace]
         return await asyncio.gather(*(one(r) for r in reqs))
 
+    def steps() -> dict[str, float]:
+        return {k: engine.metrics.steps.labels(kind=k)._value.get() for k in ("prefill", "decode")}
+
     for n in (0, args.adapters):
+        t0, s0 = dict(engine.clock.totals), steps()
         spans = asyncio.run(run(_trace(args, n, engine.mc.vocab_size, seed=n)))
         out[str(n)] = _tpot_ms(spans)
-        print(f"engine adapters={n}: {out[str(n)]:.2f} ms per output token", flush=True)
+        s1 = steps()
+        n_steps = sum(s1.values()) - sum(s0.values())
+        # Where the engine thread's time went, per step (section timers of the loop).
+        out[f"sections_{n}"] = {k: 1000 * (v - t0.get(k, 0.0)) / max(1, n_steps)
+                                for k, v in engine.clock.totals.items()}
+        out[f"steps_{n}"] = {k: s1[k] - s0[k] for k in s1}
+        print(f"engine adapters={n}: {out[str(n)]:.2f} ms per output token; steps "
+              f"{out[f'steps_{n}']}; ms per step by section: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in out[f"sections_{n}"].items()), flush=True)
     engine.shutdown()
     return out
 
@@ -279,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                            "alpha": args.alpha, "step_context": args.context},
               "start_s": {"cold (engine phase, empty cache)": res.get("engine", {}).get("start_s"),
                           "warm (http phase)": res.get("http", {}).get("start_s")},
-              "rows": rows}
+              "rows": rows,
+              "engine_sections_ms_per_step": {str(n): res.get("engine", {}).get(f"sections_{n}")
+                                              for n in (0, args.adapters)},
+              "engine_steps": {str(n): res.get("engine", {}).get(f"steps_{n}")
+                               for n in (0, args.adapters)}}
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     path = os.path.join(args.out, f"serving_overhead_{slug}_{commit}.json")

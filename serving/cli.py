@@ -26,6 +26,12 @@ DEMO_ADAPTERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 DEFAULT_CONFIG = os.path.join(os.path.dirname(DEMO_ADAPTERS), "..", "configs", "server", "smollm2.yaml")
 
 
+def default_compile_cache() -> str:
+    """$XDG_CACHE_HOME/slora-jax/jax-cache (~/.cache/... by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "slora-jax", "jax-cache")
+
+
 def build_parser(prog: str = "slora-jax serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible multi-LoRA server.")
     # Neither --model nor --dummy: the default model (SmolLM2-135M-Instruct, converted from
@@ -63,8 +69,10 @@ def build_parser(prog: str = "slora-jax serve") -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, help="queued requests before 429")
     p.add_argument("--ttft-slo", type=float, help="first-token SLO in seconds (early abort)")
     p.add_argument("--host-cache-mb", type=int, help="host RAM for packed adapters")
-    p.add_argument("--compile-cache", metavar="DIR",
-                   help="JAX persistent compilation cache (faster restarts)")
+    p.add_argument("--compile-cache", metavar="DIR", default=default_compile_cache(),
+                   help="JAX persistent compilation cache: a restart with the same model and "
+                        "buckets loads its compiled steps instead of compiling them ('none' "
+                        "turns it off)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -156,7 +164,7 @@ def build(args):
     from slora_jax.cli import load_model
     from slora_jax.config import EngineConfig
 
-    if args.compile_cache:
+    if args.compile_cache and args.compile_cache.lower() != "none":
         import jax
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

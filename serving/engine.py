@@ -43,7 +43,7 @@ import numpy as np
 
 from serving.adapter_store import AdapterStore, PendingLoad, StoreConfig
 from serving.allocator import PageAllocator
-from serving.metrics import ServingMetrics
+from serving.metrics import SectionClock, ServingMetrics
 from serving.scheduler import (AdapterLoadFailed, EngineInfo, GenerationRequest, InvalidRequest, Overloaded,
                                RequestError, Scheduler, SchedulerConfig, Seq, SloAbort, Step,
                                Unavailable, UnknownAdapter, now)
@@ -249,11 +249,13 @@ class Engine:
         self._stopping = False
         self.error: BaseException | None = None
         self.on_fatal = on_fatal     # called on the engine thread if the loop fails
+        self.clock = SectionClock()  # where the engine thread's time goes (/metrics)
         self._last_ready = 0.0
         self._compiled: dict[str, int] | None = None
         self._n_steps = 0
         self._warned_compile = False
         self.metrics.bind_gauges(self.stats)
+        self.metrics.bind_sections(self.clock.totals)
 
     def _host_dtype(self):
         if self.dtype == jnp.bfloat16:
@@ -447,22 +449,30 @@ class Engine:
     def _run(self) -> None:
         inflight: _Inflight | None = None
         try:
+            lap = self.clock.lap
             while not self._stopping:
                 self._drain()
                 self.scheduler.abort_late(now())
                 if self.store.has_removed:
                     self.store.collect_removed()
+                lap("intake")
                 step = self.scheduler.schedule()
+                lap("schedule")
                 nxt = self._dispatch(step) if step is not None else None
+                lap("dispatch")
                 if inflight is not None:
-                    self._complete(inflight)
+                    self._complete(inflight)        # laps device_wait, then complete
+                    lap("complete")
                 inflight = nxt
                 for load in self.scheduler.prefetch():
                     self._write(load)
+                lap("prefetch")
                 self._flush()
+                lap("deliver")
                 if inflight is None and not self._inbox:
                     if self._wake.wait(0.02 if self.scheduler.waiting else 0.5):
                         self._wake.clear()
+                lap("idle")
         except BaseException as e:  # noqa: BLE001 - reported to every request, then on_fatal
             log.exception("engine loop failed")
             self.error = e
@@ -622,6 +632,7 @@ class Engine:
     def _complete(self, inf: _Inflight) -> None:
         toks = np.asarray(inf.tokens)
         lps = np.asarray(inf.logprobs)
+        self.clock.lap("device_wait")
         t = now()
         self.scheduler.observe_step(inf.kind, t - max(inf.t_dispatch, self._last_ready))
         self._last_ready = t

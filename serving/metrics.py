@@ -11,6 +11,8 @@ several engines can live in one process (tests, benchmarks).
 
 from __future__ import annotations
 
+import collections
+import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,6 +26,7 @@ _TPOT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1
 class ServingMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "slora"):
         self.registry = registry or CollectorRegistry()
+        self.prefix = prefix
         r, p = self.registry, prefix
         self.queue_length = Gauge(f"{p}_queue_length", "Requests waiting for admission", registry=r)
         self.running = Gauge(f"{p}_running_requests", "Requests admitted and generating",
@@ -65,5 +68,31 @@ class ServingMetrics:
         for tier in ("registered", "host", "pool"):
             self.adapters.labels(tier=tier).set_function(lambda t=tier: read()["adapters"][t])
 
+    def bind_sections(self, totals: dict[str, float]) -> None:
+        """`slora_engine_thread_seconds{section}`: the engine thread's time by section."""
+        g = Gauge(f"{self.prefix}_engine_thread_seconds", "Engine thread time by loop section "
+                  "(device_wait: blocked on the device's tokens; idle: nothing to do)",
+                  ["section"], registry=self.registry)
+        for sec in SectionClock.SECTIONS:
+            g.labels(section=sec).set_function(lambda k=sec: totals.get(k, 0.0))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SectionClock:
+    """Attributes wall time to the section that just ended: `lap(name)` adds the time since
+    the previous lap to `totals[name]`. One `perf_counter` call per section, cheap enough
+    to stay on in the serving loop."""
+
+    SECTIONS = ("intake", "schedule", "dispatch", "device_wait", "complete", "prefetch",
+                "deliver", "idle")
+
+    def __init__(self):
+        self.totals: dict[str, float] = collections.defaultdict(float)
+        self._t = time.perf_counter()
+
+    def lap(self, section: str) -> None:
+        t = time.perf_counter()
+        self.totals[section] += t - self._t
+        self._t = t
