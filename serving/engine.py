@@ -551,9 +551,12 @@ class Engine:
             load.host_seconds + time.perf_counter() - t0)
 
     def _call(self, fn, batch, rows):
+        self.clock.lap("build")
         batch, rows = jax.device_put((batch, rows))
+        self.clock.lap("device_put")
         self.pool, self.tok_buf, tokens, logprobs = fn(self.params, self.pool, self.tok_buf,
                                                        batch, rows, spec=self.spec)
+        self.clock.lap("launch")
         return tokens, logprobs
 
     def _slots(self, seqs: list[Seq]) -> tuple[list[SlotInfo], list[int]]:

@@ -85,8 +85,8 @@ class SectionClock:
     the previous lap to `totals[name]`. One `perf_counter` call per section, cheap enough
     to stay on in the serving loop."""
 
-    SECTIONS = ("intake", "schedule", "dispatch", "device_wait", "complete", "prefetch",
-                "deliver", "idle")
+    SECTIONS = ("intake", "schedule", "build", "device_put", "launch", "dispatch",
+                "device_wait", "complete", "prefetch", "deliver", "idle")
 
     def __init__(self):
         self.totals: dict[str, float] = collections.defaultdict(float)
