@@ -44,6 +44,7 @@ import numpy as np
 from serving.adapter_store import AdapterStore, PendingLoad, StoreConfig
 from serving.allocator import PageAllocator
 from serving.metrics import SectionClock, ServingMetrics
+from serving.packing import Packing, pack, unpack
 from serving.scheduler import (AdapterLoadFailed, EngineInfo, GenerationRequest, InvalidRequest, Overloaded,
                                RequestError, Scheduler, SchedulerConfig, Seq, SloAbort, Step,
                                Unavailable, UnknownAdapter, now)
@@ -66,18 +67,23 @@ __all__ = ["Engine", "Output", "AsyncStream", "SyncStream", "GenerationRequest",
 
 # --- the jitted steps: a step plus the token-buffer gather/scatter, one dispatch each ---
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool", "tok_buf"))
-def prefill_step(params: Params, pool, tok_buf: jax.Array, batch: PrefillBatch,
-                 rows: jax.Array, *, spec: StepSpec):
-    """rows: [R] int32 token-buffer row of each request (padding: the dump row)."""
+@functools.partial(jax.jit, static_argnames=("spec", "packing"),
+                   donate_argnames=("pool", "tok_buf"))
+def prefill_step(params: Params, pool, tok_buf: jax.Array, packed: jax.Array, *,
+                 spec: StepSpec, packing: Packing):
+    """packed: the (PrefillBatch, rows [R]) pair in one buffer; rows are the requests'
+    token-buffer rows (padding: the dump row)."""
+    batch, rows = unpack(packed, packing)
     pool, out = prefill(params, pool, batch, spec=spec)
     return pool, tok_buf.at[rows].set(out.tokens), out.tokens, out.logprobs
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool", "tok_buf"))
-def decode_step(params: Params, pool, tok_buf: jax.Array, batch: DecodeBatch,
-                rows: jax.Array, *, spec: StepSpec):
+@functools.partial(jax.jit, static_argnames=("spec", "packing"),
+                   donate_argnames=("pool", "tok_buf"))
+def decode_step(params: Params, pool, tok_buf: jax.Array, packed: jax.Array, *,
+                spec: StepSpec, packing: Packing):
     """Input tokens come from `tok_buf[rows]`: the previous steps' samples, still on device."""
+    batch, rows = unpack(packed, packing)
     pool, out = decode(params, pool, batch.replace(tokens=tok_buf[rows]), spec=spec)
     return pool, tok_buf.at[rows].set(out.tokens), out.tokens, out.logprobs
 
@@ -361,8 +367,8 @@ class Engine:
         except SamplingError as e:
             raise InvalidRequest(str(e), e.field) from None
         slo = req.ttft_slo_s
-        if slo is not None and not (isinstance(slo, (int, float)) and 0 < slo <= MAX_SLO_S):
-            raise InvalidRequest(f"'ttft_slo_s' must be in (0, {MAX_SLO_S:g}] seconds, got "
+        if slo is not None and not (isinstance(slo, (int, float)) and 0 <= slo <= MAX_SLO_S):
+            raise InvalidRequest(f"'ttft_slo_s' must be in [0, {MAX_SLO_S:g}] seconds, got "
                                  f"{slo!r}", "ttft_slo_s")
         if req.adapter is None:
             return None
@@ -551,11 +557,12 @@ class Engine:
             load.host_seconds + time.perf_counter() - t0)
 
     def _call(self, fn, batch, rows):
+        buf, packing = pack((batch, rows))
         self.clock.lap("build")
-        batch, rows = jax.device_put((batch, rows))
+        buf = jax.device_put(buf)
         self.clock.lap("device_put")
         self.pool, self.tok_buf, tokens, logprobs = fn(self.params, self.pool, self.tok_buf,
-                                                       batch, rows, spec=self.spec)
+                                                       buf, spec=self.spec, packing=packing)
         self.clock.lap("launch")
         return tokens, logprobs
 

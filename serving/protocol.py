@@ -46,7 +46,7 @@ class _Req(BaseModel):
     stop_token_ids: list[int] | None = Field(default=None, max_length=1024)  # vLLM extension
     # First-token SLO of this request in seconds (S-LoRA's early abort); the server's
     # --ttft-slo when absent.
-    ttft_slo_s: float | None = Field(default=None, gt=0.0, le=86400.0)
+    ttft_slo_s: float | None = Field(default=None, ge=0.0, le=86400.0)
     ignore_eos: bool = False                          # vLLM extension
     stream: bool = False
     stream_options: dict[str, Any] | None = None

@@ -44,13 +44,12 @@ def sample(logits: jax.Array, sp: SamplingParams, positions: jax.Array):
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(_):
-        keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(
-            sp.seed.astype(jnp.uint32), positions)
-        drawn = jax.vmap(jax.random.categorical)(keys, _filtered_logits(logits, sp))
-        return jnp.where(sp.temperature > 0, drawn.astype(jnp.int32), greedy)
-
-    tokens = jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda _: greedy, None)
+    # Drawn for every row and selected, not behind a `lax.cond` on "any row samples": on
+    # the GPU a conditional copies its predicate to the host and blocks it, so the host
+    # could no longer dispatch the next step while this one runs.
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(
+        sp.seed.astype(jnp.uint32), positions)
+    drawn = jax.vmap(jax.random.categorical)(keys, _filtered_logits(logits, sp))
+    tokens = jnp.where(sp.temperature > 0, drawn.astype(jnp.int32), greedy)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], -1)[:, 0]
     return tokens, logprobs

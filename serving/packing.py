@@ -1,0 +1,50 @@
+"""One host-to-device transfer per step: a batch's small arrays packed in one int32 buffer.
+
+`jax.device_put` of a batch pytree makes one transfer per leaf (about fifteen per step,
+4.5 ms on an H100 host for a 128-row decode batch); packing every leaf into one
+contiguous int32 buffer makes it one. Every leaf of a step batch is 4 bytes wide (int32
+indices, float32 scales and sampling values), so floats travel bit for bit and are
+bit-cast back inside the jitted step. The `Packing` (tree structure, shapes, dtypes) is
+static, one per compiled bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    treedef: Any                                       # jax PyTreeDef (hashable)
+    leaves: tuple[tuple[tuple[int, ...], str], ...]    # (shape, dtype name) per leaf
+
+
+def pack(tree) -> tuple[np.ndarray, Packing]:
+    """Host side: the tree's numpy leaves as one int32 buffer, and how to unpack it."""
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [np.ascontiguousarray(x) for x in leaves]
+    for a in arrays:
+        if a.dtype.itemsize != 4:
+            raise TypeError(f"pack: a {a.dtype} leaf; step batches hold 4-byte values only")
+    buf = np.concatenate([a.view(np.int32).ravel() for a in arrays]) if arrays else \
+        np.zeros(0, np.int32)
+    return buf, Packing(treedef, tuple((a.shape, a.dtype.name) for a in arrays))
+
+
+def unpack(buf: jax.Array, packing: Packing):
+    """Device side (inside jit): the tree back from `buf` [n] int32."""
+    out, o = [], 0
+    for shape, dtype in packing.leaves:
+        n = math.prod(shape)
+        x = buf[o:o + n].reshape(shape)
+        if dtype != "int32":
+            x = jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
+        out.append(x)
+        o += n
+    return jax.tree.unflatten(packing.treedef, out)
