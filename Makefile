@@ -30,6 +30,31 @@ serve: install
 bench-kernels:
 	$(PY) benchmarks/kernels.py $(ARGS)
 
+# GPU benchmarks (benchmarks/PERF.md says what each measures). Results go to $(OUT); on the
+# GPU image without the venv: make bench-e2e PY=python3.
+OUT     ?= benchmarks/results
+GPU_ENV := XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONUNBUFFERED=1
+
+.PHONY: bench-e2e bench-tune bench-serve bench-overhead
+
+bench-e2e:
+	$(GPU_ENV) $(PY) benchmarks/e2e_decode.py --preset llama-7b --lora-backend pallas \
+	  --attention-backend pallas --batches 1:512,32:512,128:512,256:256 --adapters 1,32,128 \
+	  --iters 10 --out $(OUT) $(ARGS)
+
+bench-tune:
+	$(GPU_ENV) $(PY) benchmarks/tune_lora.py --out $(OUT) $(ARGS)
+
+bench-serve:
+	$(GPU_ENV) $(PY) benchmarks/serve_load.py --dummy llama-7b \
+	  --config configs/server/llama-7b-bench.yaml --dummy-adapters 1000 --dummy-ranks 8 \
+	  --preload --rate 8 --duration 45 --input-range 8,256 --output-range 8,256 \
+	  --out-dir $(OUT) $(ARGS)
+
+bench-overhead:
+	$(GPU_ENV) $(PY) benchmarks/serve_overhead.py --dummy llama-7b \
+	  --config configs/server/llama-7b-bench.yaml --out $(OUT) $(ARGS)
+
 # Regenerate the HF + PEFT oracle fixtures (needs torch, transformers, peft).
 fixtures:
 	$(VENV)-oracle/bin/python tests/oracle/make_fixtures.py

@@ -8,17 +8,20 @@ For a Llama dummy model (default Llama-7B shapes, bf16) it times, in one run:
                 the "base model alone" ceiling.
 Each step's GPU time is the sum of its kernels' CUPTI times (the CUPTI hooks that
 `jax.experimental.mosaic.gpu.profiler.measure` uses, around a loop of `--iters` calls that
-threads the donated pool/cache; wall time per pipelined step is recorded too), with the HBM-read floor (weights + KV bytes over the copy bandwidth measured in
-the same run). Prints a table and writes JSON + Markdown to benchmarks/results/.
+threads the donated pool/cache; wall time per pipelined step is recorded too), with the
+HBM-read floor (weights + KV bytes over the copy bandwidth measured in the same run).
+Prints a table and writes JSON + Markdown to
+benchmarks/results/e2e_decode[_TAG]_<device>_<commit>.{json,md}.
 
     python benchmarks/e2e_decode.py --quick              # small shapes, any device
-    python benchmarks/e2e_decode.py --preset llama-7b    # the GPU run
+    make bench-e2e                                       # the GPU table (benchmarks/PERF.md)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -32,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.kernels_setup import result_stem  # noqa: E402
 from slora_jax.adapters import dummy_adapter  # noqa: E402
 from slora_jax.batching import Sampling, SlotInfo, decode_batch  # noqa: E402
 from slora_jax.config import LORA_PLAN_OPTIONS, EngineConfig, preset  # noqa: E402
@@ -178,7 +182,10 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None,
                     help="override the preset's layer count (compile-time checks)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, small shapes")
-    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--out", default=RESULTS, help="folder of the JSON + Markdown")
+    ap.add_argument("--tag", default="",
+                    help="name part of a run beside the main table (e.g. b1): results are "
+                         "e2e_decode[_PRESET][_TAG]_<device>_<commit>.{json,md}")
     args = ap.parse_args(argv)
     if args.quick:
         args.preset, args.batches, args.adapters, args.iters = "tiny", "4:64,8:32", "1,4", 3
@@ -197,21 +204,20 @@ def main(argv=None):
     def write_results():
         meta = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
                 "jax": jax.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
+                "date": datetime.date.today().isoformat(),
                 "clock": clock, "copy_GBps": copy_gbps, "preset": args.preset,
                 "lora_backend": args.lora_backend, "attention_backend": args.attention_backend,
                 "max_block_tokens": args.max_block_tokens, "layers": mc.num_layers,
                 "lora_variants": {k: dict(v) for k, v in variants.items()}}
         os.makedirs(args.out, exist_ok=True)
-        tag = f"e2e_decode_{args.preset}_{meta['platform']}_{args.lora_backend}"
-        if args.layers:
-            tag += f"_{args.layers}layers"
-        if args.max_block_tokens:
-            tag += f"_bt{args.max_block_tokens}"
+        parts = [args.preset] if args.preset != "llama-7b" else []
+        tag = result_stem("_".join(["e2e_decode", *parts, *filter(None, [args.tag])]),
+                          meta["commit"])
         with open(os.path.join(args.out, tag + ".json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         lines = [f"# e2e decode step, {args.preset} ({meta['device']}, JAX {meta['jax']}, "
-                 f"commit {meta['commit'][:10]})", "", f"`{meta['command']}` — {clock} timing, "
-                 f"copy {copy_gbps:.0f} GB/s", "",
+                 f"commit {meta['commit'][:10]}, {meta['date']})", "",
+                 f"`{meta['command']}` — {clock} timing, copy {copy_gbps:.0f} GB/s", "",
                  "lora/base bound: (weights + KV + each distinct adapter's q/k/v/o bytes) over "
                  "(weights + KV), the ratio a step that only moves bytes would reach.", "",
                  "| batch | ctx | adapters | slora µs | base µs | xla µs | lora/base | lora/base bound "

@@ -56,6 +56,7 @@ attention (decode), prefill-attention.
 
     python benchmarks/kernels.py --quick      # CPU: tiny stand-ins through the interpreter
     python benchmarks/kernels.py              # the GPU run; writes benchmarks/results/
+                                              # kernels_<device>_<commit>.{json,md}
 """
 
 from __future__ import annotations
@@ -571,7 +572,9 @@ def main(argv=None):
                          "of configs gets a share; configs left out are listed)")
     ap.add_argument("--backends", default=None,
                     help="comma-separated backends to time (default: all)")
-    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path, or a folder for the default name (default: "
+                         "benchmarks/results/kernels[_FAMILIES]_<device>_<commit>.json)")
     args = ap.parse_args(argv)
     args.t_main = t_main
     only = set(args.only.split(",")) if args.only else set(FAMILIES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -369,11 +370,25 @@ def git_commit():
         return "unknown"
 
 
+def result_stem(benchmark: str, commit: str) -> str:
+    """`<benchmark>_<device>_<commit>`: the name a result set is kept under in results/
+    (device `h100`, `h200`, `cpu`; the short commit, `-uncommitted` if the tree had edits),
+    so a rerun at the same commit replaces its files and one set per benchmark remains."""
+    kind = jax.devices()[0].device_kind.lower()
+    m = re.search(r"\b[a-z]{1,2}\d{2,4}[a-z]?\b", kind)
+    device = m.group(0) if m else re.sub(r"[^a-z0-9]+", "-", kind).strip("-")
+    short = commit.split("+")[0][:7] + ("-uncommitted" if "+" in commit else "")
+    return f"{benchmark}_{device}_{short}"
+
+
 def write_results(rows, args, device, commit, copy_gbps, mm):
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    tag = "".join(ch if ch.isalnum() else "-" for ch in device).strip("-").lower()
-    base = args.out or os.path.join(os.environ.get("BENCH_OUT", RESULTS),
-                                    f"kernels_{tag}_{stamp}{'_quick' if args.quick else ''}")
+    name = "_".join(["kernels", *sorted(args.only.split(",") if args.only else []),
+                     *(["quick"] if args.quick else [])])
+    stem = result_stem(name, commit)
+    base = args.out or os.path.join(os.environ.get("BENCH_OUT", RESULTS), stem)
+    if os.path.isdir(base) or base.endswith("/"):      # --out DIR: the default name inside
+        base = os.path.join(base, stem)
     base = base[:-5] if base.endswith(".json") else base
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
     meta = dict(device=device, jax=jax.__version__, commit=commit, copy_GBps=round(copy_gbps, 1),

@@ -105,22 +105,6 @@ def test_quick_run_covers_every_family(tmp_path):
     assert {r["phase"] for r in rows if r["name"] == "lora_shrink"} == {"decode", "prefill"}
 
 
-def test_tune_decode_attention_quick(tmp_path):
-    """The decode-attention tiling sweep runs end to end (interpreted), writes its JSON and
-    table, and every configuration it times computes the same attention as the default."""
-    tune = _load("tune_decode_attention")
-    tune.main(["--quick", "--out", str(tmp_path)])
-    out = json.load(open(tmp_path / f"tune_decode_attention_{jax.default_backend()}.json"))
-    rows = out["rows"]
-    assert rows[0]["config"] == "default" and len(rows) >= 3
-    assert {"device", "jax", "commit", "command", "copy_GBps"} <= set(out["meta"])
-    assert any(r["config"] != "default" and r["config"].get("heads_per_block") == 1
-               for r in rows)
-    for r in rows:
-        assert r["us"] > 0 and r["max_diff_vs_default"] < 2e-2
-    assert (tmp_path / f"tune_decode_attention_{jax.default_backend()}.md").exists()
-
-
 def test_tune_lora_quick(tmp_path):
     """The decode LoRA work-split sweep runs end to end (interpreted), writes its JSON and
     table, and every shrink/expand configuration it times computes what the default does."""
@@ -154,37 +138,3 @@ def test_tune_lora_apply_sweep(tmp_path):
         assert r["rel_diff_vs_xla"] < 2e-2, r
     splits = {r["config"]["shrink_blocks"]: r["splits"] for r in rows[1:]}
     assert splits[1] == 1 and splits[132] >= 1, splits
-
-
-def test_hlo_fusions_prints_the_called_computation(tmp_path):
-    """benchmarks/hlo_fusions.py finds a CUPTI kernel name's HLO instruction (ROOT or
-    not) and prints the computation it calls; a name not there says so."""
-    (tmp_path / "m.after_optimizations.txt").write_text(
-        "%fused_computation.7 (p0: f32[4]) -> bf16[4] {\n"
-        "  %p0 = f32[4]{0} parameter(0)\n"
-        "  ROOT %marker = bf16[4]{0} convert(%p0)\n}\n\n"
-        "ENTRY %main (a: f32[4]) -> bf16[4] {\n  %a = f32[4]{0} parameter(0)\n"
-        "  ROOT %loop_convert_fusion.157 = bf16[4]{0} fusion(%a), kind=kLoop, "
-        "calls=%fused_computation.7\n}\n")
-    hlo = _load("hlo_fusions")
-    text = (tmp_path / "m.after_optimizations.txt").read_text()
-    got = hlo.find(text, "loop_convert_fusion_157", 1000)
-    assert got[0].startswith("-- ROOT %loop_convert_fusion.157") and "%marker" in got[1]
-    assert hlo.find(text, "loop_convert_fusion_15", 1000) == []
-
-
-def test_plan_balance_table(capsys):
-    """benchmarks/plan_balance.py: the table's rows, and the imbalance it exists to show
-    (sorted tiles of 2 and 5 chunks at B=128 over 32 adapters; balanced evens them)."""
-    spec = importlib.util.spec_from_file_location(
-        "plan_balance", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
-                                     "plan_balance.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main(["--batches", "128:32,32:32"])
-    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
-    assert len(rows) == 4
-    b128 = [r for r in rows if r[0].strip() == "128" and r[3].strip() == "yes"][0]
-    assert b128[4].split()[:4] == ["2", "5", "2", "5"]
-    tile, balanced = (float(c.split("(")[1].rstrip("x) ")) for c in b128[6:8])
-    assert tile > 2 and balanced < 1.2
