@@ -39,8 +39,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from serving.allocator import PageAllocator, adapter_used_elems
-from slora_jax.adapters import (AdapterError, LoraAdapter, check_served_modules, dummy_adapter,
-                                load_peft_adapter)
+from slora_jax.adapters import (AdapterError, LoraAdapter, check_adapter, check_adapter_name,
+                                check_served_modules, dummy_adapter, load_peft_adapter)
 from slora_jax.batching import SlotInfo
 from slora_jax.config import MODULES, HF_MODULE_NAMES, ModelConfig
 from slora_jax.pool import PoolLayout
@@ -80,7 +80,8 @@ class PeftSource:
         for f in ("", "adapter_config.json", "adapter_model.safetensors"):
             p = os.path.join(self.path, f)
             if os.path.exists(p) and not _inside(p, self.roots):
-                raise AdapterPathNotAllowed(f"{p}: resolves outside the adapter roots")
+                raise AdapterPathNotAllowed(f"{f or 'the adapter folder'}: resolves outside the "
+                                            "adapter roots", self.path)
         return load_peft_adapter(self.path, mc, name=name, max_rank=max_rank)
 
 
@@ -182,8 +183,7 @@ class AdapterStore:
 
     # -- registration (any thread) ---------------------------------------------------
     def _add(self, name: str, source) -> AdapterEntry:
-        if not name or "/" in name or name != name.strip():
-            raise AdapterError(f"adapter name {name!r} is not allowed (empty, '/' or whitespace)")
+        check_adapter_name(name)
         with self._lock:
             if name in self._entries:
                 raise AdapterError(f"adapter '{name}' is already registered")
@@ -208,7 +208,7 @@ class AdapterStore:
             if not d.is_dir() or not os.path.isfile(cfg):
                 continue
             if not _inside(d.path, self.roots):
-                log.warning("%s: skipped, resolves outside the adapter roots", d.path)
+                log.warning("%r: skipped, resolves outside the adapter roots", d.path)
                 continue
             self._add(d.name, PeftSource(d.path, tuple(self.roots)))
             names.append(d.name)
@@ -222,7 +222,15 @@ class AdapterStore:
         return self._add(name, PeftSource(real, (real,)))
 
     def register_path(self, name: str, path: str) -> AdapterEntry:
-        """Register one PEFT folder under an allowed root and load it now (errors surface here)."""
+        """Register one PEFT folder under an allowed root and load it now (errors surface here).
+
+        `path` comes from a client: errors echo it at most, never the real path it resolves to.
+        """
+        check_adapter_name(name)
+        if name in self:
+            raise AdapterError(f"adapter '{name}' is already registered")
+        if not isinstance(path, str) or any(ord(c) < 32 or ord(c) == 127 for c in path):
+            raise AdapterError("lora_path must not contain control characters")
         if not self.roots:
             raise AdapterPathNotAllowed("loading adapters by path is disabled: the server has "
                                         "no adapter root (start it with --adapters DIR or "
@@ -252,6 +260,8 @@ class AdapterStore:
         return self._add(name, DummySource(rank, modules, seed, std))
 
     def register_adapter(self, adapter: LoraAdapter) -> AdapterEntry:
+        check_adapter_name(adapter.name)
+        check_adapter(adapter, self.mc)
         check_served_modules(adapter.name, adapter.ranks, self.layout)
         for m, r in adapter.ranks.items():
             if r > self.max_rank:
@@ -341,9 +351,17 @@ class AdapterStore:
         try:
             host = self._pack(e.source.load(self.mc, e.name, self.max_rank))
         except Exception as ex:  # noqa: BLE001 - any failure is reported to the requests
-            log.warning("adapter '%s' failed to load: %s", e.name, ex)
+            # Requests see the message; only the log names the folder on this server.
+            folder = getattr(ex, "folder", None) or getattr(e.source, "path", None)
+            where = f" from {folder!r}" if folder else ""
+            if isinstance(ex, AdapterError):
+                log.warning("adapter '%s' failed to load%s: %s", e.name, where, ex)
+                why = str(ex)
+            else:
+                log.exception("adapter '%s' failed to load%s", e.name, where)
+                why = f"internal error ({type(ex).__name__}), see the server log"
             with self._lock:
-                e.loading, e.error = False, f"adapter '{e.name}' failed to load: {ex}"
+                e.loading, e.error = False, f"adapter '{e.name}' failed to load: {why}"
         else:
             self._install_host(e, host, time.perf_counter() - t0)
         self.on_ready()
