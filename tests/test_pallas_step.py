@@ -180,7 +180,7 @@ def test_pallas_prefill_step_matches_reference():
 def test_weight_projections_output_the_activations_dtype():
     """The step's weight GEMMs return bf16 (as HF's Linear does), the LoRA terms added
     after: at one row a float32 output made XLA tile them 20-28% slower on the H100
-    (benchmarks/results/small_gemm_h100_s10_*). Only the logits may come out float32."""
+    (benchmarks/results/small_gemm_h100_449daeb.md). Only the logits may come out float32."""
     mc = SMALL
     eng, params = _engine(mc, batch=1, context=32, seed=4)
     slot = eng._make_resident("a1")
