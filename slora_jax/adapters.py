@@ -38,6 +38,7 @@ character.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -388,17 +389,42 @@ def dummy_adapter(mc: ModelConfig, rank: int, modules=MODULES, seed: int = 0,
     unknown = [m for m in modules if m not in MODULES]
     if unknown:
         raise AdapterError(f"{who}: unknown modules {_show(unknown)} (have {list(MODULES)})")
+    alpha = float(rank if alpha is None else alpha)
+    _check_scale(alpha / rank, f"{who}: lora_alpha/r")
+    # The weights are std times a standard normal of at most 6 in magnitude: bound std so
+    # that they pass `check_adapter` without scanning them.
+    if not (isinstance(std, (int, float)) and 0 <= std * 6 <= MAX_ABS_WEIGHT):
+        raise AdapterError(f"{who}: std {_show(std)} must be finite, >= 0 and at most "
+                           f"{MAX_ABS_WEIGHT / 6:g}")
     rng = np.random.default_rng(seed)
     weights = []
     for _ in range(mc.num_layers):
         layer = {}
         for m in modules:
             fin, fout = mc.module_shape(m)
-            layer[m] = (rng.standard_normal((rank, fin), np.float32) * std,
-                        rng.standard_normal((rank, fout), np.float32) * std)
+            layer[m] = (_normal(rng, (rank, fin), std), _normal(rng, (rank, fout), std))
         weights.append(layer)
-    alpha = float(rank if alpha is None else alpha)
-    ad = LoraAdapter(name=name or f"dummy-r{rank}-{seed}", ranks={m: rank for m in modules},
-                     scales={m: alpha / rank for m in modules}, weights=weights)
-    check_adapter(ad, mc)
-    return ad
+    return LoraAdapter(name=name or f"dummy-r{rank}-{seed}", ranks={m: rank for m in modules},
+                       scales={m: alpha / rank for m in modules}, weights=weights)
+
+
+_NOISE_SIZE = 1 << 22
+
+
+@functools.lru_cache(maxsize=1)
+def _noise() -> np.ndarray:
+    """4M standard normals, drawn once per process (16 MiB), clipped to +-6 (a bound the
+    weight check relies on; a normal passes 6 once in 5e8 draws)."""
+    z = np.random.default_rng(0x51DA).standard_normal(_NOISE_SIZE, np.float32)
+    return np.clip(z, -6.0, 6.0)
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, int], std: float) -> np.ndarray:
+    """A window of the shared noise at a random offset, scaled: a thousand 7B dummies are
+    made at copy speed (drawing fresh normals took 37 s), and seeds still give different
+    adapters."""
+    n = shape[0] * shape[1]
+    if n > _NOISE_SIZE // 2:
+        return np.clip(rng.standard_normal(shape, np.float32), -6.0, 6.0) * np.float32(std)
+    start = int(rng.integers(0, _NOISE_SIZE - n))
+    return _noise()[start:start + n].reshape(shape) * np.float32(std)

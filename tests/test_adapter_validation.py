@@ -453,3 +453,14 @@ def test_http_malformed_names_and_paths_are_client_errors(server, good, name, pa
     assert set(err) == {"message", "type", "param", "code"}
     assert_client_safe(err["message"], root)
     assert name not in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+
+
+def test_dummy_adapters_pass_the_checks_and_differ_by_seed():
+    """Dummies are made from shared noise without a scan: they must still pass it."""
+    from slora_jax.adapters import check_adapter
+    a, b = (dummy_adapter(MC, 4, ("q", "down"), seed=s, std=0.3) for s in (1, 2))
+    check_adapter(a, MC)
+    assert not np.array_equal(a.weights[0]["q"][0], b.weights[0]["q"][0])
+    np.testing.assert_array_equal(a.weights[1]["down"][1],
+                                  dummy_adapter(MC, 4, ("q", "down"), seed=1,
+                                                std=0.3).weights[1]["down"][1])
