@@ -38,7 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import default_interpret, smem_transforms, warn_once
+from pallas_kernels.mgpu_common import (default_interpret, finite_or_zero, smem_transforms,
+                                        warn_once)
 from pallas_kernels import lora as lora_ref
 from pallas_kernels.lora_plan import (
     CHUNK, GROUP, ROWS, GroupPlan, make_group_plan, pick_block_tokens, plan_order, plan_where,
@@ -200,8 +201,8 @@ def _shrink_call(starts, chunk_tile, grp, x_sorted, rows_c, *, bound, bt, bk, st
 
 # --- expand kernel ------------------------------------------------------------------
 
-def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt, bn, num_n,
-                   stages, splits, width, chunk_width):
+def _expand_kernel(starts_ref, guard_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt, bn,
+                   num_n, stages, splits, width, chunk_width):
     """Block (tile, module * splits + split): num_n N steps of bn columns, each the
     sum over the tile's chunks; one pipeline runs through all (N step, chunk). Where
     splits do not divide the width's N steps (W = 11008 has 43 of 256 columns), each
@@ -210,7 +211,12 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt,
     Narrow tiles (bt < 64 tokens, decode) compute out^T [bn, bt] = B^T · xs^T, the
     wgmma's 64+ rows being output columns, and transpose through SMEM; wide tiles
     (bt a multiple of 64, long prefill segments) compute out [bt, bn] = xs · B as it
-    is stored (the PV product of attention)."""
+    is stored (the PV product of attention).
+
+    A token's xs is 0 on the rows of other slots, but 0 * NaN is NaN: in a tile whose
+    B rows are not all every token's own (`lora_plan._expand_guard`), B is made finite
+    in SMEM before the product, so another slot's row adds exactly 0 (a non-finite
+    row then changes only its own slot's tokens, which read it)."""
     wide = bt % 64 == 0
     if wide:
         b_smem, xs_smem, o_smem, bars = scratch
@@ -220,6 +226,7 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt,
     mod = lax.axis_index("s") // splits
     split = lax.rem(lax.axis_index("s"), splits)
     c0 = starts_ref[mod, tile]
+    guard = guard_ref[mod, tile] != 0
     nch = starts_ref[mod, tile + 1] - c0
     n_steps = width // bn
     if num_n * splits == n_steps:
@@ -250,6 +257,12 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt,
     def _n(ns):
         def acc_scope(acc_ref):
             def mma(st):
+                @pl.when(guard)
+                def _finite_b():
+                    b_tile = b_smem.at[st]
+                    b_tile[...] = finite_or_zero(b_tile[...])
+                    plgpu.commit_smem()
+
                 if wide:
                     plgpu.wgmma(acc_ref, xs_smem.at[st], b_smem.at[st])
                 else:
@@ -280,7 +293,7 @@ def _expand_kernel(starts_ref, grp_ref, xs_ref, rows_ref, out_ref, *scratch, bt,
 
 @functools.partial(jax.jit, static_argnames=(
     "bt", "bn", "stages", "splits", "width", "chunk_width", "out_dtype", "interpret"))
-def _expand_call(starts, grp, xs, rows_c, *, bt, bn, stages, splits, width, chunk_width,
+def _expand_call(starts, guard, grp, xs, rows_c, *, bt, bn, stages, splits, width, chunk_width,
                  out_dtype, interpret):
     n_mod, nt = starts.shape[0], starts.shape[1] - 1
     dt = rows_c.dtype
@@ -303,7 +316,7 @@ def _expand_call(starts, grp, xs, rows_c, *, bt, bn, stages, splits, width, chun
         ],
         compiler_params=plgpu.CompilerParams(),
         interpret=interpret,
-    )(starts, grp, xs, rows_c)
+    )(starts, guard, grp, xs, rows_c)
 
 # --- launches and the XLA between them ----------------------------------------------
 
@@ -395,7 +408,7 @@ def _expand_launch(gp: GroupPlan, xs, rows, mods: list[int], width: int, *, bloc
     groups = width_groups(gp.widths)
     assert groups[width] == list(mods), "an expand launch serves all modules of its width"
     grp = gp.e_rows[list(groups).index(width)]
-    out = _expand_call(gp.e_starts[jnp.asarray(mods)], grp, xs,
+    out = _expand_call(gp.e_starts[jnp.asarray(mods)], gp.e_guard[jnp.asarray(mods)], grp, xs,
                        rows.reshape(n_rows * (h // c), c), bt=bt, bn=bn, stages=stages,
                        splits=splits, width=width, chunk_width=c, out_dtype=out_dtype,
                        interpret=default_interpret() if interpret is None else interpret)

@@ -259,6 +259,22 @@ def _pack(plan: dict, ranks: jax.Array, num_tiles: int):
     return starts, pos, groups
 
 
+def _expand_guard(plan: dict, ranks: jax.Array, num_tiles: int) -> jax.Array:
+    """[M, NT] int32: 1 where a tile's B chunks hold rows that some token of the tile
+    multiplies by a 0 of its xs: the tile holds tokens of several keys (slots, or no
+    adapter), or a slot's last group runs past its rank (rows the pack fills with
+    zeros, but they are not the slot's, and a stale one must still add nothing). The
+    expand makes those tiles' B finite before the product, since 0 * NaN is NaN."""
+    s = ranks.shape[0]
+    slot, tile = plan["item_slot"], plan["item_tile"]
+    used = plan["item_hi"] > plan["item_lo"]
+    keys = jnp.zeros((num_tiles,), jnp.int32).at[tile].add(used.astype(jnp.int32))
+    r = jnp.where((used & (slot < s))[:, None], ranks[jnp.minimum(slot, s - 1)], 0)
+    partial = jnp.zeros((num_tiles, ranks.shape[1]), jnp.int32).at[tile].max(
+        (r % GROUP != 0).astype(jnp.int32))
+    return ((keys[:, None] > 1) | (partial > 0)).T.astype(jnp.int32)
+
+
 def width_groups(widths) -> dict:
     """{width: the modules of that width}, in order of first appearance: the modules one
     expand launch serves."""
@@ -316,6 +332,7 @@ class GroupPlan:
     s_rows: jax.Array                # [s_bound * 8, chunks_a] pool row of each packed group
     s_tile: jax.Array                # [s_bound] tile of each chunk (0 past the last)
     e_starts: jax.Array              # [M, NT + 1]
+    e_guard: jax.Array               # [M, NT] 1: the tile's B is made finite (`_expand_guard`)
     e_rows: tuple                    # per distinct width: [its M, e_bound * 8, chunks_b]
     e_item: jax.Array                # [M, e_bound * 8] item of each packed group (-1: none)
     e_group: jax.Array               # [M, e_bound * 8] its group within the item's module
@@ -370,6 +387,7 @@ def group_plan(plan: dict, slot_pages, a_offsets, b_offsets, ranks, scales, *, t
                    s_bound=s_bound, s_starts=s_starts, s_pos=s_pos, s_rows=s_rows,
                    s_tile=s_tile,
                    e_bound=e_bound, e_starts=jnp.stack(e_starts) if widths else None,
+                   e_guard=_expand_guard(plan, ranks, nt) if widths else None,
                    e_rows=tuple(jnp.stack([e_rows[j] for j in mods])
                                 for mods in width_groups(widths).values()),
                    e_item=jnp.stack(e_item) if widths else None,

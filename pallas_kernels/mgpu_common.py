@@ -21,6 +21,16 @@ def smem_transforms(minor: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
+def finite_or_zero(x: jax.Array) -> jax.Array:
+    """x with its NaN and +-inf elements replaced by 0 (a select in registers).
+
+    For a tile whose product with a 0 of the other operand must be exactly 0: a
+    masked-out key's V row, an adapter's B row a token of another slot multiplies
+    by 0. 0 * NaN is NaN, so a multiply by 0 (or a mask after the product) does not
+    keep one tenant's non-finite values out of another's outputs."""
+    return jnp.where(jnp.abs(x) < jnp.inf, x, jnp.zeros((), x.dtype))
+
+
 def warn_once(log: logging.Logger, warned: set[str], what: str, message: str) -> None:
     """Log `message` the first time `what` is seen (a fallback to the reference)."""
     if what not in warned:

@@ -50,7 +50,9 @@ def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
     """Causal attention within each packed prompt (prompts start at position 0).
 
     q: [T, n_heads, hd]; k, v: [T, n_kv, hd]; seq_ids, positions: [T].
-    Returns [T, n_heads, hd] float32.
+    Returns [T, n_heads, hd] float32. A prompt's rows never depend on another
+    prompt's q/k/v, finite or not; the rows of a prompt whose own q/k/v are not
+    finite are unspecified (here non-finite values of v are read as 0).
     """
     t, nq, d = q.shape
     nkv = k.shape[1]
@@ -61,7 +63,10 @@ def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
     s = jnp.einsum("thgd,lhd->hgtl", qg, k.astype(jnp.float32)) * d ** -0.5
     s = jnp.where(mask[None, None], s, _NEG)
     p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("hgtl,lhd->thgd", p, v.astype(jnp.float32))
+    # P @ V runs over every packed key, and p = 0 for another prompt's key is exact
+    # but 0 * NaN is NaN: with v finite, a hidden key adds exactly 0 to a row.
+    v = v.astype(jnp.float32)
+    out = jnp.einsum("hgtl,lhd->thgd", p, jnp.where(jnp.isfinite(v), v, 0.0))
     return out.reshape(t, nq, d)
 
 

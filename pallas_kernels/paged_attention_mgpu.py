@@ -128,6 +128,23 @@ def _decode_kernel(q_ref, kv_ref, pages_ref, len_ref, o_ref, m_ref, l_ref,
 
         # P goes through SMEM: a wgmma operand (the register form is not interpretable).
         p_smem[...] = p.astype(p_smem.dtype)
+
+        # A step past the context's end (or before the window) holds stale tokens: the
+        # rest of the last page, pages the request holds for later, the null page. Their
+        # p is exactly 0, but 0 * NaN is NaN: zero their V rows, as the reference does.
+        edge = (step + 1) * block_kv > length
+        if window is not None:
+            edge = edge | (step * block_kv < length - window)
+
+        @pl.when(edge)
+        def _mask_v():
+            v_pos = step * block_kv + plgpu.broadcasted_iota(
+                jnp.int32, (block_kv, hd), 0, layout=plgpu.Layout.WGMMA)
+            v_live = v_pos < length
+            if window is not None:
+                v_live = v_live & (v_pos >= length - window)
+            v_tile = v_smem.at[stage]
+            v_tile[...] = jnp.where(v_live, v_tile[...], jnp.zeros((), v_tile.dtype))
         plgpu.commit_smem()
 
         def pv_scope(pv_ref):

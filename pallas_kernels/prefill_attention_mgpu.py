@@ -39,6 +39,11 @@ Kernel design (flash-attention 2, one warpgroup per block, as the decode kernel)
     float32, not folded into a bf16 q); P goes through SMEM as the wgmma A
     operand; the running max starts at a finite -1e30 so a row whose whole KV
     tile is masked (a segment starting mid tile) never makes NaN.
+  * Isolation: S is masked by a select, and in the masked tiles (the only ones
+    holding keys some row must not see: another prompt's, or its own future)
+    the V tile's non-finite values are set to 0 in SMEM before P @ V, since the
+    0 of P times NaN would be NaN. A prompt's rows so never depend on another
+    prompt's q/k/v; rows whose own keys are not finite are unspecified.
   * The output tile is written as float32 through SMEM straight into
     [T, n_heads, hd] by TMA. The K/V/P stages and the output tile live in two
     successive `run_scoped` regions, so they share SMEM: at hd 128 with the
@@ -66,7 +71,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import paged_attention as attn_ref
-from pallas_kernels.mgpu_common import default_interpret, smem_transforms, warn_once
+from pallas_kernels.mgpu_common import (default_interpret, finite_or_zero, smem_transforms,
+                                        warn_once)
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -152,6 +158,13 @@ def _kernel(q_ref, k_ref, v_ref, lo_ref, tlo_ref, thi_ref, o_ref, q_smem, lo_sme
             p_smem[...] = p.astype(p_smem.dtype)
             plgpu.commit_smem()
             plgpu.barrier_wait(vbars.at[stage])
+            if masked:
+                # A hidden key's p is exactly 0, but 0 * NaN is NaN: with the tile's V
+                # made finite it adds exactly 0 (only rows that see it, its own prompt's,
+                # can change). Unmasked tiles hold only keys every row sees.
+                v_tile = v_smem.at[stage]
+                v_tile[...] = finite_or_zero(v_tile[...])
+                plgpu.commit_smem()
 
             def pv_scope(pv_ref):
                 plgpu.wgmma(pv_ref, p_smem, v_smem.at[stage])
