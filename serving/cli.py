@@ -81,8 +81,9 @@ def build_parser(prog: str = "slora-jax serve") -> argparse.ArgumentParser:
                         "turns it off)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--engine-in-process", action="store_true",
-                   help="run the engine as a thread of the HTTP server's process instead of a "
-                        "process of its own (one GIL for both: slower; for debugging)")
+                   help="run the engine as a thread of the HTTP server's process instead of "
+                        "a process of its own (the HTTP server and the step loop then share "
+                        "one GIL; for debugging)")
     return p
 
 

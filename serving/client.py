@@ -10,8 +10,8 @@ and each `Reply` settles its RPC's future.
 
 The receiver also watches the engine process itself (its `sentinel` in the same poll as
 the socket): if it dies, every request in flight and every pending RPC fails with
-`Unavailable` (503) at once, `alive` turns false and the `when_dead` callback runs, so that the server
-stops (with a non-zero status: a supervisor restarts both).
+`Unavailable` (503) at once, `alive` turns false and the `when_dead` callback runs, so that
+the server stops (with a non-zero status: a supervisor restarts both).
 
 The HTTP server never touches JAX: this process imports the serving modules but builds no
 device array; the engine process alone initializes a backend ("spawn", not "fork").
