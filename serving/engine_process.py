@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -190,6 +191,10 @@ def main(args, input_endpoint: str, output_endpoint: str, parent_pid: int) -> No
         for s in socks:
             s.close()
         ctx.term()
+        if os.getppid() != parent_pid:
+            # The server died without cleaning up: its endpoints' folder is left to us.
+            shutil.rmtree(os.path.dirname(input_endpoint.removeprefix("ipc://")),
+                          ignore_errors=True)
     sys.exit(code)
 
 
