@@ -53,7 +53,7 @@ _warned: set[str] = set()
 TARGET_BLOCKS = 4 * 132  # expand: split N until about this many blocks (4 per H100 SM)
 # Expand splits that need not divide the N steps (`_expand_splits`). On since measured:
 # the W = 11008 expand (43 N steps, prime) at B=128 took 285.8 us with even splits and
-# 43.1 us ragged, kernel alone, on the H100 (benchmarks/results/kernels_lora_h100_s8_*).
+# 43.1 us ragged, kernel alone, on the H100 (benchmarks/PERF.md).
 RAGGED_SPLITS = True
 SHRINK_BLOCKS = 132      # shrink: split K until about this many blocks
 STAGE_BYTES = 40 << 10   # SMEM per pipeline stage we aim for

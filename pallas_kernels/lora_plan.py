@@ -64,7 +64,7 @@ def step_policy(num_tokens: int, num_slots: int, sort: str = "auto",
                 max_tile: int | None = None, prefill: bool = False) -> tuple[int, bool]:
     """(tokens per tile, sorted) of a step's token plan from the `StepSpec` options:
     `max_tile` None picks PREFILL_BLOCK_TOKENS at prefill, MAX_BLOCK_TOKENS at decode
-    (the choices measured best in benchmarks/NOTES_kernels.md, session 7)."""
+    (the choices measured best on the H100, benchmarks/PERF.md)."""
     check_option("lora_max_tile", max_tile)
     if max_tile is None:
         max_tile = PREFILL_BLOCK_TOKENS if prefill else MAX_BLOCK_TOKENS
@@ -484,9 +484,8 @@ def split_sum(og, src, rr, col):
     them all: 10 us per xs at 32 splits in the B=32 one-adapter decode step, H100).
     A sum of one gather per split: XLA then fuses the gathers, the sum and what follows
     into one loop kernel, where a reduce over the split axis made a reduction kernel of
-    its own (2-6 us on the H100 at prefill, `benchmarks/results/kernels_lora-prefill_
-    h100_s8_*`; reducing first was no faster at decode either, `results/tune_lora_apply_
-    h100_s9_*`)."""
+    its own (2-6 us on the H100 at prefill; reducing first was no faster at decode either;
+    benchmarks/PERF.md)."""
     flat = og.reshape(og.shape[0], -1)
     idx = (src * og.shape[2] + rr) * og.shape[3] + col
     total = flat[0][idx]

@@ -235,8 +235,7 @@ def decode_tiling(bsz: int, nkv: int, rows_q: int, max_steps: int,
     the block runs one long pipelined loop. Default: the most heads (a divisor of n_kv
     whose rows fit 64) that still give TARGET_BLOCKS blocks, then context splits only
     if one head per block is not enough; `heads_per_block` fixes the heads instead.
-    From `benchmarks/tune_decode_attention.py` on the H100
-    (`results/tune_decode_attention_h100_4acad05.md`): long blocks beat many short ones,
+    Measured on the H100 (benchmarks/PERF.md, decode attention): long blocks beat many short ones,
     and heads beat splits, which cost a merge (Llama-7B B=1 ctx 4096: 1 head x 4 splits
     29.8 us, 8 heads x 32 splits 36.3 us, both 128 blocks)."""
     fits = [d for d in range(1, min(nkv, 64 // rows_q) + 1) if nkv % d == 0]
