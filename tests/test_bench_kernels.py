@@ -105,6 +105,7 @@ def test_quick_run_covers_every_family(tmp_path):
     assert {r["phase"] for r in rows if r["name"] == "lora_shrink"} == {"decode", "prefill"}
 
 
+@pytest.mark.slow
 def test_tune_lora_quick(tmp_path):
     """The decode LoRA work-split sweep runs end to end (interpreted), writes its JSON and
     table, and every shrink/expand configuration it times computes what the default does."""

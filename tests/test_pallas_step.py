@@ -56,7 +56,13 @@ LORA_OPTS = {"reference-bf16": dict(lora_backend="reference", lora_out="pool"),
 # the same attention kernel (the attention kernel has its own rows above), so that
 # only the LoRA kernels differ
 REF = {"pallas-sorted-bf16": ("reference-bf16", "pallas")}
-CHECKED = [k for k in BACKENDS[1:] if k[0] != "reference-bf16"]
+# The default run checks both kernels together in the step; each kernel alone and the
+# sorted bf16 plan run with -m slow (and each kernel has its own rows in test_kernels.py).
+BOTH = [("reference", "reference"), ("pallas", "pallas")]
+
+
+def _checked(backends):
+    return [k for k in backends[1:] if k[0] != "reference-bf16"]
 
 
 def _spec(eng, lora_b, attn_b):
@@ -101,7 +107,7 @@ def _requests(eng, mc, batch, context, seed):
     return req_slot, slots, lens, kv, pb
 
 
-def _decode_both(mc, batch, context, seed):
+def _decode_both(mc, batch, context, seed, backends=BACKENDS):
     """Logits and new pools of one decode step, reference and Pallas, same inputs."""
     eng, params = _engine(mc, batch, context, seed)
     req_slot, slots, lens, kv, pb = _requests(eng, mc, batch, context, seed)
@@ -110,7 +116,7 @@ def _decode_both(mc, batch, context, seed):
     db = decode_batch(list(map(int, np.asarray(first.tokens)[:batch])), lens, kv, req_slot,
                       samp, slots, eng.ec, eng.layout)
     out = {}
-    for lora_b, attn_b in BACKENDS:
+    for lora_b, attn_b in backends:
         spec = _spec(eng, lora_b, attn_b)
         pool = jax.tree.map(jnp.copy, eng.pool)
         pool, res = decode(params, pool, db, spec=spec)
@@ -123,13 +129,13 @@ def _decode_both(mc, batch, context, seed):
     return out, np.asarray(res.logits[:batch], np.float32), req_slot, eng, params, db
 
 
-def _check(mc, batch, context, seed):
-    out, base, req_slot, *_ = _decode_both(mc, batch, context, seed)
+def _check(mc, batch, context, seed, backends=BACKENDS):
+    out, base, req_slot, *_ = _decode_both(mc, batch, context, seed, backends)
     scale = np.abs(out["reference", "reference"][0]).max(axis=-1)
     moved = np.abs(base - out["reference", "reference"][0]).max(axis=-1) / scale
     with_lora = np.array(req_slot) >= 0
     errs = {}
-    for key in CHECKED:                    # each kernel alone, then both
+    for key in _checked(backends):                    # each kernel alone, then both
         ref, ref_pool = out[REF.get(key[0], ("reference", "reference"))]
         got, got_pool = out[key]
         assert np.all(np.isfinite(got)), key
@@ -147,21 +153,26 @@ def _check(mc, batch, context, seed):
 
 def test_pallas_decode_step_matches_reference():
     """Interpreted on the CPU: 8 requests over 5 adapters (ranks 1..16) and base-only."""
+    _check(SMALL, batch=8, context=40, seed=3, backends=BOTH)
+
+
+@pytest.mark.slow
+def test_pallas_decode_step_each_kernel_matches_reference():
     _check(SMALL, batch=8, context=40, seed=3)
 
 
-def _check_prefill(mc, batch, context, seed):
+def _check_prefill(mc, batch, context, seed, backends=BACKENDS):
     """The prefill step (packed prompts of odd lengths, every adapter and base-only)
     with each Pallas backend vs the references: last-token logits and the K/V it wrote."""
     eng, params = _engine(mc, batch, context, seed)
     pb = _requests(eng, mc, batch, context, seed)[-1]
     out = {}
-    for lora_b, attn_b in BACKENDS:
+    for lora_b, attn_b in backends:
         spec = _spec(eng, lora_b, attn_b)
         pool, res = prefill(params, jax.tree.map(jnp.copy, eng.pool), pb, spec=spec)
         out[lora_b, attn_b] = (np.asarray(res.logits[:batch], np.float32), pool)
     scale = np.abs(out["reference", "reference"][0]).max(axis=-1)
-    for key in CHECKED:
+    for key in _checked(backends):
         ref, ref_pool = out[REF.get(key[0], ("reference", "reference"))]
         got, got_pool = out[key]
         assert np.all(np.isfinite(got)), key
@@ -174,6 +185,11 @@ def _check_prefill(mc, batch, context, seed):
 
 def test_pallas_prefill_step_matches_reference():
     """Interpreted on the CPU: 6 prompts of 1..70 tokens over 5 adapters and base-only."""
+    _check_prefill(SMALL, batch=6, context=72, seed=5, backends=BOTH)
+
+
+@pytest.mark.slow
+def test_pallas_prefill_step_each_kernel_matches_reference():
     _check_prefill(SMALL, batch=6, context=72, seed=5)
 
 

@@ -141,7 +141,11 @@ def test_property_random_fields_get_4xx_or_200_never_5xx(srv, fields):
     r = httpx.post(f"{srv['url']}/v1/completions", timeout=60,
                    content=json.dumps(body, allow_nan=True),
                    headers={"Content-Type": "application/json"})
-    assert r.status_code == 200 or 400 <= r.status_code < 500, (body, r.status_code, r.text)
+    # The one documented 5xx: a valid first-token SLO too short to meet (early abort).
+    slo_abort = (r.status_code == 503 and "ttft_slo_s" in body
+                 and r.json()["error"]["code"] == "slo_abort")
+    assert r.status_code == 200 or 400 <= r.status_code < 500 or slo_abort, (
+        body, r.status_code, r.text)
     assert srv["eng"].alive
 
 
