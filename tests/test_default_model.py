@@ -61,6 +61,7 @@ def _upper_fraction(text: str) -> float:
     return sum(c.isupper() for c in letters) / max(1, len(letters))
 
 
+@pytest.mark.slow     # 50 s on 2 cores; the default model itself is checked by the tests above
 def test_demo_adapters_in_one_batch(default_model, engine):
     from serving.offline import Request
     from slora_jax.train_lora import HELDOUT, SIGNATURE, Chat

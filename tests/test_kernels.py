@@ -313,7 +313,7 @@ def test_prefill_segments_span_token_tiles():
     check_expand(c, H)
 
 
-@pytest.mark.parametrize("max_rank,t", [(64, 40), (16, 3)])
+@pytest.mark.parametrize("max_rank,t", [pytest.param(64, 40, marks=pytest.mark.slow), (16, 3)])
 def test_balanced_shrink_matches_reference(max_rank, t):
     """The shrink's chunks cut evenly over its blocks whatever their tiles: tiles of
     very different rank rows (as 4 requests per adapter with ranks cycling 8..64 give),
