@@ -135,7 +135,7 @@ def _check(mc, batch, context, seed, backends=BACKENDS):
     moved = np.abs(base - out["reference", "reference"][0]).max(axis=-1) / scale
     with_lora = np.array(req_slot) >= 0
     errs = {}
-    for key in _checked(backends):                    # each kernel alone, then both
+    for key in _checked(backends):         # each kernel alone (if asked), then both
         ref, ref_pool = out[REF.get(key[0], ("reference", "reference"))]
         got, got_pool = out[key]
         assert np.all(np.isfinite(got)), key
