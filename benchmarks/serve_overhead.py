@@ -7,8 +7,11 @@
 each base only and with N adapters (power-law popularity). (b) and (c) report the mean time
 per output token of a request (TPOT: from its first to its last token, over its tokens
 after the first), the figure a streaming user sees; (a) is the floor both approach. Each
-phase runs in its own process, so the device memory of one is free for the next; (b) starts
-with an empty compilation cache (cold start) and (c) reuses it (warm start).
+phase runs in its own process, so the device memory of one is free for the next. A first
+phase, `startup`, starts the real server twice with the N dummy adapters preloaded: with an
+empty compilation cache (cold start), then with the cache that made (warm start), each
+timed from launch to the first `/health` 200, with the server's own phase times
+(`slora_startup_seconds` from `/metrics`).
 
     # GPU (one device call, under 10 minutes):
     python benchmarks/serve_overhead.py --dummy llama-7b --config configs/server/llama-7b-bench.yaml
@@ -17,7 +20,7 @@ with an empty compilation cache (cold start) and (c) reuses it (warm start).
 
 Prints a table and writes benchmarks/results/serving_overhead_<device>_<commit>.json with
 `device`, `commit`, `command`, `date`, `rows` ({"adapters", "batch", "step_ms", "engine_ms",
-"http_tpot_ms"}) and the start-up times.
+"http_tpot_ms"}) and the start-up times (`start_s`, `startup_phases_s`).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-range", default="8,32")
     p.add_argument("--output-range", default="480,512")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent")
-    p.add_argument("--skip", default="", help="phases to skip: comma list of step,engine,http")
+    p.add_argument("--skip", default="", help="phases to skip: comma list of startup,step,engine,http")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny preset, 24 requests")
     p.add_argument("--out", default=os.path.join(_HERE, "results"))
     p.add_argument("--phase", help=argparse.SUPPRESS)            # internal: run one phase
@@ -98,13 +101,13 @@ def _tpot_ms(spans: list[tuple[float, float, int]]) -> float:
 # --- phase (b): the engine in this process ---------------------------------------------
 
 def phase_engine(args) -> dict:
-    from serving.cli import build, build_parser as serve_parser
+    from serving.cli import build, build_parser as serve_parser, warm
     from serving.scheduler import GenerationRequest
     from slora_jax.batching import Sampling
     t0 = time.perf_counter()
     engine, _, _, _ = build(serve_parser().parse_args(_serve_flags(args, args.adapters,
                                                                    args.cache_dir)))
-    engine.warmup(progress=False)
+    warm(engine, progress=False)
     start_s = time.perf_counter() - t0
     engine.start()
     out = {"start_s": start_s}
@@ -144,54 +147,92 @@ def phase_engine(args) -> dict:
 
 # --- phase (c): the HTTP server ---------------------------------------------------------------
 
+class _Server:
+    """`python -m serving.server` on a free port; `__enter__` returns once /health is 200."""
+
+    def __init__(self, args, cache: str, log_level: str = "warning"):
+        self.argv = [sys.executable, "-m", "serving.server", "--port", str(_free_port()),
+                     *_serve_flags(args, args.adapters, cache), "--log-level", log_level]
+        self.url = f"http://127.0.0.1:{self.argv[4]}"
+
+    def __enter__(self) -> "_Server":
+        import httpx
+        self._dir = tempfile.TemporaryDirectory()
+        self._log_path = os.path.join(self._dir.name, "log")
+        self._log = open(self._log_path, "w")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.argv, cwd=_ROOT, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"the server exited ({self.proc.returncode}):\n"
+                                     + open(self._log_path).read()[-3000:])
+                try:
+                    if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.start_s = time.perf_counter() - t0
+        return self
+
+    def startup_phases(self) -> dict[str, float]:
+        """The server's own `slora_startup_seconds{phase}` gauges."""
+        import httpx
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^slora_startup_seconds\{phase="([^"]+)"\} (\S+)$', text, re.M)}
+
+    def log_lines(self, pattern: str) -> list[str]:
+        with open(self._log_path) as f:
+            return [ln.rstrip() for ln in f if re.search(pattern, ln)]
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+        self._dir.cleanup()
+
+
+def phase_startup(args) -> dict:
+    """Cold start (the cache dir is empty) then warm start, of the real server."""
+    out = {}
+    for label in ("cold", "warm"):
+        with _Server(args, args.cache_dir, log_level="info") as srv:
+            out[label] = {"wall_s": srv.start_s, "phases_s": srv.startup_phases()}
+            for line in srv.log_lines("start-up:|compiled every|adapters in host"):
+                print("  " + line.split(" INFO ")[-1], flush=True)
+        print(f"start-up {label}: {out[label]['wall_s']:.1f} s to /health; server phases: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in out[label]["phases_s"].items()), flush=True)
+    return out
+
+
 def phase_http(args) -> dict:
     import httpx
 
     import serve_load
-    with tempfile.TemporaryDirectory() as d:
-        port_file = os.path.join(d, "log")
-        log = open(port_file, "w")
-        port = _free_port()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--port", str(port),
-                                 *_serve_flags(args, args.adapters, args.cache_dir)],
-                                cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the server exited ({proc.returncode}):\n"
-                                     + open(port_file).read()[-3000:])
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            out = {"start_s": time.perf_counter() - t0}
-            vocab = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["vocab_size"]
-            for n in (0, args.adapters):
-                reqs = [serve_load.Req(i, 0.0, a or "base", p, m) for i, (a, p, m)
-                        in enumerate(_trace(args, n, vocab, seed=n))]
-                base = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-                for r in reqs:
-                    if r.adapter == "base":
-                        r.adapter = base
-                recs, wall = asyncio.run(serve_load.run_trace(url, reqs, 600))
-                bad = [r.error for r in recs if r.error]
-                if bad:
-                    raise SystemExit(f"{len(bad)} requests failed: {bad[:3]}")
-                s = serve_load.summarize(recs, wall, 1e9)
-                out[str(n)] = 1000 * s["tpot_mean_s"]
-                print(f"http adapters={n}: {out[str(n)]:.2f} ms per output token "
-                      f"({s['throughput_req_s']:.2f} req/s)", flush=True)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+    with _Server(args, args.cache_dir) as srv:
+        url, out = srv.url, {"start_s": srv.start_s}
+        vocab = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["vocab_size"]
+        base = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        for n in (0, args.adapters):
+            reqs = [serve_load.Req(i, 0.0, a or base, p, m) for i, (a, p, m)
+                    in enumerate(_trace(args, n, vocab, seed=n))]
+            recs, wall = asyncio.run(serve_load.run_trace(url, reqs, 600))
+            bad = [r.error for r in recs if r.error]
+            if bad:
+                raise SystemExit(f"{len(bad)} requests failed: {bad[:3]}")
+            s = serve_load.summarize(recs, wall, 1e9)
+            out[str(n)] = 1000 * s["tpot_mean_s"]
+            print(f"http adapters={n}: {out[str(n)]:.2f} ms per output token "
+                  f"({s['throughput_req_s']:.2f} req/s)", flush=True)
     return out
 
 
@@ -261,14 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         _quick(args)
     if args.phase:
-        fn = {"step": phase_step, "engine": phase_engine, "http": phase_http}[args.phase]
+        fn = {"startup": phase_startup, "step": phase_step, "engine": phase_engine,
+              "http": phase_http}[args.phase]
         print(json.dumps(fn(args)), flush=True)
         return 0
     skip = set(filter(None, args.skip.split(",")))
     cache = tempfile.mkdtemp(prefix="slora-jax-cache-")
     try:
         res = {}
-        for name in ("step", "engine", "http"):
+        for name in ("startup", "step", "engine", "http"):
             if name not in skip:
                 t = time.perf_counter()
                 res[name] = _run_phase(name, argv, cache)
@@ -289,8 +331,10 @@ def main(argv: list[str] | None = None) -> int:
                            "rank": args.rank, "num_requests": args.num_requests,
                            "input_range": args.input_range, "output_range": args.output_range,
                            "alpha": args.alpha, "step_context": args.context},
-              "start_s": {"cold (engine phase, empty cache)": res.get("engine", {}).get("start_s"),
-                          "warm (http phase)": res.get("http", {}).get("start_s")},
+              "start_s": {k: res.get("startup", {}).get(k, {}).get("wall_s")
+                          for k in ("cold", "warm")},
+              "startup_phases_s": {k: res.get("startup", {}).get(k, {}).get("phases_s")
+                                   for k in ("cold", "warm")},
               "rows": rows,
               "engine_sections_ms_per_step": {str(n): res.get("engine", {}).get(f"sections_{n}")
                                               for n in (0, args.adapters)},
@@ -312,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['adapters']} | {r['batch']} | {fmt(r['step_ms'])} | {fmt(r['engine_ms'])} | "
               f"{fmt(r['http_tpot_ms'])} | {ratio('http_tpot_ms')} | {ratio('engine_ms')} |")
     st = record["start_s"]
-    print(f"start-up: cold {fmt(st['cold (engine phase, empty cache)'])} s, "
-          f"warm {fmt(st['warm (http phase)'])} s")
+    print(f"start-up to /health with {args.adapters} dummy adapters: cold {fmt(st['cold'])} s, "
+          f"warm {fmt(st['warm'])} s")
     print(f"wrote {os.path.relpath(path, _ROOT)}")
     return 0
 

@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 log = logging.getLogger("serving.cli")
 DEMO_ADAPTERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -163,9 +164,13 @@ def _auto_num_pages(mc, eng: dict, dtype, fraction: float) -> int:
     return 1 + eng["max_batch"] * lay.kv_pages_for(eng["max_context"]) + 8 * lay.max_adapter_pages
 
 
-def build(args):
-    """(engine, codec, served name, resolved config) from parsed flags; not started, not warm."""
+def build(args, clock=None):
+    """(engine, codec, served name, resolved config) from parsed flags; not started, not warm.
+    `clock` (a `serving.metrics.StartupClock`) times the phases; the engine's metrics keep
+    them once `warmup` has run too (see `finish_startup`)."""
     import jax.numpy as jnp
+
+    from serving.metrics import StartupClock
 
     from serving.adapter_store import StoreConfig
     from serving.engine import Engine
@@ -174,6 +179,8 @@ def build(args):
     from slora_jax.cli import load_model
     from slora_jax.config import EngineConfig
 
+    clock = clock or StartupClock(log, getattr(args, "started_at", None))
+    clock.done("process")             # spawn, imports (the caller's t0 to here)
     if args.compile_cache and args.compile_cache.lower() != "none":
         import jax
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
@@ -192,6 +199,7 @@ def build(args):
     cfg = resolve(args)
     srv, eng = cfg["server"], cfg["engine"]
     mc, params, _ = load_model(args.model, args.dummy, srv["dtype"])
+    clock.done("params")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[srv["dtype"]]
     eng["max_context"] = min(eng["max_context"], mc.max_position_embeddings)
     eng.setdefault("max_adapters_per_batch", eng["max_batch"])
@@ -203,6 +211,7 @@ def build(args):
                     store_config=StoreConfig(**{**cfg["store"], "allowed_roots": roots}))
     codec = TextCodec.from_dir(args.tokenizer or args.model)
     name = srv["served_model_name"] or mc.name
+    clock.done("engine")
     store = engine.store
     for d in args.adapters:
         n = store.register_dir(d)
@@ -224,7 +233,21 @@ def build(args):
     if args.preload:
         n = store.preload(progress=True)
         log.info("%d adapters in host RAM (%.1f MiB)", n, store.stats()["host_bytes"] / 2**20)
+    clock.done("adapters")
+    engine.startup_clock = clock
     return engine, codec, name, cfg
+
+
+def warm(engine, progress: bool = True) -> float:
+    """Warm `engine` up (every bucket) and publish the start-up phases as metrics."""
+    secs = engine.warmup(progress=progress)
+    log.info("compiled every bucket in %.1fs (%s)", secs, ", ".join(
+        f"{k} {v:.1f}s" for k, v in engine.warmup_seconds.items()))
+    clock = getattr(engine, "startup_clock", None)
+    if clock is not None:
+        clock.done("warmup")
+        engine.metrics.record_startup({**clock.phases, "total": sum(clock.phases.values())})
+    return secs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns 0 after SIGINT/SIGTERM (both processes stopped), 2 for a configuration error, 1
     if the engine died (every request in flight got a 503 first; a supervisor restarts)."""
     args = build_parser().parse_args(argv)
+    args.started_at = time.time()     # start-up phases count from here (serving.metrics)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import yaml
@@ -293,8 +317,7 @@ def _main_in_process(args) -> int:
     def when_dead(exit_soon):
         engine.on_fatal = lambda e: (failed.append(e), exit_soon())
     try:
-        secs = engine.warmup(progress=True)
-        log.info("compiled every bucket in %.1fs", secs)
+        warm(engine)
         engine.start()
         _serve(engine, codec, name, cfg["server"], len(engine.store.names()), args, when_dead)
     except _Stopped as e:

@@ -173,7 +173,9 @@ class Engine:
             from tqdm import tqdm
             it = tqdm(jobs, desc="compiling buckets", unit="shape")
         t0 = time.perf_counter()
+        self.warmup_seconds: dict[str, float] = collections.defaultdict(float)
         for kind, n, use in it:
+            t_job = time.perf_counter()
             slot = [0 if use else -1]
             if kind == "prefill":
                 n = min(n, ec.max_prefill_tokens)
@@ -192,6 +194,7 @@ class Engine:
                     (lay.num_layers, c, lay.page_size, lay.row_width), self._host_dtype()))
                 out = self.pool.layers[0]
             jax.block_until_ready(out)
+            self.warmup_seconds[kind] += time.perf_counter() - t_job
         self._compiled = self._cache_sizes()
         return time.perf_counter() - t0
 

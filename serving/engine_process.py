@@ -199,7 +199,7 @@ def main(args, input_endpoint: str, output_endpoint: str, parent_pid: int) -> No
 
 
 def _serve(args, inbox, replies, outputs, parent_pid: int) -> int:
-    from serving.cli import build, log as cli_log
+    from serving.cli import build, log as cli_log, warm
     try:
         engine, _, name, cfg = build(args)
     except (ValueError, OSError) as e:     # config, weights and adapter errors name their file
@@ -209,8 +209,7 @@ def _serve(args, inbox, replies, outputs, parent_pid: int) -> int:
     cli_log.info("model %s: %d pool pages of %d rows (%d tokens each), max_batch %d, context %d",
                  name, ec.num_pages, ec.page_size, engine.layout.tokens_per_page, ec.max_batch,
                  ec.max_context)
-    secs = engine.warmup(progress=True)
-    cli_log.info("compiled every bucket in %.1fs", secs)
+    warm(engine)
     bridge = Bridge(engine, inbox, replies, outputs, parent_pid)
     # From here on SIGTERM (from the server, or PR_SET_PDEATHSIG) is a clean stop; before,
     # its default action ends a process that holds nothing worth saving.

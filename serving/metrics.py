@@ -76,6 +76,15 @@ class ServingMetrics:
         for sec in SectionClock.SECTIONS:
             g.labels(section=sec).set_function(lambda k=sec: totals.get(k, 0.0))
 
+    def record_startup(self, phases: dict[str, float]) -> None:
+        """`slora_startup_seconds{phase}`: how long each start-up phase took."""
+        g = Gauge(f"{self.prefix}_startup_seconds", "Wall time of each start-up phase "
+                  "(process: spawn and imports; params; engine: pool and store; adapters: "
+                  "registering and preloading; warmup: every bucket compiled or loaded and run)",
+                  ["phase"], registry=self.registry)
+        for k, v in phases.items():
+            g.labels(phase=k).set(v)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -96,3 +105,22 @@ class SectionClock:
         t = time.perf_counter()
         self.totals[section] += t - self._t
         self._t = t
+
+
+class StartupClock:
+    """Wall time of consecutive start-up phases: `done(name)` closes the phase that began
+    at the previous call (or at `t0`, a `time.time()`), logs it and keeps it."""
+
+    def __init__(self, log, t0: float | None = None):
+        self.log = log
+        self.t0 = time.time() if t0 is None else t0
+        self._t = self.t0
+        self.phases: dict[str, float] = {}
+
+    def done(self, name: str) -> float:
+        t = time.time()
+        self.phases[name] = self.phases.get(name, 0.0) + (t - self._t)
+        self._t = t
+        self.log.info("start-up: %s took %.1fs (%.1fs since start)", name, self.phases[name],
+                      t - self.t0)
+        return self.phases[name]
