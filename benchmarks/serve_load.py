@@ -267,13 +267,13 @@ def main(argv: list[str] | None = None) -> int:
 
         import jax
 
-        from serving.cli import build, build_parser as serve_parser
+        from serving.cli import build, build_parser as serve_parser, warm
         from serving.server import ServerThread, create_app
         sargs = serve_parser().parse_args(server_argv)
         logging.basicConfig(level=sargs.log_level.upper(),
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         engine, codec, name, cfg = build(sargs)
-        engine.warmup(progress=True)
+        warm(engine)
         engine.start()
         server = ServerThread(create_app(engine, codec, name,
                                          default_max_tokens=cfg["server"]["default_max_tokens"]),

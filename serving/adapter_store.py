@@ -389,7 +389,8 @@ class AdapterStore:
         if e.host is None:
             self._load_job(e)
 
-    def preload(self, names: list[str] | None = None, progress: bool = False) -> int:
+    def preload(self, names: list[str] | None = None, progress: bool = False,
+                bar_position: int | None = None) -> int:
         """Load adapters into host RAM now (on the loader threads) until the budget is full.
 
         S-LoRA keeps every adapter in host memory; this reproduces that start
@@ -399,7 +400,8 @@ class AdapterStore:
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=len(entries), desc="loading adapters to host", unit="adapter")
+            bar = tqdm(total=len(entries), desc="loading adapters to host", unit="adapter",
+                       position=bar_position)
         inflight: collections.deque = collections.deque()
 
         def done_one():

@@ -19,6 +19,7 @@ inside `--adapters` or `--allowed-lora-root` directories.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -167,7 +168,7 @@ def _auto_num_pages(mc, eng: dict, dtype, fraction: float) -> int:
 def build(args, clock=None):
     """(engine, codec, served name, resolved config) from parsed flags; not started, not warm.
     `clock` (a `serving.metrics.StartupClock`) times the phases; the engine's metrics keep
-    them once `warmup` has run too (see `finish_startup`)."""
+    them once `warm(engine)` has run."""
     import jax.numpy as jnp
 
     from serving.metrics import StartupClock
@@ -230,23 +231,39 @@ def build(args, clock=None):
                  ranks, ",".join(mods))
     if name in store:
         raise ValueError(f"an adapter is named '{name}', like the base model")
-    if args.preload:
-        n = store.preload(progress=True)
-        log.info("%d adapters in host RAM (%.1f MiB)", n, store.stats()["host_bytes"] / 2**20)
     clock.done("adapters")
-    engine.startup_clock = clock
+    engine.startup = Startup(clock, preload=args.preload)
     return engine, codec, name, cfg
 
 
+@dataclasses.dataclass
+class Startup:
+    """What `warm` finishes for an engine that `build` made."""
+    clock: "StartupClock"
+    preload: bool          # --preload: every adapter into host RAM before serving
+
+
 def warm(engine, progress: bool = True) -> float:
-    """Warm `engine` up (every bucket) and publish the start-up phases as metrics."""
+    """Warm `engine` up (every bucket), with --preload's adapter loading on the loader
+    threads meanwhile (numpy packing and XLA compiling both run outside the GIL), and
+    publish the start-up phases as metrics. Returns the warm-up's seconds."""
+    st = getattr(engine, "startup", None)
+    preloading = None
+    if st is not None and st.preload:
+        preloading = concurrent.futures.ThreadPoolExecutor(1, "preload").submit(
+            engine.store.preload, progress=progress, bar_position=1)
     secs = engine.warmup(progress=progress)
     log.info("compiled every bucket in %.1fs (%s)", secs, ", ".join(
         f"{k} {v:.1f}s" for k, v in engine.warmup_seconds.items()))
-    clock = getattr(engine, "startup_clock", None)
-    if clock is not None:
-        clock.done("warmup")
-        engine.metrics.record_startup({**clock.phases, "total": sum(clock.phases.values())})
+    if st is not None:
+        st.clock.done("warmup")
+    if preloading is not None:
+        n = preloading.result()
+        log.info("%d adapters in host RAM (%.1f MiB)", n,
+                 engine.store.stats()["host_bytes"] / 2**20)
+        st.clock.done("preload")         # what the preload took beyond the warm-up
+    if st is not None:
+        engine.metrics.record_startup({**st.clock.phases, "total": sum(st.clock.phases.values())})
     return secs
 
 

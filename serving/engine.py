@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -152,8 +154,9 @@ class Engine:
         return np.dtype(self.dtype)
 
     # -- lifecycle -----------------------------------------------------------------------
-    def warmup(self, progress: bool = True) -> float:
-        """Compile (and run once) every shape the serving loop can dispatch. Returns seconds."""
+    def warmup(self, progress: bool = True, threads: int | None = None) -> float:
+        """Compile (and run once) every shape the serving loop can dispatch, compiling on
+        `threads` threads (default: one per shape, at most one per CPU). Returns seconds."""
         ec, lay = self.ec, self.layout
         m = len(MODULES)
         null_slot = SlotInfo(pages=np.zeros(0, np.int32), rank=np.zeros(m, np.int32),
@@ -168,33 +171,50 @@ class Engine:
                 jobs.append(("decode", b, use))
         for c in self.store.chunk_shapes():
             jobs.append(("adapter-copy", c, False))
-        it = jobs
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(jobs, desc="compiling buckets", unit="shape")
-        t0 = time.perf_counter()
-        self.warmup_seconds: dict[str, float] = collections.defaultdict(float)
-        for kind, n, use in it:
-            t_job = time.perf_counter()
+        calls = []                 # (kind, jitted fn, its arguments after the state)
+        for kind, n, use in jobs:
             slot = [0 if use else -1]
             if kind == "prefill":
                 n = min(n, ec.max_prefill_tokens)
                 b = prefill_batch([[0] * n], [np.zeros(0, np.int32)], slot, [Sampling()],
                                   [null_slot], ec, lay, device_put=False)
-                b, rows = self._finish_prefill(b, [null_slot] if use else [])
-                out = self._call(prefill_step, b, rows)
+                calls.append((kind, prefill_step,
+                              self._step_args(*self._finish_prefill(b, [null_slot] if use else []))))
             elif kind == "decode":
                 b = decode_batch(None, [0] * n, [np.zeros(0, np.int32)] * n, slot * n,
                                  [Sampling()] * n, [null_slot], ec, lay, device_put=False)
-                b, rows = self._finish_decode(b, [null_slot] if use else [])
-                out = self._call(decode_step, b, rows)
+                calls.append((kind, decode_step,
+                              self._step_args(*self._finish_decode(b, [null_slot] if use else []))))
             else:
-                c = n
-                self.pool = load_adapter_pages(self.pool, np.zeros(c, np.int32), np.zeros(
-                    (lay.num_layers, c, lay.page_size, lay.row_width), self._host_dtype()))
-                out = self.pool.layers[0]
+                calls.append((kind, load_adapter_pages, ((np.zeros(n, np.int32), np.zeros(
+                    (lay.num_layers, n, lay.page_size, lay.row_width), self._host_dtype())), {})))
+        t0 = time.perf_counter()
+        self.warmup_seconds: dict[str, float] = collections.defaultdict(float)
+
+        # Compile on threads: XLA compiles (and reads the compilation cache) outside the
+        # GIL, and jit's caches hand each compiled executable to the first real call.
+        def compile_one(kind, fn, extra):
+            t = time.perf_counter()
+            fn.lower(*self._state_args(fn), *extra[0], **extra[1]).compile()
+            return kind, time.perf_counter() - t
+        threads = threads or min(len(calls), os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(threads, "compile") as ex:
+            futs = [ex.submit(compile_one, *c) for c in calls]
+            done = concurrent.futures.as_completed(futs)
+            if progress:
+                from tqdm import tqdm
+                done = tqdm(done, total=len(futs), desc="compiling buckets", unit="shape")
+            for f in done:
+                f.result()
+        self.warmup_seconds["compile"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for kind, fn, (extra, kw) in calls:         # run each once, in order (the pool is donated)
+            if fn is load_adapter_pages:
+                self.pool = out = fn(self.pool, *extra)
+            else:
+                self.pool, self.tok_buf, out, _ = fn(*self._state_args(fn), *extra, **kw)
             jax.block_until_ready(out)
-            self.warmup_seconds[kind] += time.perf_counter() - t_job
+        self.warmup_seconds["first runs"] = time.perf_counter() - t1
         self._compiled = self._cache_sizes()
         return time.perf_counter() - t0
 
@@ -450,6 +470,14 @@ class Engine:
                                                        buf, spec=self.spec, packing=packing)
         self.clock.lap("launch")
         return tokens, logprobs
+
+    def _step_args(self, batch, rows):
+        """A step's arguments after the engine state (warm-up), as `_call` passes them."""
+        buf, packing = pack((batch, rows))
+        return (jax.device_put(buf),), dict(spec=self.spec, packing=packing)
+
+    def _state_args(self, fn) -> tuple:
+        return (self.pool,) if fn is load_adapter_pages else (self.params, self.pool, self.tok_buf)
 
     def _slots(self, seqs: list[Seq]) -> tuple[list[SlotInfo], list[int]]:
         order: dict[Any, int] = {}
