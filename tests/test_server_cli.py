@@ -35,7 +35,7 @@ def test_serve_subprocess_with_2000_adapters(tmp_path):
     (tmp_path / "s.yaml").write_text(YAML)
     cmd = [sys.executable, "-m", "serving.server", "--dummy", "tiny", "--config",
            str(tmp_path / "s.yaml"), "--port", "0", "--adapters", str(tmp_path / "adapters"),
-           "--dummy-adapters", "2000", "--dummy-ranks", "4,8"]
+           "--dummy-adapters", "2000", "--dummy-ranks", "4,8", "--preload"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     lines: list[str] = []
@@ -73,6 +73,16 @@ def test_serve_subprocess_with_2000_adapters(tmp_path):
         r = httpx.post(f"{u}/v1/load_lora_adapter",
                        json={"lora_name": "x", "lora_path": "/etc"})
         assert r.status_code == 403
+        # --preload filled host RAM (during the warm-up) before /health said ready, and the
+        # start-up phases reached Prometheus from the engine process.
+        metrics = httpx.get(f"{u}/metrics").text
+        assert re.search(r'^slora_adapters\{tier="host"\} 2002\.0$', metrics, re.M), metrics
+        phases = {m[1]: float(m[2]) for m in re.finditer(
+            r'^slora_startup_seconds\{phase="([^"]+)"\} (\S+)$', metrics, re.M)}
+        assert set(phases) == {"process", "params", "engine", "adapters", "warmup", "preload",
+                               "total"}, metrics
+        assert all(v >= 0 for v in phases.values()) and phases["warmup"] > 0
+        assert abs(phases["total"] - sum(v for k, v in phases.items() if k != "total")) < 1e-6
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(30)
