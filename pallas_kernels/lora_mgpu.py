@@ -40,12 +40,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mgpu_common import (default_interpret, finite_or_zero, smem_transforms,
                                         warn_once)
-from pallas_kernels import lora as lora_ref
+from pallas_kernels import lora_reference as lora_ref
 from pallas_kernels.lora_plan import (
     CHUNK, GROUP, ROWS, GroupPlan, make_group_plan, pick_block_tokens, plan_order, plan_where,
     split_sum, width_groups, xs_from_shrink, xs_from_xa)
-from slora_jax.config import check_option
-from slora_jax.pool import matrix_form
+from pallas_kernels.geometry import check_option, matrix_form
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -437,7 +436,7 @@ def lora_apply_multi(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales, t
                    pick_block_tokens(x.shape[0], slot_pages.shape[0]))
     if why:
         _fallback(why)
-        return tuple(lora_ref.lora_apply(
+        return tuple(lora_ref.lora_apply_reference(
             x, rows, slot_pages, a_offsets[:, j], b_offsets[:, j], ranks[:, j], scales[:, j],
             token_slot, max_rank=max_rank, out_features=out_features[j], page_size=page_size)
             for j in range(n_mod))
@@ -461,7 +460,7 @@ def lora_shrink(x: jax.Array, rows: jax.Array, slot_pages: jax.Array, a_offset: 
     """xa[t] = x[t] · A_{slot(t)}: x [T, in], rows [N, H] -> [T, max_rank] float32.
 
     See `pallas_kernels.lora.lora_shrink_reference` for the contract; offsets must be
-    8-aligned in the matrix's view, as `PoolLayout.adapter_offsets` places them.
+    8-aligned in the matrix's view, as `KVLayout.adapter_offsets` places them.
     Keywords as `lora_shrink_multi`.
     """
     return lora_shrink_multi(x, rows, slot_pages, a_offset[:, None], rank[:, None], token_slot,
@@ -512,7 +511,7 @@ def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset:
     """y[t] = scale_{slot(t)} · xa[t] · B_{slot(t)}: xa [T, R] f32 -> [T, out] float32.
 
     See `pallas_kernels.lora.lora_expand_reference` for the contract (offsets 8-aligned
-    in the matrix's view, as `PoolLayout.adapter_offsets` places them). xa·scale is
+    in the matrix's view, as `KVLayout.adapter_offsets` places them). xa·scale is
     rounded to the pool dtype (bf16) for the tensor-core product. Keywords as
     `lora_expand_multi`.
     """

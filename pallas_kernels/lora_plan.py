@@ -17,9 +17,9 @@ in that tile (as ragged_dot maps groups to blocks). Two orders:
   `sort_policy` picks (`StepSpec.lora_sort`).
 
 Rows move by TMA in *groups* of 8 rank rows, read in the view of the pool in which the
-matrix's rank rows are rows (`slora_jax.pool.matrix_form`: `[*, W]` for a flat matrix
+matrix's rank rows are rows (`pallas_kernels.geometry.matrix_form`: `[*, W]` for a flat matrix
 whose width W divides H, `[*, C]` for a chunked one, C = gcd(W, H), where each column
-chunk is its own run of rank rows). `PoolLayout.adapter_offsets` starts every matrix
+chunk is its own run of rank rows). `KVLayout.adapter_offsets` starts every matrix
 8-aligned in that view, so a slot of rank r owns exactly ceil(r/8) groups per module and
 chunk. This needs `page_size * H / C % 8 == 0`, so that a group never straddles a page.
 
@@ -38,8 +38,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from slora_jax.config import check_option
-from slora_jax.pool import matrix_form
+from pallas_kernels.geometry import check_option, matrix_form
 
 GROUP = 8               # rank rows per TMA copy: one 8-row tile of a wgmma operand
 CHUNK = 8               # groups per chunk: the 64 rows of one wgmma operand

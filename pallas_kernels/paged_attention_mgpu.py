@@ -33,8 +33,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mgpu_common import default_interpret, smem_transforms, warn_once
-from pallas_kernels import paged_attention as attn_ref
-from slora_jax.pool import PoolLayout
+from pallas_kernels import attention_reference as attn_ref
+from pallas_kernels.geometry import KVLayout
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -171,7 +171,7 @@ def _decode_kernel(q_ref, kv_ref, pages_ref, len_ref, o_ref, m_ref, l_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
-def _decode_unsupported(layout: PoolLayout, dtype, block_kv: int) -> str | None:
+def _decode_unsupported(layout: KVLayout, dtype, block_kv: int) -> str | None:
     tpp, hd, kv = layout.tokens_per_page, layout.head_dim, layout.kv_size
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"pool dtype {jnp.dtype(dtype)} is not 16-bit"
@@ -251,7 +251,7 @@ def decode_tiling(bsz: int, nkv: int, rows_q: int, max_steps: int,
 
 
 def decode_attention(q: jax.Array, layer: jax.Array, kv_pages: jax.Array, lengths: jax.Array,
-                     layout: PoolLayout, sliding_window: int | None = None, *,
+                     layout: KVLayout, sliding_window: int | None = None, *,
                      block_kv: int | None = None, num_stages: int | None = None,
                      num_splits: int | None = None, heads_per_block: int | None = None,
                      interpret=None) -> jax.Array:

@@ -70,7 +70,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import paged_attention as attn_ref
+from pallas_kernels import attention_reference as attn_ref
 from pallas_kernels.mgpu_common import (default_interpret, finite_or_zero, smem_transforms,
                                         warn_once)
 

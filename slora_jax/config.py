@@ -12,6 +12,9 @@ import json
 import os
 from typing import Any
 
+from pallas_kernels.geometry import (LORA_PLAN_OPTIONS, ceil_div, check_option,  # noqa: F401
+                                     round_up)
+
 # The LoRA target modules we support, in the fixed order used for the pool
 # layout and for every per-module table in a batch.
 MODULES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
@@ -258,30 +261,6 @@ class EngineConfig:
             if n <= b:
                 return b
         raise ValueError(f"{what}={n} exceeds the largest bucket {buckets[-1]}")
-
-
-# The Pallas LoRA plan options (`EngineConfig` and `StepSpec` fields) and their values.
-LORA_PLAN_OPTIONS = {
-    "lora_sort": ("always", "never", "auto"),
-    "lora_out": ("float32", "pool"),
-    "lora_max_tile": (None, 8, 16, 32, 64, 128),
-    "lora_shrink": ("tile", "balanced"),
-}
-
-
-def check_option(name: str, value) -> None:
-    """ValueError naming the option and its values unless `value` is one of them."""
-    allowed = LORA_PLAN_OPTIONS[name]
-    if value not in allowed:
-        raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def round_up(a: int, b: int) -> int:
-    return ceil_div(a, b) * b
 
 
 __all__ = ["MODULES", "HF_MODULE_NAMES", "ConfigError", "RopeScaling", "ModelConfig",

@@ -42,28 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from slora_jax.config import MODULES, EngineConfig, ModelConfig, ceil_div, round_up
+from pallas_kernels.geometry import (GROUP, ceil_div, kv_page_view, matrix_align,  # noqa: F401
+                                     matrix_form, round_up)
+from slora_jax.config import MODULES, EngineConfig, ModelConfig
 
 NULL_PAGE = 0
-GROUP = 8    # rank rows per kernel tile: matrices start 8-aligned, chunks hold multiples of 8
-
-
-def matrix_form(width: int, row_width: int) -> tuple[int, int]:
-    """(C, chunks) of a width-`width` matrix in H=`row_width` rows: chunks == 1 for the
-    flat form (C = width), else the chunked form with C = gcd(width, H)."""
-    if row_width % width == 0 or width % row_width == 0:
-        return width, 1
-    c = math.gcd(width, row_width)
-    return c, width // c
-
-
-def matrix_align(width: int, row_width: int) -> int:
-    """Pool rows a matrix's start is aligned to: 8 rows of its view (one for H | W)."""
-    c, chunks = matrix_form(width, row_width)
-    if chunks == 1 and width > row_width:
-        return width // row_width          # whole rank rows
-    per = row_width // c                   # view rows per pool row
-    return GROUP // math.gcd(GROUP, per)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,15 +140,6 @@ def init_pool(layout: PoolLayout, dtype=jnp.bfloat16) -> Pool:
 
 
 # --- KV pages -----------------------------------------------------------------
-
-def kv_page_view(layer: jax.Array, layout: PoolLayout) -> jax.Array:
-    """[num_pages, page_size, H] -> [num_pages, 2, tokens_per_page, n_kv, hd]."""
-    tpp, kv = layout.tokens_per_page, layout.kv_size
-    flat = layer.reshape(layer.shape[0], layout.page_elems)
-    if 2 * tpp * kv != layout.page_elems:
-        flat = flat[:, :2 * tpp * kv]
-    return flat.reshape(layer.shape[0], 2, tpp, layout.num_kv_heads, layout.head_dim)
-
 
 def write_kv(layer: jax.Array, k: jax.Array, v: jax.Array, page: jax.Array,
              slot: jax.Array, layout: PoolLayout) -> jax.Array:
