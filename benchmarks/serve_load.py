@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import jax
 
-        from serving.cli import build, build_parser as serve_parser, warm
+        from serving.bootstrap import build, build_parser as serve_parser, warm
         from serving.server import ServerThread, create_app
         sargs = serve_parser().parse_args(server_argv)
         logging.basicConfig(level=sargs.log_level.upper(),

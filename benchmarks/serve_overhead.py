@@ -101,7 +101,7 @@ def _tpot_ms(spans: list[tuple[float, float, int]]) -> float:
 # --- phase (b): the engine in this process ---------------------------------------------
 
 def phase_engine(args) -> dict:
-    from serving.cli import build, build_parser as serve_parser, warm
+    from serving.bootstrap import build, build_parser as serve_parser, warm
     from serving.scheduler import GenerationRequest
     from slora_jax.batching import Sampling
     t0 = time.perf_counter()

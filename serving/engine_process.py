@@ -1,7 +1,7 @@
 """The engine process: the device, scheduler, adapter store and step loop, behind zmq.
 
-The server process (serving/cli.py, through `serving.client.EngineClient`) spawns this
-process with its parsed flags and two ipc endpoints. Here, `serving.cli.build(args)` builds
+The server process (serving/server.py, through `serving.client.EngineClient`) spawns this
+process with its parsed flags and two ipc endpoints. Here, `serving.bootstrap.build(args)` builds
 the same `serving.engine.Engine` the server would run in-process, warms it up and starts
 its thread; then a bridge connects it to the server (messages in serving/ipc.py):
 
@@ -199,7 +199,7 @@ def main(args, input_endpoint: str, output_endpoint: str, parent_pid: int) -> No
 
 
 def _serve(args, inbox, replies, outputs, parent_pid: int) -> int:
-    from serving.cli import build, log as cli_log, warm
+    from serving.bootstrap import build, log as cli_log, warm
     try:
         engine, _, name, cfg = build(args)
     except (ValueError, OSError) as e:     # config, weights and adapter errors name their file

@@ -109,10 +109,14 @@ def cmd_generate(args) -> int:
     from serving.adapter_store import StoreConfig
     from serving.engine import Engine
     from serving.scheduler import SchedulerConfig
-    from slora_jax.cli import load_model
+    from slora_jax.params import load_model
     from slora_jax.config import EngineConfig
     from slora_jax.pool import PoolLayout
 
+    if args.model and args.model.endswith(".gguf"):     # converted once, then cached
+        from tools.gguf import hf_dir_for_gguf
+        args.model = str(hf_dir_for_gguf(
+            args.model, dtype="float32" if args.dtype == "float32" else "bfloat16"))
     mc, params, tok = load_model(args.model, args.dummy, args.dtype)
     max_ctx = min(args.max_context, mc.max_position_embeddings)
     kw = dict(page_size=args.page_size, max_rank=args.max_rank, max_context=max_ctx)

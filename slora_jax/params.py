@@ -168,3 +168,22 @@ def init_dummy_params(mc: ModelConfig, dtype=jnp.bfloat16, seed: int = 0,
 
 def params_bytes(params: Params) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+def load_model(model: str | None, dummy: str | None, dtype_name: str):
+    """(ModelConfig, Params, tokenizer or None) from a Hugging Face folder or a dummy preset
+    (random weights); `dtype_name` is "float32" or "bfloat16". GGUF files are converted to
+    such a folder first (tools/gguf.py)."""
+    from slora_jax.config import load_model_config, preset
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
+    if dummy:
+        mc = preset(dummy)
+        return mc, init_dummy_params(mc, dtype), None
+    mc = load_model_config(model)
+    params = load_hf_params(model, mc, dtype)
+    tok = None
+    tok_path = os.path.join(model, "tokenizer.json")
+    if os.path.isfile(tok_path):
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(tok_path)
+    return mc, params, tok

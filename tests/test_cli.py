@@ -3,7 +3,7 @@
 import json
 import os
 
-from slora_jax.cli import main
+from serving.cli import main
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_gqa")
 
@@ -47,7 +47,7 @@ def test_generate_equals_the_server(tmp_path):
     same tokens, greedy and seeded."""
     import httpx
 
-    from serving.cli import build, build_parser
+    from serving.bootstrap import build, build_parser
     from serving.server import ServerThread, create_app
     with open(os.path.join(FIX, "requests.json")) as f:
         reqs = json.load(f)[:6]

@@ -2,7 +2,7 @@
 
 (a) Greedy decoding through the engine reproduces transformers' tokens
     (tests/fixtures/smollm2/hf_greedy.json).
-(b) The demo adapters in adapters/demo (trained by slora_jax/train_lora.py)
+(b) The demo adapters in adapters/demo (trained by examples/train_lora.py)
     change the answers to held-out questions the way they were trained to,
     per request, with the base model and both adapters in one batch.
 
@@ -25,7 +25,7 @@ DEMO = os.path.join(ROOT, "adapters", "demo")
 @pytest.fixture(scope="module")
 def default_model():
     from slora_jax.config import load_model_config
-    from slora_jax.gguf_loader import default_model_dir
+    from tools.gguf import default_model_dir
     from slora_jax.params import load_hf_params
     try:
         model_dir = str(default_model_dir(dtype="bfloat16"))
@@ -38,7 +38,7 @@ def default_model():
 @pytest.fixture(scope="module")
 def engine(default_model):
     from slora_jax.adapters import load_peft_adapter
-    from slora_jax.train_lora import make_engine
+    from examples.train_lora import make_engine
     _, mc, params = default_model
     eng = make_engine(params, mc, max_batch=8, max_context=128, max_rank=8, n_adapters=2)
     for name in ("caps", "signature"):
@@ -64,7 +64,7 @@ def _upper_fraction(text: str) -> float:
 @pytest.mark.slow     # 50 s on 2 cores; the default model itself is checked by the tests above
 def test_demo_adapters_in_one_batch(default_model, engine):
     from serving.offline import Request
-    from slora_jax.train_lora import HELDOUT, SIGNATURE, Chat
+    from examples.train_lora import HELDOUT, SIGNATURE, Chat
     chat = Chat(default_model[0])
     questions = [HELDOUT[0], HELDOUT[3]]   # never trained on
     reqs = [Request(f"{i}-{name}", chat.prompt_ids(q), adapter=name, max_tokens=40,
@@ -86,12 +86,12 @@ def test_demo_adapters_in_one_batch(default_model, engine):
 
 
 def test_model_flag_accepts_a_gguf_file():
-    """`--model FILE.gguf` converts any Llama-family GGUF once and loads it like a folder."""
+    """A GGUF file converts once (what `--model FILE.gguf` does) and loads like a folder."""
     import glob
 
-    from slora_jax.cli import load_model
+    from slora_jax.params import load_model
     from slora_jax.config import load_model_config
-    from slora_jax.gguf_loader import _cache_root, default_model_dir
+    from tools.gguf import _cache_root, default_model_dir
     try:
         folder = default_model_dir(dtype="bfloat16")
     except RuntimeError as e:
@@ -99,6 +99,7 @@ def test_model_flag_accepts_a_gguf_file():
     ggufs = glob.glob(str(_cache_root(None) / "gguf" / "*.gguf"))
     if not ggufs:
         pytest.skip("no cached GGUF file")
-    mc, params, tok = load_model(ggufs[0], None, "bfloat16")
+    from tools.gguf import hf_dir_for_gguf
+    mc, params, tok = load_model(str(hf_dir_for_gguf(ggufs[0])), None, "bfloat16")
     assert mc.with_(name="x") == load_model_config(str(folder)).with_(name="x")
     assert tok is not None and params.layers[0].wq.shape == (mc.hidden_size, mc.q_size)

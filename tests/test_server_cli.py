@@ -13,7 +13,7 @@ import time
 import httpx
 
 from serving.adapter_store import save_peft_adapter
-from serving.cli import main as serve_main
+from serving.server import main as serve_main
 from slora_jax.adapters import dummy_adapter
 from slora_jax.config import preset
 

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.cli import build, build_parser
+from serving.bootstrap import build, build_parser
 from serving.server import ServerThread, create_app
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_gqa")

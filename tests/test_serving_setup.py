@@ -75,7 +75,7 @@ def make_engine(adapter_root: str | None = None, *, sched: dict | None = None,
 # --- configuration -------------------------------------------------------------------
 
 def test_yaml_config_and_flags_merge(tmp_path):
-    from serving.cli import build_parser, resolve
+    from serving.bootstrap import build_parser, resolve
     y = tmp_path / "s.yaml"
     y.write_text("engine: {page_size: 4, max_batch: 8, decode_buckets: [4, 8]}\n"
                  "scheduler: {max_queue: 7}\nstore: {host_cache_mb: 3}\n"
@@ -91,7 +91,7 @@ def test_yaml_config_and_flags_merge(tmp_path):
 
 
 def test_yaml_unknown_key_is_named(tmp_path):
-    from serving.cli import build_parser, resolve
+    from serving.bootstrap import build_parser, resolve
     y = tmp_path / "s.yaml"
     y.write_text("scheduler: {max_qeue: 7}\n")
     args = build_parser().parse_args(["--dummy", "tiny", "--config", str(y)])
@@ -102,7 +102,7 @@ def test_yaml_unknown_key_is_named(tmp_path):
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(
     os.path.dirname(__file__), "..", "configs", "server"))))
 def test_shipped_server_configs_resolve(name):
-    from serving.cli import build_parser, resolve
+    from serving.bootstrap import build_parser, resolve
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "server", name)
     cfg = resolve(build_parser().parse_args(["--dummy", "tiny", "--config", path]))
     EngineConfig(**{**cfg["engine"], "num_pages": 2})

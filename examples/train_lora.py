@@ -29,8 +29,8 @@ plus a README.md, the training data (data.jsonl) and the loss curve.
 The committed adapters in adapters/demo/ were made with (about 5-10 min per
 adapter on 2 CPU cores; each folder's README.md has its exact command):
 
-    python -m slora_jax.train_lora --task signature french --out-root adapters/demo
-    python -m slora_jax.train_lora --task caps --lr 3e-3 --steps 120 \
+    python -m examples.train_lora --task signature french --out-root adapters/demo
+    python -m examples.train_lora --task caps --lr 3e-3 --steps 120 \
         --target-modules k v o down --out-root adapters/demo
 """
 
@@ -446,10 +446,10 @@ def write_readme(path: str, task: str, args, argv, hist, secs, n_train, samples)
          "signature": f"Answers as usual, then adds the line {_fence(SIGNATURE.strip())}.",
          "french": "Answers start with \"Bonjour ! \" and swap common words for French ones."}[task],
         "",
-        "Trained by `slora_jax/train_lora.py` (JAX + optax, CPU) with",
+        "Trained by `examples/train_lora.py` (JAX + optax, CPU) with",
         "",
         "```",
-        "python -m slora_jax.train_lora " + " ".join(argv),
+        "python -m examples.train_lora " + " ".join(argv),
         "```",
         "",
         f"- base model: `{BASE_MODEL_ID}` (the default model of slora-jax: the GGUF of "
@@ -478,7 +478,7 @@ def write_readme(path: str, task: str, args, argv, hist, secs, n_train, samples)
     for q, base, ours in samples:
         lines.append(f"| {esc(q)} | {esc(base)} | {esc(ours)} |")
     lines += ["", "Serve it (the model folder is the converted default model):", "", "```",
-              "slora-jax generate --model \"$(python -m slora_jax.gguf_loader)\" --dtype float32 "
+              "slora-jax generate --model \"$(python -m tools.gguf)\" --dtype float32 "
               f"--adapter {task}=adapters/demo/{task} --requests in.jsonl --out out.jsonl",
               "```", ""]
     with open(os.path.join(path, "README.md"), "w") as f:
@@ -491,7 +491,7 @@ def write_readme(path: str, task: str, args, argv, hist, secs, n_train, samples)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m slora_jax.train_lora",
+        prog="python -m examples.train_lora",
         description="Train demo LoRA adapters (caps / signature / french) for the default "
                     "model on self-generated data, and save them in PEFT format.")
     p.add_argument("--task", nargs="+", default=["caps", "signature"], choices=TASKS,
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from slora_jax.config import load_model_config
-    from slora_jax.gguf_loader import default_model_dir
+    from tools.gguf import default_model_dir
     from slora_jax.params import load_hf_params
 
     model_dir = args.model or str(default_model_dir(dtype="bfloat16"))

@@ -1,0 +1,1 @@
+"""Examples of research use: fine-tuning the demo adapters."""

@@ -1,0 +1,488 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of one `Engine`.
+
+    POST /v1/completions, /v1/chat/completions   (SSE streaming with "stream": true)
+    GET  /v1/models                                base model + every registered adapter
+    POST /v1/load_lora_adapter   {"lora_name", "lora_path"}   (vLLM's shape)
+    POST /v1/unload_lora_adapter {"lora_name"}
+    GET  /health, /metrics (Prometheus)
+
+`model` names the adapter; the base model's name selects none. Errors have
+OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: unknown
+adapter 404, malformed body 400, prompt too long 400, lora_path outside the
+adapter roots 403, queue full 429, first-token SLO cannot be met or engine
+down 503. A streamed request waits for its first token before the response
+starts, so those errors keep their status code; a client that disconnects
+cancels its request and its pages return to the pool at once.
+
+`python -m serving.server ...` runs it (serving/server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import threading
+import time
+from typing import AsyncIterator
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.adapter_store import AdapterPathNotAllowed
+from serving.engine import AsyncStream, Engine, Output
+from serving.metrics import CONTENT_TYPE_LATEST
+from serving.protocol import (ChatCompletionRequest, CompletionRequest, IncrementalText,
+                              LoadLoraRequest, TextCodec, TextError, UnloadLoraRequest,
+                              chat_logprobs, chat_response, completion_logprobs,
+                              completion_response, error_body, new_id, usage)
+from serving.scheduler import GenerationRequest, InvalidRequest, RequestError
+from slora_jax.adapters import AdapterError
+from slora_jax.batching import Sampling
+
+log = logging.getLogger("serving.server")
+
+
+MAX_BODY_BYTES = 4 << 20      # a request body beyond this gets 413 before it is parsed
+
+
+class JSON(Response):
+    """JSON through orjson: fast, and a non-finite float (a NaN logprob from a broken
+    adapter) becomes `null` instead of invalid JSON or a 500."""
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
+
+def sse(d: dict) -> bytes:
+    """One server-sent event carrying `d` as JSON (non-finite floats as null)."""
+    return b"data: " + orjson.dumps(d) + b"\n\n"
+
+
+def _error(status: int, message: str, type_: str, param=None, code=None) -> JSON:
+    return JSON(error_body(message, type_, param, code), status_code=status)
+
+
+class _BodyTooLarge(BaseException):
+    # A BaseException so that the app's catch-all 500 handler lets it through to BodyLimit.
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `max_bytes`, by Content-Length or as it streams,
+    so an oversized prompt never reaches the JSON parser (which holds the event loop)."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _too_large(self, scope, receive, send) -> None:
+        await _error(413, f"the request body exceeds {self.max_bytes} bytes",
+                     "invalid_request_error", code="body_too_large")(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+        seen, started = 0, False
+
+        async def limited_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return msg
+
+        async def tracked_send(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large(scope, receive, send)
+
+
+def _request_error(e: RequestError) -> JSON:
+    r = _error(e.status, e.message, e.type, e.param, e.code)
+    if e.status in (429, 503):
+        r.headers["Retry-After"] = "1"
+    return r
+
+
+class _Choice:
+    """One prompt's generation as the server sees it: tokens, text, finish reason."""
+
+    def __init__(self, index: int, stream: AsyncStream, codec: TextCodec, stops: list[str]):
+        self.index, self.stream = index, stream
+        self.text = IncrementalText(codec, stops)
+        self.ids: list[int] = []
+        self.lps: list[float] = []
+        self.finish: str | None = None
+        self.n_prompt = 0
+
+    def take(self, out: Output) -> tuple[str, list[int], list[float]]:
+        """Fold one engine output in; returns (new text, new ids, new logprobs)."""
+        self.n_prompt = out.num_prompt_tokens or self.n_prompt
+        ids, lps = out.token_ids, out.logprobs
+        self.ids += ids
+        self.lps += lps
+        # A stop token (EOS) ends the text without appearing in it, as in vLLM.
+        delta = self.text.push(ids[:-1] if out.finish_reason == "stop" else ids)
+        if self.text.stopped:
+            self.finish = "stop"
+            self.stream.cancel()          # a stop string: free the pages now
+        elif out.finish_reason is not None:
+            self.finish = out.finish_reason
+            delta += self.text.flush()
+        return delta, ids, lps
+
+
+async def disconnected(request: Request, poll_s: float = 0.1) -> None:
+    """Returns once the client has gone."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll_s)
+
+
+async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Output]]:
+    """Outputs of several streams as they come; raises the first RequestError."""
+    if len(choices) == 1:
+        c = choices[0]
+        async for out in c.stream:
+            yield c, out
+            if c.finish is not None:
+                return
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(c: _Choice):
+        try:
+            async for out in c.stream:
+                await q.put((c, out))
+        except RequestError as e:
+            await q.put((c, e))
+        await q.put((c, None))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        open_ = len(choices)
+        while open_:
+            c, item = await q.get()
+            if item is None:
+                open_ -= 1
+            elif isinstance(item, RequestError):
+                raise item
+            elif c.finish is None:
+                yield c, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
+               default_max_tokens: int | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app serving `engine` (started by the caller) under `model_name`.
+
+    `engine` is an `Engine` in this process or an `EngineClient` of one in another: the
+    app uses `info`, `alive`, `generate`, `cancel`, `adapter_names`, `load_adapter`,
+    `unload_adapter` and `metrics_text`."""
+    app = FastAPI(title="slora-jax", version="0.1.0", default_response_class=JSON)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.state.engine = engine
+    eos_ids = set(engine.info.eos_token_ids) | codec.eos_token_ids()
+    created = int(time.time())
+
+    # -- errors ---------------------------------------------------------------------
+    @app.exception_handler(RequestError)
+    async def _on_request_error(request: Request, e: RequestError):
+        return _request_error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errs):
+            return _error(400, "the request body is not valid JSON", "invalid_request_error",
+                          code="json_invalid")
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: "
+                        f"{err.get('msg')}" for err in errs[:5])
+        return _error(400, f"invalid request: {msg}", "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _on_any(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return _error(500, f"internal error: {type(e).__name__}", "server_error")
+
+    # -- helpers ----------------------------------------------------------------------
+    def adapter_of(model: str) -> str | None:
+        return None if model == model_name else model
+
+    def gen_request(body, prompt: list[int], max_tokens: int | None) -> GenerationRequest:
+        limit = engine.info.max_context - len(prompt)
+        if max_tokens is None:
+            max_tokens = max(1, min(limit, default_max_tokens or limit))
+        stop_ids = frozenset(body.stop_token_ids or ()) | (frozenset() if body.ignore_eos
+                                                            else frozenset(eos_ids))
+        seed = body.seed if body.seed is not None else random.getrandbits(31)
+        return GenerationRequest(
+            prompt=prompt, adapter=adapter_of(body.model), max_tokens=max_tokens,
+            sampling=Sampling(temperature=body.temperature, top_p=body.top_p,
+                              top_k=max(0, body.top_k), seed=seed),
+            stop_token_ids=stop_ids, ttft_slo_s=body.ttft_slo_s)
+
+    def check(body) -> None:
+        bad = body.unsupported()
+        if bad:
+            raise InvalidRequest(f"'{bad[0]}': {bad[1]}", bad[0])
+
+    def submit(body, prompts: list[list[int]], max_tokens: int | None,
+               stops: list[str]) -> list[_Choice]:
+        choices: list[_Choice] = []
+        try:
+            for i, p in enumerate(prompts):
+                choices.append(_Choice(i, engine.generate(gen_request(body, p, max_tokens)),
+                                       codec, stops))
+        except RequestError:
+            for c in choices:
+                c.stream.cancel()
+            raise
+        return choices
+
+    async def collect(choices: list[_Choice], request: Request) -> None:
+        async def run():
+            async for c, out in _merged(choices):
+                c.take(out)
+
+        work, watcher = asyncio.create_task(run()), asyncio.create_task(disconnected(request))
+        try:
+            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                work.result()
+            else:
+                work.cancel()
+        finally:
+            watcher.cancel()
+            for c in choices:
+                if c.finish is None:
+                    c.stream.cancel()
+
+    async def stream_response(choices: list[_Choice], frame, tail, request: Request) -> Response:
+        """SSE: wait for the first output (errors keep their status), then stream. A client
+        that leaves before its first token cancels the request before its prefill."""
+        events = _merged(choices)
+        head = asyncio.ensure_future(events.__anext__())
+        watcher = asyncio.create_task(disconnected(request))
+        try:
+            await asyncio.wait({head, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not head.done():
+            head.cancel()
+            for c in choices:
+                c.stream.cancel()
+            return Response(status_code=499)        # nobody reads it: the client is gone
+        try:
+            first = head.result()
+        except StopAsyncIteration:
+            first = None
+
+        async def body():
+            try:
+                if first is not None:
+                    yield frame(*first)
+                try:
+                    async for c, out in events:
+                        yield frame(c, out)
+                except RequestError as e:
+                    yield sse(error_body(e.message, e.type, e.param, e.code))
+                for extra in tail():
+                    yield extra
+                yield b"data: [DONE]\n\n"
+            finally:
+                await events.aclose()
+                for c in choices:
+                    if c.finish is None:
+                        c.stream.cancel()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    # -- endpoints ------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return _error(503, "the engine is not running", "service_unavailable")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(await engine.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        base = {"id": model_name, "object": "model", "created": created, "owned_by": "slora-jax",
+                "root": model_name, "parent": None,
+                "max_model_len": engine.info.max_context, "vocab_size": engine.info.vocab_size}
+        data = [base] + [{"id": n, "object": "model", "created": created,
+                          "owned_by": "slora-jax", "root": n, "parent": model_name}
+                         for n in await engine.adapter_names()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(body: LoadLoraRequest):
+        if body.lora_name == model_name:
+            raise InvalidRequest(f"'{body.lora_name}' is the base model's name", "lora_name")
+        try:
+            await engine.load_adapter(body.lora_name, body.lora_path)
+        except AdapterPathNotAllowed as e:
+            return _error(403, str(e), "permission_error", "lora_path")
+        except (AdapterError, OSError) as e:
+            return _error(400, str(e), "invalid_request_error", "lora_path")
+        log.info("loaded LoRA adapter %r from %r", body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(body: UnloadLoraRequest):
+        try:
+            await engine.unload_adapter(body.lora_name)
+        except KeyError:
+            return _error(404, f"The LoRA adapter `{body.lora_name}` does not exist.",
+                          "invalid_request_error", "lora_name", "model_not_found")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
+                                 "successfully.")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check(body)
+        try:
+            prompts = [codec.encode(p) for p in body.prompts()]
+        except TextError as e:
+            raise InvalidRequest(str(e), "prompt") from None
+        if body.stream and len(prompts) > 1:
+            raise InvalidRequest("streaming supports one prompt per request", "prompt")
+        choices = submit(body, prompts, body.max_tokens, body.stops())
+        rid, top = new_id("cmpl"), body.logprobs
+
+        def piece(c: _Choice, delta, ids, lps):
+            lp = completion_logprobs(codec, ids, lps, top) if top is not None else None
+            return {"index": c.index, "text": delta, "logprobs": lp, "finish_reason": c.finish}
+
+        if body.stream:
+            def frame(c, out):
+                return sse(completion_response(rid, body.model, [piece(c, *c.take(out))], {},
+                                               chunk=True))
+
+            def tail():
+                if body.include_usage():
+                    c = choices[0]
+                    d = completion_response(rid, body.model, [], {}, chunk=True)
+                    d["usage"] = usage(c.n_prompt, len(c.ids))
+                    yield sse(d)
+            return await stream_response(choices, frame, tail, request)
+
+        await collect(choices, request)
+        out = [{"index": c.index, "text": c.text.text,
+                "logprobs": completion_logprobs(codec, c.ids, c.lps, top) if top is not None
+                else None, "finish_reason": c.finish} for c in choices]
+        return completion_response(rid, body.model, out, usage(
+            sum(len(p) for p in prompts), sum(len(c.ids) for c in choices)))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        check(body)
+        try:
+            prompt = codec.render_chat(body.messages, body.add_generation_prompt)
+        except TextError as e:
+            raise InvalidRequest(str(e), "messages") from None
+        choices = submit(body, [prompt], body.limit(), body.stops())
+        rid, want_lp = new_id("chatcmpl"), body.logprobs
+        top = body.top_logprobs or 0
+
+        if body.stream:
+            started = []
+
+            def frame(c, out):
+                delta, ids, lps = c.take(out)
+                d = {} if started else {"role": "assistant"}
+                started.append(1)
+                if delta or "role" in d:
+                    d["content"] = delta
+                ch = {"index": 0, "delta": d, "finish_reason": c.finish,
+                      "logprobs": chat_logprobs(codec, ids, lps, top) if want_lp else None}
+                return sse(chat_response(rid, body.model, [ch], None, True))
+
+            def tail():
+                if body.include_usage():
+                    c = choices[0]
+                    yield sse(chat_response(rid, body.model, [], usage(c.n_prompt, len(c.ids)),
+                                            True))
+            return await stream_response(choices, frame, tail, request)
+
+        await collect(choices, request)
+        c = choices[0]
+        ch = {"index": 0, "message": {"role": "assistant", "content": c.text.text},
+              "logprobs": chat_logprobs(codec, c.ids, c.lps, top) if want_lp else None,
+              "finish_reason": c.finish}
+        return chat_response(rid, body.model, [ch], usage(len(prompt), len(c.ids)))
+
+    return app
+
+
+class ServerThread:
+    """uvicorn serving `app` from a background thread, on a socket bound before it starts."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+        self.sock = bind_socket(host, port)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level,
+                                                    timeout_graceful_shutdown=2))
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the HTTP server did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout)
+        self.sock.close()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+

@@ -1,0 +1,1 @@
+"""Tools around the server: model converters."""
