@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -39,17 +38,16 @@ from typing import Callable, Iterable
 import numpy as np
 
 from serving.allocator import PageAllocator, adapter_used_elems
+from serving.adapter_sources import (AdapterPathNotAllowed, DummySource,  # noqa: F401
+                                     HostCopy, MemorySource, PeftSource, chunk_sizes,
+                                     inside)
 from slora_jax.adapters import (AdapterError, LoraAdapter, check_adapter, check_adapter_name,
-                                check_served_modules, dummy_adapter, load_peft_adapter)
+                                check_served_modules, save_peft_adapter)  # noqa: F401
 from slora_jax.batching import SlotInfo
 from slora_jax.config import MODULES, HF_MODULE_NAMES, ModelConfig
 from slora_jax.pool import PoolLayout
 
 log = logging.getLogger("serving.adapters")
-
-
-class AdapterPathNotAllowed(AdapterError):
-    """A `lora_path` outside the configured adapter roots."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,77 +58,7 @@ class StoreConfig:
     allowed_roots: tuple[str, ...] = ()
 
 
-# --- sources (the disk tier) ---------------------------------------------------------
-
-def _inside(path: str, roots: Iterable[str]) -> bool:
-    real = os.path.realpath(path)
-    for root in roots:
-        r = os.path.realpath(root)
-        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
-            return True
-    return False
-
-
-@dataclasses.dataclass(frozen=True)
-class PeftSource:
-    path: str
-    roots: tuple[str, ...]
-
-    def load(self, mc: ModelConfig, name: str, max_rank: int) -> LoraAdapter:
-        for f in ("", "adapter_config.json", "adapter_model.safetensors"):
-            p = os.path.join(self.path, f)
-            if os.path.exists(p) and not _inside(p, self.roots):
-                raise AdapterPathNotAllowed(f"{f or 'the adapter folder'}: resolves outside the "
-                                            "adapter roots", self.path)
-        return load_peft_adapter(self.path, mc, name=name, max_rank=max_rank)
-
-
-@dataclasses.dataclass(frozen=True)
-class DummySource:
-    rank: int
-    modules: tuple[str, ...]
-    seed: int
-    std: float = 0.05
-
-    def load(self, mc: ModelConfig, name: str, max_rank: int) -> LoraAdapter:
-        return dummy_adapter(mc, self.rank, self.modules, seed=self.seed, std=self.std, name=name)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class MemorySource:
-    """An adapter object given directly (tests, research code); never dropped."""
-    adapter: LoraAdapter
-
-    def load(self, mc: ModelConfig, name: str, max_rank: int) -> LoraAdapter:
-        return self.adapter
-
-
 # --- entries ---------------------------------------------------------------------
-
-def chunk_sizes(n_pages: int, largest: int) -> list[int]:
-    """n_pages as full chunks of `largest` pages, then powers of two, largest first."""
-    sizes = [largest] * (n_pages // largest)
-    bit = largest // 2
-    while bit:
-        if n_pages % largest & bit:
-            sizes.append(bit)
-        bit //= 2
-    return sizes
-
-
-@dataclasses.dataclass(eq=False)
-class HostCopy:
-    chunks: list[np.ndarray]    # [L, c, page_size, H] each, pool dtype, contiguous
-    n_pages: int
-    rank: np.ndarray            # [M] int32
-    scale: np.ndarray           # [M] float32
-    offset: np.ndarray          # [M, 2] int32
-    used_elems: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.chunks)
-
 
 @dataclasses.dataclass(eq=False)
 class AdapterEntry:
@@ -207,7 +135,7 @@ class AdapterStore:
             cfg = os.path.join(d.path, "adapter_config.json")
             if not d.is_dir() or not os.path.isfile(cfg):
                 continue
-            if not _inside(d.path, self.roots):
+            if not inside(d.path, self.roots):
                 log.warning("%r: skipped, resolves outside the adapter roots", d.path)
                 continue
             self._add(d.name, PeftSource(d.path, tuple(self.roots)))
@@ -237,7 +165,7 @@ class AdapterStore:
                                         "--allowed-lora-root DIR)")
         if not os.path.isabs(path):
             raise AdapterPathNotAllowed(f"lora_path '{path}' must be an absolute path")
-        if not _inside(path, self.roots):
+        if not inside(path, self.roots):
             raise AdapterPathNotAllowed(f"lora_path '{path}' is not inside the allowed adapter "
                                         "roots")
         if not os.path.isdir(path):
@@ -551,33 +479,3 @@ class AdapterStore:
 
     def shutdown(self) -> None:
         self._exec.shutdown(wait=False, cancel_futures=True)
-
-
-# --- writing PEFT folders (tests, benchmarks) --------------------------------------
-
-def save_peft_adapter(adapter: LoraAdapter, path: str, alpha: float | None = None) -> None:
-    """Write `adapter` as a PEFT LoRA folder (adapter_config.json + safetensors).
-
-    All modules must share one rank and one scale (PEFT's single `r` and
-    `lora_alpha`); `alpha` defaults to scale * r.
-    """
-    from safetensors.numpy import save_file
-    ranks = set(adapter.ranks.values())
-    if len(ranks) != 1:
-        raise AdapterError(f"adapter '{adapter.name}': PEFT needs one rank, has {sorted(ranks)}")
-    r = ranks.pop()
-    scale = next(iter(adapter.scales.values()))
-    os.makedirs(path, exist_ok=True)
-    tensors = {}
-    for li, mods in enumerate(adapter.weights):
-        for m, (a_t, b) in mods.items():
-            part = "self_attn" if m in ("q", "k", "v", "o") else "mlp"
-            base = f"base_model.model.model.layers.{li}.{part}.{HF_MODULE_NAMES[m]}"
-            tensors[f"{base}.lora_A.weight"] = np.ascontiguousarray(a_t, np.float32)
-            tensors[f"{base}.lora_B.weight"] = np.ascontiguousarray(b.T, np.float32)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha if alpha is not None else scale * r,
-           "target_modules": sorted(HF_MODULE_NAMES[m] for m in adapter.ranks),
-           "bias": "none", "task_type": "CAUSAL_LM"}
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)

@@ -19,21 +19,15 @@ freed by the host are safe to hand out at once: every later step and
 adapter copy takes the pool produced by the earlier ones, so device writes
 happen in dispatch order.
 
-Every shape the loop dispatches (prefill token buckets x {0, S} adapter
-slots, decode batch buckets x {0, S}, adapter copies of 1, 2, 4, .. pages)
-is compiled by `warmup()` before serving; `compiled_since_warmup()` checks
-that none was added since.
+Every shape the loop dispatches is compiled by `warmup()` (serving/warmup.py) before
+serving; `compiled_since_warmup()` checks that none was added since.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
-import dataclasses
-import functools
 import logging
-import os
 import queue
 import threading
 import time
@@ -44,21 +38,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from serving.adapter_store import AdapterStore, PendingLoad, StoreConfig
+from serving.device_steps import JITTED, Inflight, decode_step, prefill_step
 from serving.allocator import PageAllocator
 from serving.metrics import SectionClock, ServingMetrics
-from serving.packing import Packing, pack, unpack
+from serving.packing import pack
 from serving.streams import AsyncStream, Output, SyncStream
+from serving.warmup import warm_up
 from serving.scheduler import (AdapterLoadFailed, EngineInfo, GenerationRequest, InvalidRequest, Overloaded,
                                RequestError, Scheduler, SchedulerConfig, Seq, SloAbort, Step,
                                Unavailable, UnknownAdapter, now)
 from slora_jax.batching import (Sampling, SamplingError, SlotInfo, decode_batch, lora_batch,
                                 prefill_batch)
-from slora_jax.config import MODULES, EngineConfig, ModelConfig
+from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.model import StepSpec
 from slora_jax.params import Params
 from slora_jax.pool import PoolLayout, init_pool, load_adapter_pages
 from slora_jax.sampling import SamplingParams
-from slora_jax.step import DecodeBatch, PrefillBatch, decode, prefill
+from slora_jax.step import DecodeBatch, PrefillBatch
 
 log = logging.getLogger("serving.engine")
 MAX_SLO_S = 86400.0       # a first-token SLO longer than a day is a mistake, not a wish
@@ -66,41 +62,6 @@ MAX_SLO_S = 86400.0       # a first-token SLO longer than a day is a mistake, no
 __all__ = ["Engine", "Output", "AsyncStream", "SyncStream", "GenerationRequest", "Sampling",
            "SchedulerConfig", "StoreConfig", "RequestError", "InvalidRequest", "UnknownAdapter",
            "Overloaded", "Unavailable", "SloAbort", "AdapterLoadFailed"]
-
-
-# --- the jitted steps: a step plus the token-buffer gather/scatter, one dispatch each ---
-
-@functools.partial(jax.jit, static_argnames=("spec", "packing"),
-                   donate_argnames=("pool", "tok_buf"))
-def prefill_step(params: Params, pool, tok_buf: jax.Array, packed: jax.Array, *,
-                 spec: StepSpec, packing: Packing):
-    """packed: the (PrefillBatch, rows [R]) pair in one buffer; rows are the requests'
-    token-buffer rows (padding: the dump row)."""
-    batch, rows = unpack(packed, packing)
-    pool, out = prefill(params, pool, batch, spec=spec)
-    return pool, tok_buf.at[rows].set(out.tokens), out.tokens, out.logprobs
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "packing"),
-                   donate_argnames=("pool", "tok_buf"))
-def decode_step(params: Params, pool, tok_buf: jax.Array, packed: jax.Array, *,
-                spec: StepSpec, packing: Packing):
-    """Input tokens come from `tok_buf[rows]`: the previous steps' samples, still on device."""
-    batch, rows = unpack(packed, packing)
-    pool, out = decode(params, pool, batch.replace(tokens=tok_buf[rows]), spec=spec)
-    return pool, tok_buf.at[rows].set(out.tokens), out.tokens, out.logprobs
-
-
-_JITTED = (prefill_step, decode_step, load_adapter_pages)
-
-
-@dataclasses.dataclass
-class _Inflight:
-    kind: str
-    seqs: list[Seq]
-    tokens: jax.Array
-    logprobs: jax.Array
-    t_dispatch: float
 
 
 # --- the engine ------------------------------------------------------------------------
@@ -157,70 +118,13 @@ class Engine:
     def warmup(self, progress: bool = True, threads: int | None = None) -> float:
         """Compile (and run once) every shape the serving loop can dispatch, compiling on
         `threads` threads (default: one per shape, at most one per CPU). Returns seconds."""
-        ec, lay = self.ec, self.layout
-        m = len(MODULES)
-        null_slot = SlotInfo(pages=np.zeros(0, np.int32), rank=np.zeros(m, np.int32),
-                             scale=np.zeros(m, np.float32), offset=np.zeros((m, 2), np.int32))
-        slot_kinds = [False, True] if self.cfg.base_only_steps else [True]
-        jobs = []
-        for t in ec.token_buckets():
-            for use in slot_kinds:
-                jobs.append(("prefill", t, use))
-        for b in ec.batch_buckets():
-            for use in slot_kinds:
-                jobs.append(("decode", b, use))
-        for c in self.store.chunk_shapes():
-            jobs.append(("adapter-copy", c, False))
-        calls = []                 # (kind, jitted fn, its arguments after the state)
-        for kind, n, use in jobs:
-            slot = [0 if use else -1]
-            if kind == "prefill":
-                n = min(n, ec.max_prefill_tokens)
-                b = prefill_batch([[0] * n], [np.zeros(0, np.int32)], slot, [Sampling()],
-                                  [null_slot], ec, lay, device_put=False)
-                calls.append((kind, prefill_step,
-                              self._step_args(*self._finish_prefill(b, [null_slot] if use else []))))
-            elif kind == "decode":
-                b = decode_batch(None, [0] * n, [np.zeros(0, np.int32)] * n, slot * n,
-                                 [Sampling()] * n, [null_slot], ec, lay, device_put=False)
-                calls.append((kind, decode_step,
-                              self._step_args(*self._finish_decode(b, [null_slot] if use else []))))
-            else:
-                calls.append((kind, load_adapter_pages, ((np.zeros(n, np.int32), np.zeros(
-                    (lay.num_layers, n, lay.page_size, lay.row_width), self._host_dtype())), {})))
-        t0 = time.perf_counter()
-        self.warmup_seconds: dict[str, float] = collections.defaultdict(float)
-
-        # Compile on threads: XLA compiles (and reads the compilation cache) outside the
-        # GIL, and jit's caches hand each compiled executable to the first real call.
-        def compile_one(kind, fn, extra):
-            t = time.perf_counter()
-            fn.lower(*self._state_args(fn), *extra[0], **extra[1]).compile()
-            return kind, time.perf_counter() - t
-        threads = threads or min(len(calls), os.cpu_count() or 1)
-        with concurrent.futures.ThreadPoolExecutor(threads, "compile") as ex:
-            futs = [ex.submit(compile_one, *c) for c in calls]
-            done = concurrent.futures.as_completed(futs)
-            if progress:
-                from tqdm import tqdm
-                done = tqdm(done, total=len(futs), desc="compiling buckets", unit="shape")
-            for f in done:
-                f.result()
-        self.warmup_seconds["compile"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for kind, fn, (extra, kw) in calls:         # run each once, in order (the pool is donated)
-            if fn is load_adapter_pages:
-                self.pool = out = fn(self.pool, *extra)
-            else:
-                self.pool, self.tok_buf, out, _ = fn(*self._state_args(fn), *extra, **kw)
-            jax.block_until_ready(out)
-        self.warmup_seconds["first runs"] = time.perf_counter() - t1
+        secs = warm_up(self, progress, threads)
         self._compiled = self._cache_sizes()
-        return time.perf_counter() - t0
+        return secs
 
     @staticmethod
     def _cache_sizes() -> dict[str, int]:
-        return {f.__name__ if hasattr(f, "__name__") else str(f): f._cache_size() for f in _JITTED}
+        return {f.__name__ if hasattr(f, "__name__") else str(f): f._cache_size() for f in JITTED}
 
     def compiled_since_warmup(self) -> dict[str, int]:
         """Compilations added to the step functions since warmup() (should be all zero)."""
@@ -358,7 +262,7 @@ class Engine:
 
     # -- the loop (engine thread) -------------------------------------------------------
     def _run(self) -> None:
-        inflight: _Inflight | None = None
+        inflight: Inflight | None = None
         try:
             lap = self.clock.lap
             while not self._stopping:
@@ -517,7 +421,7 @@ class Engine:
         rows = np.full(b.positions.shape[0], self.scheduler.dump_row, np.int32)
         return self._lora(b, slots), rows
 
-    def _dispatch(self, step: Step) -> _Inflight:
+    def _dispatch(self, step: Step) -> Inflight:
         for load in step.loads:
             self._write(load)
         seqs = step.seqs
@@ -550,9 +454,9 @@ class Engine:
             if grown:
                 self._warned_compile = True
                 log.warning("the serving loop compiled new shapes after warm-up: %s", grown)
-        return _Inflight(step.kind, seqs, tokens, logprobs, t)
+        return Inflight(step.kind, seqs, tokens, logprobs, t)
 
-    def _complete(self, inf: _Inflight) -> None:
+    def _complete(self, inf: Inflight) -> None:
         toks = np.asarray(inf.tokens)
         lps = np.asarray(inf.logprobs)
         self.clock.lap("device_wait")

@@ -428,3 +428,31 @@ def _normal(rng: np.random.Generator, shape: tuple[int, int], std: float) -> np.
         return np.clip(rng.standard_normal(shape, np.float32), -6.0, 6.0) * np.float32(std)
     start = int(rng.integers(0, _NOISE_SIZE - n))
     return _noise()[start:start + n].reshape(shape) * np.float32(std)
+
+
+def save_peft_adapter(adapter: LoraAdapter, path: str, alpha: float | None = None) -> None:
+    """Write `adapter` as a PEFT LoRA folder (adapter_config.json + safetensors).
+
+    All modules must share one rank and one scale (PEFT's single `r` and
+    `lora_alpha`); `alpha` defaults to scale * r.
+    """
+    from safetensors.numpy import save_file
+    ranks = set(adapter.ranks.values())
+    if len(ranks) != 1:
+        raise AdapterError(f"adapter '{adapter.name}': PEFT needs one rank, has {sorted(ranks)}")
+    r = ranks.pop()
+    scale = next(iter(adapter.scales.values()))
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for li, mods in enumerate(adapter.weights):
+        for m, (a_t, b) in mods.items():
+            part = "self_attn" if m in ("q", "k", "v", "o") else "mlp"
+            base = f"base_model.model.model.layers.{li}.{part}.{HF_MODULE_NAMES[m]}"
+            tensors[f"{base}.lora_A.weight"] = np.ascontiguousarray(a_t, np.float32)
+            tensors[f"{base}.lora_B.weight"] = np.ascontiguousarray(b.T, np.float32)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha if alpha is not None else scale * r,
+           "target_modules": sorted(HF_MODULE_NAMES[m] for m in adapter.ranks),
+           "bias": "none", "task_type": "CAUSAL_LM"}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
