@@ -2,10 +2,10 @@
 starts an HTTP server process that spawns the engine process; clients are httpx and openai.
 
 One server (the tiny GQA HF + PEFT fixture, float32, three compiled shapes) answers the
-API tests and ends with SIGTERM. Three more, started once the first has filled the compile
-cache, are stopped each their own way: the engine killed (503 within a second, the server
-exits non-zero), Ctrl-C to the server's process group, and the server killed outright (the
-engine follows it).
+API tests. Four more, started once the first has filled the compile cache, are stopped
+each their own way: the engine killed (503 within a second, the server exits non-zero),
+Ctrl-C to the server's process group, the server killed outright (the engine follows it),
+and SIGTERM.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def servers(tmp_path_factory):
     main = Server(tmp).wait_ready()
     # The same model and buckets: these start from the compile cache main has just filled,
     # while the API tests run.
-    spares = {k: Server(tmp) for k in ("kill_engine", "sigint", "kill_server")}
+    spares = {k: Server(tmp) for k in ("kill_engine", "sigint", "kill_server", "sigterm")}
     yield {"main": main, **spares}
     for s in (main, *spares.values()):
         s.stop()
@@ -372,8 +372,8 @@ def test_a_killed_server_takes_its_engine_with_it(servers):
 
 
 def test_sigterm_stops_both_processes(servers):
-    """Last: it ends the server the API tests used."""
-    srv = servers["main"]
+    """On a server of its own: the workers may run this module's tests in any order."""
+    srv = servers["sigterm"].wait_ready()
     kids = srv.children()
     assert srv.engine_pid in kids
     srv.proc.send_signal(signal.SIGTERM)
