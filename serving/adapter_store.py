@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from serving.allocator import PageAllocator, adapter_used_elems
+from slora_jax.allocator import PageAllocator, adapter_used_elems
 from serving.adapter_sources import (AdapterPathNotAllowed, DummySource,  # noqa: F401
                                      HostCopy, MemorySource, PeftSource, chunk_sizes,
                                      inside)

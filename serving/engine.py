@@ -39,7 +39,7 @@ import numpy as np
 
 from serving.adapter_store import AdapterStore, PendingLoad, StoreConfig
 from serving.device_steps import JITTED, Inflight, decode_step, prefill_step
-from serving.allocator import PageAllocator
+from slora_jax.allocator import PageAllocator
 from serving.metrics import SectionClock, ServingMetrics
 from serving.packing import pack
 from serving.streams import AsyncStream, Output, SyncStream

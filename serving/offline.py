@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from serving.allocator import OutOfPages, PageAllocator, adapter_used_elems, kv_used_elems
+from slora_jax.allocator import OutOfPages, PageAllocator, adapter_used_elems, kv_used_elems
 from slora_jax.adapters import AdapterError, LoraAdapter, check_served_modules
 from slora_jax.batching import Sampling, SamplingError, SlotInfo, decode_batch, prefill_batch
 from slora_jax.config import EngineConfig, ModelConfig

@@ -46,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from serving.adapter_store import AdapterEntry, AdapterStore, PendingLoad
-from serving.allocator import PageAllocator, kv_used_elems
+from slora_jax.allocator import PageAllocator, kv_used_elems
 from slora_jax.batching import Sampling
 from slora_jax.config import EngineConfig
 from slora_jax.pool import PoolLayout

@@ -26,7 +26,7 @@ share the pages:
   (of 1 for H | W), so the 8-row groups of a kernel read no row of another
   matrix; this wastes at most 7 rows of the view per matrix.
 
-The device side never allocates: the host allocator (`serving.allocator`)
+The device side never allocates: the host allocator (`slora_jax.allocator`)
 hands out page ids, and the pure functions here write pages at those ids.
 Page 0 is the null page: never allocated, the sink of padding writes.
 """

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from hf_files import write_peft_adapter
 from serving.adapter_store import AdapterStore, StoreConfig
-from serving.allocator import PageAllocator
+from slora_jax.allocator import PageAllocator
 from slora_jax.adapters import AdapterError, dummy_adapter, load_peft_adapter
 from slora_jax.config import ModelConfig, load_model_config
 from slora_jax.pool import PoolLayout

@@ -9,7 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from conftest import TINY, tiny_engine_config
 from pallas_kernels.lora import gather_slot_matrix
-from serving.allocator import OutOfPages, PageAllocator, adapter_used_elems, kv_used_elems
+from slora_jax.allocator import OutOfPages, PageAllocator, adapter_used_elems, kv_used_elems
 from slora_jax.adapters import dummy_adapter
 from slora_jax.config import MODULES, EngineConfig
 from slora_jax.pool import (NULL_PAGE, PoolLayout, adapter_row_view, init_pool, kv_page_view,

@@ -11,7 +11,7 @@ import pytest
 
 from serving.adapter_store import (AdapterPathNotAllowed, AdapterStore, StoreConfig,
                                    save_peft_adapter)
-from serving.allocator import PageAllocator
+from slora_jax.allocator import PageAllocator
 from serving.scheduler import (GenerationRequest, Scheduler, SchedulerConfig, Seq, SloAbort,
                                now)
 from slora_jax.adapters import AdapterError, dummy_adapter
