@@ -44,6 +44,7 @@ class Inflight:
     """A dispatched step whose tokens the engine has not read back yet."""
     kind: str                 # "prefill" | "decode"
     seqs: list[Any]           # serving.scheduler.Seq, in the step's row order
+    epochs: list[int]         # each one's epoch at dispatch (a preemption makes it stale)
     tokens: jax.Array
     logprobs: jax.Array
     t_dispatch: float

@@ -258,7 +258,7 @@ class Engine:
                 "pages": {"kv": kv, "adapter": cap - free - kv, "free": free, "capacity": cap},
                 "adapters": {"registered": st["registered"], "host": st["host"],
                              "pool": st["pool"]},
-                "host_bytes": st["host_bytes"]}
+                "host_bytes": st["host_bytes"], "preemptions": self.scheduler.preemptions}
 
     # -- the loop (engine thread) -------------------------------------------------------
     def _run(self) -> None:
@@ -429,11 +429,11 @@ class Engine:
         samp = [s.req.sampling for s in seqs]
         kv = [s.kv_pages for s in seqs]
         if step.kind == "prefill":
-            b = prefill_batch([s.req.prompt for s in seqs], kv, req_slot, samp, slots, self.ec,
-                              self.layout, device_put=False)
+            b = prefill_batch([s.prefill_tokens for s in seqs], kv, req_slot, samp, slots,
+                              self.ec, self.layout, device_put=False)
             b, rows = self._finish_prefill(b, slots)
             fn = prefill_step
-            self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
+            self.metrics.prompt_tokens.inc(sum(s.prefill_len for s in seqs))
         else:
             pos = [s.prompt_len + s.n_dispatched - 1 for s in seqs]
             b = decode_batch(None, pos, kv, req_slot, samp, slots, self.ec, self.layout,
@@ -454,7 +454,7 @@ class Engine:
             if grown:
                 self._warned_compile = True
                 log.warning("the serving loop compiled new shapes after warm-up: %s", grown)
-        return Inflight(step.kind, seqs, tokens, logprobs, t)
+        return Inflight(step.kind, seqs, [s.epoch for s in seqs], tokens, logprobs, t)
 
     def _complete(self, inf: Inflight) -> None:
         toks = np.asarray(inf.tokens)
@@ -466,9 +466,10 @@ class Engine:
         m = self.metrics
         n_new = 0
         for i, s in enumerate(inf.seqs):
-            if s.state != "running":
-                continue            # cancelled, or stopped a step ago (run-ahead)
+            if s.state != "running" or s.epoch != inf.epochs[i]:
+                continue            # cancelled, stopped a step ago (run-ahead), or preempted
             tok = int(toks[i])
+            s.generated.append(tok)
             s.n_out += 1
             n_new += 1
             if s.n_out == 1:

@@ -67,6 +67,9 @@ class ServingMetrics:
             self.pool_pages.labels(kind=kind).set_function(lambda k=kind: read()["pages"][k])
         for tier in ("registered", "host", "pool"):
             self.adapters.labels(tier=tier).set_function(lambda t=tier: read()["adapters"][t])
+        Gauge(f"{self.prefix}_preemptions", "Requests preempted since start (their KV pages "
+              "reclaimed when the pool ran dry; recomputed later, nothing streamed twice)",
+              registry=self.registry).set_function(lambda: read()["preemptions"])
 
     def bind_sections(self, totals: dict[str, float]) -> None:
         """`slora_engine_thread_seconds{section}`: the engine thread's time by section."""

@@ -129,10 +129,23 @@ class Seq:
     n_out: int = 0                 # tokens read back and delivered
     t_first: float | None = None
     uid: int = dataclasses.field(default_factory=lambda: next(_uids))
+    generated: list[int] = dataclasses.field(default_factory=list)   # the delivered tokens
+    epoch: int = 0                 # +1 per preemption: older steps' tokens are stale
+    on_demand: bool = False        # KV pages taken as it grows (it can be recomputed)
 
     @property
     def prompt_len(self) -> int:
         return len(self.req.prompt)
+
+    @property
+    def prefill_tokens(self) -> list[int]:
+        """What its (next) prefill runs: the prompt, then what it generated before a
+        preemption (recomputed, never streamed twice)."""
+        return list(self.req.prompt) + self.generated
+
+    @property
+    def prefill_len(self) -> int:
+        return self.prompt_len + len(self.generated)
 
     @property
     def kv_owner(self) -> tuple:
@@ -148,6 +161,15 @@ class SchedulerConfig:
     prefetch_depth: int = 16              # queued requests whose adapters are prefetched
     admit_window: int = 64                # queued requests scanned per admission
     base_only_steps: bool = True          # batches without adapters run a step with no LoRA
+    # KV pages: "on_demand" takes them as a sequence grows and, when the pool runs dry,
+    # preempts the youngest request (recomputed later from its prompt and tokens so far);
+    # "reserve" takes prompt + max_tokens at admission. A request too long to recompute
+    # in one prefill (prompt + max_tokens - 1 > max_prefill_tokens) always reserves.
+    kv_pages: str = "on_demand"
+
+    def __post_init__(self):
+        if self.kv_pages not in ("on_demand", "reserve"):
+            raise ValueError(f"kv_pages: {self.kv_pages!r} is not one of on_demand, reserve")
 
 
 @dataclasses.dataclass
@@ -173,14 +195,29 @@ class Scheduler:
         self.ema_decode = 0.0
         self.kv_pages_used = 0
         self._n_deadlines = 0      # queued requests with a first-token deadline
+        self.preemptions = 0
 
     def kv_pages_for(self, req: GenerationRequest) -> int:
+        """KV pages of the whole request: what "reserve" takes, and the most it can hold."""
         return self.layout.kv_pages_for(len(req.prompt) + req.max_tokens)
 
+    def _can_recompute(self, seq: Seq) -> bool:
+        return (self.cfg.kv_pages == "on_demand"
+                and seq.prompt_len + seq.req.max_tokens - 1 <= self.ec.max_prefill_tokens)
+
+    def _admission_pages(self, seq: Seq) -> int:
+        """KV pages taken at admission: its prefill's, or the whole request's."""
+        if self._can_recompute(seq):
+            return self.layout.kv_pages_for(seq.prefill_len)
+        return self.kv_pages_for(seq.req)
+
     # -- queue ------------------------------------------------------------------------
-    def add(self, seq: Seq) -> None:
+    def add(self, seq: Seq, front: bool = False) -> None:
         seq.state = "waiting"
-        self.waiting.append(seq)
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
         self._n_deadlines += seq.deadline is not None
         if seq.entry is not None:
             self.store.want(seq.entry)
@@ -246,7 +283,7 @@ class Scheduler:
 
     # -- the next step -------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> Step | None:
-        decodable = [s for s in self.running if s.n_dispatched < s.req.max_tokens]
+        decodable = self._grow([s for s in self.running if s.n_dispatched < s.req.max_tokens])
         if self.waiting and (not decodable
                              or self.decodes_since_prefill >= self.cfg.decode_steps_per_prefill):
             seqs, loads = self._admit()
@@ -258,6 +295,44 @@ class Scheduler:
             return Step("decode", decodable, [])
         return None
 
+    def _grow(self, decodable: list[Seq]) -> list[Seq]:
+        """Give each request the KV page its next decode step writes into, oldest first;
+        when the pool has none, preempt the youngest on-demand request (itself included)."""
+        out = []
+        for seq in decodable:                      # `running` is in admission order
+            if seq.state != "running":
+                continue                           # preempted for an older one
+            need = self.layout.kv_pages_for(seq.prompt_len + seq.n_dispatched) - len(seq.kv_pages)
+            if need > 0:
+                while (self.allocator.num_free + self.store.evictable_pages() < need
+                       and self._preempt_youngest(seq)):
+                    pass
+                if seq.state != "running":
+                    continue
+                self.store.make_room(need)
+                seq.kv_pages = np.concatenate([seq.kv_pages, self.allocator.alloc(
+                    seq.kv_owner, need, "kv")])
+                self.kv_pages_used += need
+                self.allocator.set_used(seq.kv_owner, kv_used_elems(
+                    seq.prompt_len + seq.n_dispatched, self.layout))
+            out.append(seq)
+        return out
+
+    def _preempt_youngest(self, for_seq: Seq) -> bool:
+        """Preempt the most recently admitted on-demand request; False if there is none."""
+        victim = next((s for s in reversed(self.running) if s.on_demand), None)
+        if victim is None:
+            return False
+        self._release(victim)
+        victim.epoch += 1                # its steps in flight deliver nothing
+        victim.n_dispatched = victim.n_out
+        victim.kv_pages = None
+        if victim.n_out:                 # its first token is out: no first-token deadline
+            victim.deadline = None
+        self.add(victim, front=True)     # first in line again
+        self.preemptions += 1
+        return True
+
     def _admit(self) -> tuple[list[Seq], list[PendingLoad]]:
         ec, store, alloc = self.ec, self.store, self.allocator
         admitted: list[Seq] = []
@@ -267,7 +342,7 @@ class Scheduler:
         failed_entries = set()
         for seq in list(itertools.islice(self.waiting, self.cfg.admit_window)):
             if (len(admitted) == ec.max_prefill_requests or not self._free_rows
-                    or tokens + seq.prompt_len > ec.max_prefill_tokens):
+                    or tokens + seq.prefill_len > ec.max_prefill_tokens):
                 break
             e = seq.entry
             if e is not None:
@@ -280,15 +355,18 @@ class Scheduler:
                     continue
                 if e not in distinct and len(distinct) >= ec.max_adapters_per_batch:
                     continue
-            need_kv = self.kv_pages_for(seq.req)
+            need_kv = self._admission_pages(seq)
             need_ad = store.pages_needed(e) if e is not None else 0
-            if need_kv + need_ad > alloc.capacity:
+            if self.kv_pages_for(seq.req) + need_ad > alloc.capacity:
                 self.fail(seq, InvalidRequest(
                     f"the request needs {need_kv} KV pages and {need_ad} adapter pages, more than "
                     f"the pool's {alloc.capacity}; lower max_tokens or the prompt length",
                     "max_tokens"))
                 continue
-            if alloc.num_free + store.evictable_pages(exclude=e) < need_kv + need_ad:
+            # Headroom of a page per running request, so that admitting does not make
+            # the next decode step preempt at once.
+            headroom = len(self.running) if self.cfg.kv_pages == "on_demand" else 0
+            if alloc.num_free + store.evictable_pages(exclude=e) < need_kv + need_ad + headroom:
                 break                               # first come, first served on memory
             if e is not None:            # pinned before it leaves the queue: its host copy stays
                 store.pin(e)
@@ -299,15 +377,17 @@ class Scheduler:
                 distinct.add(e)
             store.make_room(need_kv)
             seq.kv_pages = alloc.alloc(seq.kv_owner, need_kv, "kv")
-            alloc.set_used(seq.kv_owner, kv_used_elems(seq.prompt_len + seq.req.max_tokens,
-                                                       self.layout))
+            seq.on_demand = self._can_recompute(seq)
+            alloc.set_used(seq.kv_owner, kv_used_elems(
+                seq.prefill_len if seq.on_demand else seq.prompt_len + seq.req.max_tokens,
+                self.layout))
             self.kv_pages_used += need_kv
             seq.row = self._free_rows.pop()
             self.running.append(seq)     # running before it leaves the queue: never neither
             self._leave_queue(seq)
             seq.state = "running"
             admitted.append(seq)
-            tokens += seq.prompt_len
+            tokens += seq.prefill_len
         for e in failed_entries:
             store.clear_error(e)
         return admitted, loads
@@ -323,7 +403,7 @@ class Scheduler:
         loads = []
         reserve = 0
         for seq in itertools.islice(self.waiting, self.cfg.prefetch_depth):
-            reserve += self.kv_pages_for(seq.req)
+            reserve += self._admission_pages(seq)
             e = seq.entry
             if e is None or e.slot is not None:
                 continue

@@ -251,16 +251,58 @@ class Harness:
 
 
 def test_admission_reserves_prompt_plus_max_tokens():
-    h = Harness()
+    h = Harness(kv_pages="reserve")
     s = h.add(n_prompt=5, max_tokens=20)
     st = h.step()
     assert st.kind == "prefill" and st.seqs == [s]
     assert len(s.kv_pages) == h.lay.kv_pages_for(25)
     assert h.sched.kv_pages_used == len(s.kv_pages)
+    for _ in range(5):
+        h.step()
+    assert len(s.kv_pages) == h.lay.kv_pages_for(25)          # it never grows
+
+
+def test_on_demand_pages_follow_the_sequence():
+    h = Harness()                                  # kv_pages="on_demand", the default
+    tpp = h.lay.tokens_per_page
+    s = h.add(n_prompt=5, max_tokens=20)
+    h.step()                                       # the prefill writes positions 0..4
+    assert len(s.kv_pages) == h.lay.kv_pages_for(5) and h.sched.kv_pages_used == 1
+    for k in range(1, 15):                         # decode k writes position 5 + k - 1
+        st = h.step()
+        assert st.kind == "decode" and len(s.kv_pages) == -(-(5 + k) // tpp)
+        assert h.sched.kv_pages_used == len(s.kv_pages) == len(set(s.kv_pages.tolist()))
+    # Too long to recompute in one prefill (max_prefill_tokens 64): it reserves.
+    long = h.add(n_prompt=40, max_tokens=30)
+    h.step()
+    assert not long.on_demand and len(long.kv_pages) == h.lay.kv_pages_for(70)
+
+
+def test_a_dry_pool_preempts_the_youngest_which_goes_back_first_in_line():
+    h = Harness(num_pages=20)                      # 19 pages of 6 tokens
+    old, mid, young = (h.add(n_prompt=6, max_tokens=40) for _ in range(3))
+    late = h.add(n_prompt=6, max_tokens=40)
+    h.step()                                       # all four admitted, one page each
+    assert [x.state for x in (old, mid, young, late)] == ["running"] * 4
+    preempted = []
+    for _ in range(40):
+        if h.step() is None:
+            break
+        preempted += [x for x in (old, mid, young, late) if x.state == "waiting"
+                      and x not in preempted]
+        assert h.sched.kv_pages_used == sum(len(x.kv_pages) for x in h.sched.running)
+        assert h.sched.kv_pages_used <= 19
+    assert preempted and preempted[0] is late      # the youngest first, never the oldest
+    assert old not in preempted
+    assert h.sched.preemptions >= len(preempted)
+    while h.step() is not None:                    # everyone finishes in the end
+        pass
+    assert all(x.state == "done" for x in (old, mid, young, late)) and not h.failed
+    assert h.store.allocator.num_free == h.store.allocator.capacity
 
 
 def test_first_come_first_served_on_memory():
-    h = Harness(num_pages=20)                     # 19 pages, 6 tokens per page
+    h = Harness(num_pages=20, kv_pages="reserve")                     # 19 pages, 6 tokens per page
     big = h.add(n_prompt=8, max_tokens=40)        # 8 pages
     h.add(n_prompt=8, max_tokens=40)
     blocked = h.add(n_prompt=8, max_tokens=40)    # does not fit beside the first two
