@@ -305,7 +305,7 @@ class Scheduler:
             need = self.layout.kv_pages_for(seq.prompt_len + seq.n_dispatched) - len(seq.kv_pages)
             if need > 0:
                 while (self.allocator.num_free + self.store.evictable_pages() < need
-                       and self._preempt_youngest(seq)):
+                       and self._preempt_youngest()):
                     pass
                 if seq.state != "running":
                     continue
@@ -318,13 +318,14 @@ class Scheduler:
             out.append(seq)
         return out
 
-    def _preempt_youngest(self, for_seq: Seq) -> bool:
+    def _preempt_youngest(self) -> bool:
         """Preempt the most recently admitted on-demand request; False if there is none."""
         victim = next((s for s in reversed(self.running) if s.on_demand), None)
         if victim is None:
             return False
         self._release(victim)
-        victim.epoch += 1                # its steps in flight deliver nothing
+        victim.epoch += 1    # a step still in flight delivers nothing to it (with one step
+                             # in flight it is read back before any re-admission anyway)
         victim.n_dispatched = victim.n_out
         victim.kv_pages = None
         if victim.n_out:                 # its first token is out: no first-token deadline

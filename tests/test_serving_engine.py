@@ -199,3 +199,43 @@ def test_an_adapter_that_fails_to_load_fails_only_its_requests(setup, tmp_path):
         s_bad.result()
     assert len(s_ok.result()[0]) == 3
     eng.store.unregister("bad")
+
+
+def test_a_pool_too_small_for_the_batch_preempts_and_no_output_changes(tmp_path):
+    """KV pages on demand: 20 requests of up to 40 tokens want 140 KV pages from a pool of
+    63 that also holds adapters, so requests are preempted and recomputed; greedy outputs
+    equal the float64 reference, seeded ones an unpressured engine's, and every page comes
+    back."""
+    root = str(tmp_path)
+    adapters = write_adapters(root)
+    names = [None, "a00", "a10", "a15"]
+    rng = np.random.default_rng(5)
+    reqs = [GenerationRequest(
+        prompt=[int(t) for t in rng.integers(0, MC.vocab_size, int(rng.integers(2, 10)))],
+        adapter=names[i % len(names)], max_tokens=30,
+        sampling=Sampling(temperature=0.8, seed=i) if i % 5 == 4 else Sampling())
+        for i in range(20)]
+    small = make_engine(root, num_pages=64)
+    try:
+        got = [s.result() for s in [small.generate_sync(r) for r in reqs]]
+        assert small.stats()["preemptions"] > 0
+        assert small.compiled_since_warmup() == {"prefill_step": 0, "decode_step": 0,
+                                                 "load_adapter_pages": 0}
+        assert idle(small)["pages"]["kv"] == 0
+        small.evict_idle_adapters()
+        assert small.allocator.num_free == small.allocator.capacity
+    finally:
+        small.shutdown()
+    big = make_engine(root, num_pages=400, sched={"kv_pages": "reserve"})
+    try:
+        want = [s.result() for s in [big.generate_sync(r) for r in reqs]]
+        assert big.stats()["preemptions"] == 0
+    finally:
+        big.shutdown()
+    for r, (toks, lps, finish), (toks_big, _, _) in zip(reqs, got, want):
+        assert finish == "length" and len(toks) == len(lps) == 30   # none streamed twice
+        assert toks == toks_big, r
+        if r.sampling.temperature == 0:
+            ref, _ = dense_greedy(params(), MC, r.prompt, r.max_tokens,
+                                  adapters[r.adapter] if r.adapter else None)
+            assert toks == ref, r.adapter
