@@ -35,7 +35,7 @@ bench-kernels:
 OUT     ?= benchmarks/results
 GPU_ENV := XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONUNBUFFERED=1
 
-.PHONY: bench-e2e bench-tune bench-serve bench-overhead
+.PHONY: bench-e2e bench-tune bench-serve bench-saturation bench-overhead
 
 bench-e2e:
 	$(GPU_ENV) $(PY) benchmarks/e2e_decode.py --preset llama-7b --lora-backend pallas \
@@ -50,6 +50,12 @@ bench-serve:
 	  --config configs/server/llama-7b-bench.yaml --dummy-adapters 1000 --dummy-ranks 8 \
 	  --preload --rate 8 --duration 45 --input-range 8,256 --output-range 8,256 \
 	  --out-dir $(OUT) $(ARGS)
+
+# One sweep per server configuration, e.g. ARGS="--dummy-adapters 1000 --dummy-ranks 8".
+bench-saturation:
+	$(GPU_ENV) $(PY) benchmarks/serve_load.py --dummy llama-7b \
+	  --config configs/server/llama-7b-bench.yaml --preload --sweep 4,8,12,16,20,24,28,32 \
+	  --duration 60 --input-range 8,512 --output-range 8,512 --out-dir $(OUT) $(ARGS)
 
 bench-overhead:
 	$(GPU_ENV) $(PY) benchmarks/serve_overhead.py --dummy llama-7b \

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     p.add_argument("--out-dir", default=os.path.join(_ROOT, "benchmarks", "results"))
     p.add_argument("--tag", default="", help="suffix of the result file name")
+    p.add_argument("--sweep", metavar="RATES",
+                   help="offered rates to try in order (comma list, req/s), each for --duration "
+                        "seconds, stopping after the first whose first-token SLO attainment "
+                        "falls below 90%%; rows go to saturation_<device>_<commit>.json in "
+                        "--out-dir (merged with the rows of other runs of this commit)")
+    p.add_argument("--ranks-label", help="the adapters' ranks in the sweep rows (default: "
+                                         "from --dummy-ranks, e.g. 8 or 8-64)")
     return p
 
 
@@ -246,6 +253,84 @@ def print_table(s: dict) -> None:
     print()
 
 
+SWEEP_FLOOR = 0.9      # a sweep stops after the first rate below this SLO attainment
+
+
+def sweep_row(s: dict, *, model: str, adapters: int, ranks: str, rate: float) -> dict:
+    """One saturation row from a `summarize` result."""
+    return {"system": "slora-jax", "model": model, "adapters": adapters, "ranks": ranks,
+            "offered_req_s": rate, "served_req_s": s["throughput_req_s"],
+            "output_tok_s": s["output_tok_s"], "slo_attainment": s["slo_attainment"],
+            "ttft_p50_s": s["ttft_p50_s"], "ttft_p99_s": s["ttft_p99_s"],
+            "tpot_ms": 1000 * s["tpot_mean_s"], "requests": s["requests"],
+            "errors": s["errors"]}
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`new` replaces the rows of `old` with the same model, adapters, ranks and rate."""
+    key = lambda r: (r["model"], r["adapters"], r["ranks"], r["offered_req_s"])
+    keep = {key(r) for r in new}
+    rows = [r for r in old if key(r) not in keep] + new
+    return sorted(rows, key=key)
+
+
+def _ranks_label(args, server_argv: list[str]) -> str:
+    if args.ranks_label:
+        return args.ranks_label
+    if "--dummy-ranks" in server_argv:
+        ranks = [int(r) for r in server_argv[server_argv.index("--dummy-ranks") + 1].split(",")]
+        return str(ranks[0]) if len(set(ranks)) == 1 else f"{min(ranks)}-{max(ranks)}"
+    return "as loaded"
+
+
+def run_sweep(args, url: str, adapters: list[str], base: str, vocab: int, max_len: int,
+              ranks: str) -> list[dict]:
+    rows = []
+    n_adapters = len(adapters[:args.num_adapters] if args.num_adapters else adapters)
+    for rate in (float(x) for x in args.sweep.split(",")):
+        trace = make_trace(argparse.Namespace(**{**vars(args), "rate": rate}), adapters, base,
+                           vocab, max_len)
+        recs, wall = asyncio.run(run_trace(url, trace, args.timeout))
+        s = summarize(recs, wall, args.slo_ttft)
+        rows.append(sweep_row(s, model=base, adapters=n_adapters, ranks=ranks, rate=rate))
+        print(f"offered {rate:g} req/s: served {s['throughput_req_s']:.2f} req/s, "
+              f"{s['output_tok_s']:.0f} tok/s, SLO {100 * s['slo_attainment']:.1f}%, TTFT p50 "
+              f"{s['ttft_p50_s']:.3f} s p99 {s['ttft_p99_s']:.3f} s, TPOT "
+              f"{1000 * s['tpot_mean_s']:.1f} ms", flush=True)
+        if s["slo_attainment"] < SWEEP_FLOOR:
+            break
+    return rows
+
+
+def write_sweep(args, argv, device: str, rows: list[dict]) -> str:
+    rev = _git()
+    commit = rev[:10] + ("-dirty" if rev.endswith("-dirty") else "")
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    path = os.path.join(args.out_dir, f"saturation_{slug}_{commit}.json")
+    old = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)["rows"]
+    record = {"benchmark": "saturation", "device": device, "commit": commit,
+              "date": datetime.date.today().isoformat(),
+              "command": " ".join(["benchmarks/serve_load.py"] + argv),
+              "workload": {k: getattr(args, k) for k in (
+                  "alpha", "cv", "duration", "input_range", "output_range", "base_fraction",
+                  "slo_ttft", "seed")},
+              "rows": merge_rows(old, rows)}
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print("\n| model | adapters | ranks | offered req/s | served req/s | SLO % | TTFT p50 s | "
+          "TTFT p99 s | TPOT ms |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['adapters']} | {r['ranks']} | {r['offered_req_s']:g} | "
+              f"{r['served_req_s']:.2f} | {100 * r['slo_attainment']:.1f} | "
+              f"{r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['tpot_ms']:.1f} |")
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, server_argv = build_parser().parse_known_args(argv)
@@ -281,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         url = server.url
         d = jax.devices()[0]
         device = f"{d.platform}: {d.device_kind} x{jax.device_count()}"
+        if args.sweep:
+            device = d.device_kind if d.platform == "gpu" else d.platform
     try:
         import httpx
         models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
@@ -288,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         adapters = [m["id"] for m in models if m.get("parent") is not None]
         vocab = int(base.get("vocab_size") or 100)
         max_len = int(base.get("max_model_len") or 2048)
+        if args.sweep:
+            rows = run_sweep(args, url, adapters, base["id"], vocab, max_len,
+                             _ranks_label(args, server_argv))
+            write_sweep(args, argv, device, rows)
+            return 0
         reqs = make_trace(args, adapters, base["id"], vocab, max_len)
         print(f"{len(reqs)} requests over {len(set(r.adapter for r in reqs))} adapters "
               f"(of {len(adapters)}), {args.rate} req/s, cv {args.cv}, alpha {args.alpha}",

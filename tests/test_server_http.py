@@ -365,3 +365,21 @@ def test_serve_load_benchmark_against_the_server(srv, tmp_path):
     rec = json.loads(out.read_text())
     assert rec["summary"]["completed"] == 12 and rec["git"] and rec["jax"]
     assert rec["summary"]["slo_attainment"] == 1.0
+
+    # --sweep: rising rates until the SLO attainment falls below 90%, rows merged by commit.
+    sweep = tmp_path / "sweep"
+    common = ["--url", srv["url"], "--input-range", "2,10", "--output-range", "2,8",
+              "--duration", "0.2", "--ranks-label", "1-16", "--out-dir", str(sweep)]
+    assert mod.main([*common, "--sweep", "20,40"]) == 0
+    (path,) = sweep.iterdir()
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["offered_req_s"] for r in rows] == [20.0, 40.0]
+    assert all(r["system"] == "slora-jax" and r["ranks"] == "1-16" and r["adapters"] == 16
+               and r["slo_attainment"] == 1.0 and r["served_req_s"] > 0 and r["tpot_ms"] > 0
+               for r in rows)
+    # An SLO nobody meets stops the sweep at its first rate; that row replaces the old one.
+    assert mod.main([*common, "--sweep", "20,40,80", "--slo-ttft", "1e-6"]) == 0
+    rec = json.loads(path.read_text())
+    assert [(r["offered_req_s"], r["slo_attainment"]) for r in rec["rows"]] == [(20.0, 0.0),
+                                                                                (40.0, 1.0)]
+    assert {"device", "commit", "command", "workload"} <= set(rec)
