@@ -54,7 +54,7 @@ bench-serve:
 # One sweep per server configuration, e.g. ARGS="--dummy-adapters 1000 --dummy-ranks 8".
 bench-saturation:
 	$(GPU_ENV) $(PY) benchmarks/serve_load.py --dummy llama-7b \
-	  --config configs/server/llama-7b-bench.yaml --preload --sweep 4,8,12,16,20,24,28,32 \
+	  --config configs/server/saturation.yaml --preload --sweep 4,8,12,16,20,24,28,32 \
 	  --duration 60 --input-range 8,512 --output-range 8,512 --out-dir $(OUT) $(ARGS)
 
 bench-overhead:
