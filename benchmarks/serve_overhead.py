@@ -275,6 +275,17 @@ def _run_phase(name: str, argv: list[str], cache: str) -> dict:
     return json.loads(next(l for l in reversed(r.stdout.splitlines()) if l.startswith("{")))
 
 
+def _fill(new, old):
+    """`new` with its missing (None) values taken from `old`, recursively."""
+    if new is None:
+        return old
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {**old, **{k: _fill(v, old.get(k)) for k, v in new.items()}}
+    if isinstance(new, list) and isinstance(old, list) and len(new) == len(old):
+        return [_fill(a, b) for a, b in zip(new, old)]
+    return new
+
+
 def _device() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -343,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     path = os.path.join(args.out, f"serving_overhead_{slug}_{commit}.json")
+    if skip and os.path.exists(path):          # phases split over runs: keep the others' figures
+        with open(path) as f:
+            record = _fill(record, json.load(f))
+        record["command"] += " (with " + ", ".join(sorted(skip)) + " from an earlier run)"
+        rows = record["rows"]
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     fmt = lambda x: "-" if x is None else f"{x:.2f}"
