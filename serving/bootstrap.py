@@ -244,8 +244,9 @@ def warm(engine, progress: bool = True) -> float:
     st = getattr(engine, "startup", None)
     preloading = None
     if st is not None and st.preload:
-        preloading = concurrent.futures.ThreadPoolExecutor(1, "preload").submit(
-            engine.store.preload, progress=progress, bar_position=1)
+        ex = concurrent.futures.ThreadPoolExecutor(1, "preload")
+        preloading = ex.submit(engine.store.preload, progress=progress, bar_position=1)
+        ex.shutdown(wait=False)          # the thread ends with its one job
     secs = engine.warmup(progress=progress)
     log.info("compiled every bucket in %.1fs (%s)", secs, ", ".join(
         f"{k} {v:.1f}s" for k, v in engine.warmup_seconds.items()))
