@@ -324,8 +324,8 @@ class Scheduler:
         if victim is None:
             return False
         self._release(victim)
-        victim.epoch += 1    # a step still in flight delivers nothing to it (with one step
-                             # in flight it is read back before any re-admission anyway)
+        victim.epoch += 1    # the step in flight delivers nothing to it, even if it is
+                             # re-admitted (and running again) before that step is read back
         victim.n_dispatched = victim.n_out
         victim.kv_pages = None
         if victim.n_out:                 # its first token is out: no first-token deadline
