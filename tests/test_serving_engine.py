@@ -239,3 +239,52 @@ def test_a_pool_too_small_for_the_batch_preempts_and_no_output_changes(tmp_path)
             ref, _ = dense_greedy(params(), MC, r.prompt, r.max_tokens,
                                   adapters[r.adapter] if r.adapter else None)
             assert toks == ref, r.adapter
+
+
+class _Collect:
+    """A stream whose outputs land in a list (the test drives the engine's loop by hand)."""
+
+    def __init__(self):
+        self.channel = self
+        self.tokens: list[int] = []
+
+    def deliver(self, items):
+        for stream, out in items:
+            stream.tokens += out.token_ids
+
+
+def test_a_preempted_request_readmitted_before_its_step_is_read_back_gets_no_stale_token():
+    """The loop dispatches step n before it reads step n-1 back: a request preempted and
+    re-admitted in between must not receive n-1's token (the epoch), and its output is the
+    float64 reference's, each token once."""
+    from serving.scheduler import Seq
+    eng = make_engine(None, num_pages=200)        # warm, and its thread stopped at once
+    eng.shutdown()
+    sched = eng.scheduler
+    reqs = [GenerationRequest([7, 3, 9, 4], None, max_tokens=6),
+            GenerationRequest([2, 8, 5], None, max_tokens=6)]
+    seqs = [Seq(r, _Collect(), None, time.monotonic(), None) for r in reqs]
+    for s in seqs:
+        sched.add(s)
+    a, b = seqs
+    run = lambda: eng._dispatch(sched.schedule())
+    done = lambda inf: (eng._complete(inf), eng._flush())
+    done(run())                                    # prefill a and b: one token each
+    in_flight = run()                              # decode a and b, not read back yet
+    assert sched._preempt_youngest() and b.state == "waiting"
+    readmit = run()                                # b's recompute, dispatched at once
+    assert readmit.kind == "prefill" and readmit.seqs == [b] and b.state == "running"
+    done(in_flight)                                # b's stale token must be dropped
+    assert len(b.stream.tokens) == 1 and len(a.stream.tokens) == 2
+    inf = readmit
+    for _ in range(50):                            # the engine's loop: dispatch, then read back
+        step = sched.schedule()
+        nxt = eng._dispatch(step) if step is not None else None
+        done(inf)
+        inf = nxt
+        if inf is None:
+            break
+    for s in seqs:
+        ref, _ = dense_greedy(params(), MC, s.req.prompt, s.req.max_tokens, None)
+        assert s.stream.tokens == ref and s.state == "done"
+    assert sched.preemptions == 1 and eng.allocator.num_free == eng.allocator.capacity
