@@ -358,9 +358,9 @@ class Scheduler:
                     continue
             need_kv = self._admission_pages(seq)
             need_ad = store.pages_needed(e) if e is not None else 0
-            if self.kv_pages_for(seq.req) + need_ad > alloc.capacity:
+            if (full := self.kv_pages_for(seq.req)) + need_ad > alloc.capacity:
                 self.fail(seq, InvalidRequest(
-                    f"the request needs {need_kv} KV pages and {need_ad} adapter pages, more than "
+                    f"the request needs {full} KV pages and {need_ad} adapter pages, more than "
                     f"the pool's {alloc.capacity}; lower max_tokens or the prompt length",
                     "max_tokens"))
                 continue
