@@ -83,7 +83,8 @@ class ServingMetrics:
         """`slora_startup_seconds{phase}`: how long each start-up phase took."""
         g = Gauge(f"{self.prefix}_startup_seconds", "Wall time of each start-up phase "
                   "(process: spawn and imports; params; engine: pool and store; adapters: "
-                  "registering and preloading; warmup: every bucket compiled or loaded and run)",
+                  "registering; warmup: every bucket compiled or loaded and run; preload: "
+                  "what --preload took beyond the warm-up it overlaps)",
                   ["phase"], registry=self.registry)
         for k, v in phases.items():
             g.labels(phase=k).set(v)
