@@ -10,8 +10,7 @@ import jax
 
 from pallas_kernels import lora_mgpu
 from pallas_kernels.geometry import check_option
-from pallas_kernels.lora_reference import (  # noqa: F401  (the references, re-exported)
-    gather_slot_matrix, lora_apply_reference, lora_expand_reference, lora_shrink_reference)
+from pallas_kernels.lora_reference import lora_expand_reference, lora_shrink_reference
 
 BACKENDS = ("auto", "reference", "pallas")
 

@@ -459,7 +459,7 @@ def lora_shrink(x: jax.Array, rows: jax.Array, slot_pages: jax.Array, a_offset: 
                 **kw) -> jax.Array:
     """xa[t] = x[t] · A_{slot(t)}: x [T, in], rows [N, H] -> [T, max_rank] float32.
 
-    See `pallas_kernels.lora.lora_shrink_reference` for the contract; offsets must be
+    See `pallas_kernels.lora_reference.lora_shrink_reference` for the contract; offsets must be
     8-aligned in the matrix's view, as `KVLayout.adapter_offsets` places them.
     Keywords as `lora_shrink_multi`.
     """
@@ -510,7 +510,7 @@ def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset:
                 page_size: int, **kw) -> jax.Array:
     """y[t] = scale_{slot(t)} · xa[t] · B_{slot(t)}: xa [T, R] f32 -> [T, out] float32.
 
-    See `pallas_kernels.lora.lora_expand_reference` for the contract (offsets 8-aligned
+    See `pallas_kernels.lora_reference.lora_expand_reference` for the contract (offsets 8-aligned
     in the matrix's view, as `KVLayout.adapter_offsets` places them). xa·scale is
     rounded to the pool dtype (bf16) for the tensor-core product. Keywords as
     `lora_expand_multi`.
