@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from conftest import TINY, tiny_engine_config
-from pallas_kernels.lora import gather_slot_matrix
+from pallas_kernels.lora_reference import gather_slot_matrix
 from slora_jax.allocator import OutOfPages, PageAllocator, adapter_used_elems, kv_used_elems
 from slora_jax.adapters import dummy_adapter
 from slora_jax.config import MODULES, EngineConfig
