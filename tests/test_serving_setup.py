@@ -99,6 +99,17 @@ def test_yaml_unknown_key_is_named(tmp_path):
         resolve(args)
 
 
+def test_kv_pages_mode_is_checked(tmp_path):
+    """A misspelt `kv_pages` mode is a config error naming the field and its values."""
+    from serving.bootstrap import build_parser, resolve
+    y = tmp_path / "s.yaml"
+    y.write_text("scheduler: {kv_pages: lazy}\n")
+    cfg = resolve(build_parser().parse_args(["--dummy", "tiny", "--config", str(y)]))
+    with pytest.raises(ValueError, match="kv_pages: 'lazy' is not one of on_demand, reserve"):
+        SchedulerConfig(**cfg["scheduler"])
+    assert SchedulerConfig().kv_pages == "on_demand"
+
+
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(
     os.path.dirname(__file__), "..", "configs", "server"))))
 def test_shipped_server_configs_resolve(name):

@@ -23,7 +23,6 @@ Writes ``tests/fixtures/smollm2/hf_greedy.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import sys
@@ -50,14 +49,6 @@ def load_converter():
         sys.path.insert(0, str(REPO))
     from tools import gguf       # imports no JAX
     return gguf
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _margin(torch, row):
@@ -160,7 +151,7 @@ def main() -> int:
         "source": {
             "package": conv.DEFAULT_PACKAGE,
             "gguf_member": conv.DEFAULT_GGUF_MEMBER,
-            "gguf_sha256": sha256(gguf_path),
+            "gguf_sha256": conv._sha256(gguf_path),
         },
         "chat": CHAT,
         "add_generation_prompt": True,
