@@ -292,12 +292,15 @@ def _prefill(q, k, v, positions, *, window, block_q, block_kv, num_stages, inter
 def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, seq_ids: jax.Array,
                       positions: jax.Array, sliding_window: int | None = None, *,
                       block_q: int | None = None, block_kv: int | None = None,
-                      num_stages: int | None = None, interpret=None) -> jax.Array:
+                      num_stages: int | None = None, key_only_rows: int = 0,
+                      interpret=None) -> jax.Array:
     """Packed causal prefill attention (see the module docstring and
     `prefill_attention_reference`). q: [T, n_heads, hd]; k, v: [T, n_kv, hd];
     seq_ids, positions: [T]. Returns [T, n_heads, hd] float32; rows of padding
     tokens are finite but unspecified. `seq_ids` is not read: the segments
     follow from `positions` (each prompt contiguous, positions from 0).
+    `key_only_rows`: the first rows are keys for later rows only; their outputs are
+    unspecified, and each is made a one-token segment so that its query costs one tile.
     """
     t, nq, hd = q.shape
     bq = block_q or 64
@@ -312,5 +315,7 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, seq_ids: jax.Arr
     if interpret is None:
         interpret = default_interpret()
     window = None if sliding_window is None else int(sliding_window)
+    if key_only_rows:
+        positions = positions.at[:key_only_rows].set(0)
     return _prefill(q, k, v, positions, window=window, block_q=bq, block_kv=bkv,
                     num_stages=ns, interpret=interpret)

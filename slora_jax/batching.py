@@ -17,7 +17,7 @@ from slora_jax.config import MODULES, EngineConfig
 from slora_jax.model import LoraBatch
 from slora_jax.pool import NULL_PAGE, PoolLayout
 from slora_jax.sampling import SamplingParams
-from slora_jax.step import DecodeBatch, PrefillBatch
+from slora_jax.step import DecodeBatch, MixedBatch, PrefillBatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +121,22 @@ def _page_table(pages: Sequence[np.ndarray], n: int, width: int) -> np.ndarray:
 def prefill_batch(prompts: Sequence[Sequence[int]], kv_pages: Sequence[np.ndarray],
                   req_slot: Sequence[int], sampling: Sequence[Sampling],
                   slots: Sequence[SlotInfo], ec: EngineConfig, layout: PoolLayout,
-                  device_put: bool = True) -> PrefillBatch:
-    """Pack R prompts into one prefill batch, padded to the token/request buckets."""
+                  device_put: bool = True, starts: Sequence[int] | None = None,
+                  num_requests: int | None = None) -> PrefillBatch:
+    """Pack R prompts into one prefill batch, padded to the token/request buckets
+    (`num_requests`: the request axis' size instead of its bucket).
+
+    `starts`: each prompt's first position; given, the batch may continue a prompt
+    prefilled in chunks (`PrefillBatch.prefix_len`), which must be the first (the
+    others start at 0), and `prompts[i]` is then the chunk from `starts[i]` on."""
     n_tok = sum(len(p) for p in prompts)
     t = ec.bucket(ec.token_buckets(), n_tok, "prefill tokens")
-    r = ec.bucket(ec.request_buckets(), len(prompts), "prefill requests")
+    r = num_requests or ec.bucket(ec.request_buckets(), len(prompts), "prefill requests")
+    if len(prompts) > r:
+        raise ValueError(f"{len(prompts)} prompts exceed {r} prefill requests")
+    if starts is not None and any(starts[1:]):
+        raise ValueError("only the first packed prompt may continue at a position > 0, got "
+                         f"starts {list(starts)}")
     tokens = np.zeros(t, np.int32)
     positions = np.zeros(t, np.int32)
     seq_ids = np.full(t, r, np.int32)
@@ -133,8 +144,9 @@ def prefill_batch(prompts: Sequence[Sequence[int]], kv_pages: Sequence[np.ndarra
     off = 0
     for i, p in enumerate(prompts):
         n = len(p)
+        start = starts[i] if starts is not None else 0
         tokens[off:off + n] = p
-        positions[off:off + n] = np.arange(n)
+        positions[off:off + n] = np.arange(start, start + n)
         seq_ids[off:off + n] = i
         last[i] = off + n - 1
         off += n
@@ -144,7 +156,8 @@ def prefill_batch(prompts: Sequence[Sequence[int]], kv_pages: Sequence[np.ndarra
                      kv_pages=_page_table(kv_pages, r, max_kv_pages(ec, layout)),
                      last_index=last, req_slot=slot, sampling=sampling_arrays(sampling, r),
                      lora=lora_batch(slots if slot_bucket(slot, ec) else [], slot_bucket(slot, ec),
-                                     layout))
+                                     layout),
+                     prefix_len=None if starts is None else np.int32(starts[0] if starts else 0))
     return jax.device_put(b) if device_put else b
 
 
@@ -168,4 +181,36 @@ def decode_batch(tokens: Sequence[int] | None, positions: Sequence[int],
                       req_slot=slot, sampling=sampling_arrays(sampling, b),
                       lora=lora_batch(slots if slot_bucket(slot, ec) else [], slot_bucket(slot, ec),
                                       layout))
+    return jax.device_put(out) if device_put else out
+
+
+def mixed_batch(decode: tuple, prefill: tuple, slots: Sequence[SlotInfo], ec: EngineConfig,
+                layout: PoolLayout, device_put: bool = True, batch_size: int | None = None,
+                num_requests: int | None = None) -> MixedBatch:
+    """A `MixedBatch`: `decode` = (tokens or None, positions, kv_pages, req_slot, sampling)
+    of the decode rows (padded to `batch_size`, default their bucket), `prefill` =
+    (prompts, kv_pages, req_slot, sampling, starts) of the packed chunks; the req_slot
+    values of both index `slots`."""
+    tok, pos, kv, d_slot, d_samp = decode
+    prompts, p_kv, p_slot, p_samp, starts = prefill
+    n = len(pos)
+    b = batch_size or ec.bucket(ec.batch_buckets(), n, "decode batch")
+    if n > b:
+        raise ValueError(f"{n} decode rows exceed the batch of {b}")
+    tokens = np.zeros(b, np.int32)
+    if tok is not None:
+        tokens[:n] = tok
+    positions = np.zeros(b, np.int32)
+    positions[:n] = pos
+    rs = np.full(b, -1, np.int32)
+    rs[:n] = d_slot
+    p = prefill_batch(prompts, p_kv, p_slot, p_samp, [], ec, layout, device_put=False,
+                      starts=starts, num_requests=num_requests)
+    any_slot = any(s >= 0 for s in d_slot) or any(s >= 0 for s in p_slot)
+    lora = lora_batch(slots if any_slot else [], ec.max_adapters_per_batch if any_slot else 0,
+                      layout)
+    d = DecodeBatch(tokens=tokens, positions=positions,
+                    kv_pages=_page_table(kv, b, max_kv_pages(ec, layout)), req_slot=rs,
+                    sampling=sampling_arrays(d_samp, b), lora=lora_batch([], 0, layout))
+    out = MixedBatch(decode=d, prefill=p.replace(lora=lora))
     return jax.device_put(out) if device_put else out

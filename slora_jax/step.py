@@ -1,11 +1,12 @@
-"""The step functions: `prefill` and `decode`, each `(params, pool, batch) -> (pool, out)`.
+"""The step functions: `prefill`, `decode` and `mixed` (decode rows and prefill chunks in
+one pass), each `(params, pool, batch) -> (pool, out)`.
 
 Pure and jitted; the pool is donated, so XLA writes the new KV entries into
 it in place (see `tests/test_step.py::test_pool_is_updated_in_place`). A batch
 is a small pytree of int32/float32 arrays whose shapes come from a few
 buckets, so a new mix of requests and adapters reuses the compiled step.
 
-Research use (see README): build a `PrefillBatch`/`DecodeBatch` with
+Research use (see README): build a `PrefillBatch`/`DecodeBatch`/`MixedBatch` with
 `slora_jax.batching`, or by hand, and call these directly.
 """
 
@@ -36,6 +37,9 @@ class PrefillBatch:
     req_slot: jax.Array    # [R] int32 adapter slot, -1 = base model only
     sampling: SamplingParams   # [R] each
     lora: LoraBatch
+    # int32 scalar, or None: the first request continues a prompt prefilled in chunks;
+    # this many of its tokens are in the pool already and its positions start there.
+    prefix_len: jax.Array | None = None
 
 
 @struct.dataclass
@@ -50,28 +54,52 @@ class DecodeBatch:
 
 
 @struct.dataclass
+class MixedBatch:
+    """One step of decode rows and prefill chunks (Sarathi-style): the B running requests'
+    next tokens, then prompts or chunks of prompts packed as a `PrefillBatch`. Both halves
+    share `prefill.lora`'s adapter slots; `decode.lora` is not read (build it empty)."""
+    decode: DecodeBatch
+    prefill: PrefillBatch
+
+
+@struct.dataclass
 class StepOutput:
     tokens: jax.Array            # [N] int32 sampled next token per request
     logprobs: jax.Array          # [N] float32 logprob of that token
     logits: jax.Array | None     # [N, V] or [T, V] float32, when spec.logits asks
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool",))
-def prefill(params: Params, pool: Pool, batch: PrefillBatch, *, spec: StepSpec):
-    """Run packed prompts, write their KV into the pool, sample each one's first token."""
-    mc, layout = spec.model, spec.layout
+def _prefill_rows(batch: PrefillBatch, layout):
+    """Each packed token's KV page and in-page slot, and its adapter slot (padding: the
+    null page, no adapter)."""
     r = batch.kv_pages.shape[0]
     valid = batch.seq_ids < r
     seq = jnp.minimum(batch.seq_ids, r - 1)
     page, slot = kv_location(batch.kv_pages[seq], batch.positions, layout)
-    page = jnp.where(valid, page, 0)
-    token_slot = jnp.where(valid, batch.req_slot[seq], -1)
+    return jnp.where(valid, page, 0), slot, jnp.where(valid, batch.req_slot[seq], -1)
+
+
+def _prefill_attend(batch: PrefillBatch, spec: StepSpec, pl, q, k, v):
+    """Attention of the packed prompts (after their K/V are in `pl`)."""
+    window, backend = spec.model.sliding_window, spec.attention_backend
+    if batch.prefix_len is None:
+        return attn_ops.prefill_attention(q, k, v, batch.seq_ids, batch.positions, window,
+                                          backend=backend)
+    return attn_ops.continued_prefill_attention(q, k, v, batch.seq_ids, batch.positions, pl,
+                                                batch.kv_pages[0], batch.prefix_len,
+                                                spec.layout, window, backend=backend)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool",))
+def prefill(params: Params, pool: Pool, batch: PrefillBatch, *, spec: StepSpec):
+    """Run packed prompts, write their KV into the pool, sample each one's first token
+    (a chunk's token is meaningless unless it ends its prompt)."""
+    layout = spec.layout
+    page, slot, token_slot = _prefill_rows(batch, layout)
 
     def attend(li, pl, q, k, v):
         pl = write_kv(pl, k, v, page, slot, layout)
-        out = attn_ops.prefill_attention(q, k, v, batch.seq_ids, batch.positions,
-                                         mc.sliding_window, backend=spec.attention_backend)
-        return pl, out
+        return pl, _prefill_attend(batch, spec, pl, q, k, v)
 
     pool, h = transformer(params, pool, batch.tokens, batch.positions, attend, batch.lora,
                           token_slot, spec, prefill=True)
@@ -82,6 +110,38 @@ def prefill(params: Params, pool: Pool, batch: PrefillBatch, *, spec: StepSpec):
     if spec.logits == "all":
         extra = lm_logits(params, h)
     return pool, StepOutput(tokens=tokens, logprobs=logprobs, logits=extra)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool",))
+def mixed(params: Params, pool: Pool, batch: MixedBatch, *, spec: StepSpec):
+    """Decode rows and prefill chunks in one pass: every layer's weights are read once for
+    both, so admitting requests does not stall the running ones. Returns B + R tokens:
+    each decode row's next token, then each packed prompt's (as `prefill`)."""
+    mc, layout = spec.model, spec.layout
+    d, p = batch.decode, batch.prefill
+    b = d.tokens.shape[0]
+    d_page, d_slot = kv_location(d.kv_pages, d.positions, layout)
+    p_page, p_slot, p_adapter = _prefill_rows(p, layout)
+    page, slot = jnp.concatenate([d_page, p_page]), jnp.concatenate([d_slot, p_slot])
+    tokens = jnp.concatenate([d.tokens, p.tokens])
+    positions = jnp.concatenate([d.positions, p.positions])
+    token_slot = jnp.concatenate([d.req_slot, p_adapter])
+
+    def attend(li, pl, q, k, v):
+        pl = write_kv(pl, k, v, page, slot, layout)
+        out_d = attn_ops.decode_attention(q[:b], pl, d.kv_pages, d.positions + 1, layout,
+                                          mc.sliding_window, backend=spec.attention_backend)
+        out_p = _prefill_attend(p, spec, pl, q[b:], k[b:], v[b:])
+        return pl, jnp.concatenate([out_d, out_p])
+
+    pool, h = transformer(params, pool, tokens, positions, attend, p.lora, token_slot, spec,
+                          prefill=True)
+    logits = lm_logits(params, jnp.concatenate([h[:b], h[b + p.last_index]]))
+    samp = jax.tree.map(lambda x, y: jnp.concatenate([x, y]), d.sampling, p.sampling)
+    next_pos = jnp.concatenate([d.positions, p.positions[p.last_index]]) + 1
+    tokens, logprobs = sample(logits, samp, next_pos)
+    return pool, StepOutput(tokens=tokens, logprobs=logprobs,
+                            logits=None if spec.logits == "none" else logits)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool",))

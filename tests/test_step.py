@@ -15,8 +15,8 @@ from conftest import tiny_engine_config
 from dense_reference import dense_greedy, dense_logits
 from serving.offline import OfflineEngine, Request
 from slora_jax.adapters import dummy_adapter
-from slora_jax.batching import Sampling, decode_batch, prefill_batch
-from slora_jax.step import decode, prefill
+from slora_jax.batching import Sampling, decode_batch, mixed_batch, prefill_batch
+from slora_jax.step import decode, mixed, prefill
 
 ADAPTERS = [  # rank, target set: attention only, MLP only, everything, rank 1
     (2, ("q", "v")), (8, ("gate", "up", "down")), (16, ("q", "k", "v", "o", "gate", "up", "down")),
@@ -104,7 +104,7 @@ def _alias_params(hlo: str) -> set[int]:
     return {int(p) for p in re.findall(r"\(\s*(\d+)\s*,", m.group(1))}
 
 
-@pytest.mark.parametrize("step", ["decode", "prefill"])
+@pytest.mark.parametrize("step", ["decode", "prefill", "mixed"])
 def test_pool_is_updated_in_place(tiny, step):
     """Every pool layer is aliased input->output and the compiled step copies none of it."""
     mc, params = tiny
@@ -114,9 +114,13 @@ def test_pool_is_updated_in_place(tiny, step):
     if step == "decode":
         b = decode_batch([1], [3], kv, [0], [Sampling()], [slot], eng.ec, eng.layout)
         lowered = decode.lower(params, eng.pool, b, spec=eng.spec)
-    else:
+    elif step == "prefill":
         b = prefill_batch([[1, 2, 3]], kv, [0], [Sampling()], [slot], eng.ec, eng.layout)
         lowered = prefill.lower(params, eng.pool, b, spec=eng.spec)
+    else:      # decode rows and a prompt continued from the pool (the lax.cond's branch)
+        b = mixed_batch(([1], [3], kv, [0], [Sampling()]),
+                        ([[1, 2, 3]], kv, [0], [Sampling()], [4]), [slot], eng.ec, eng.layout)
+        lowered = mixed.lower(params, eng.pool, b, spec=eng.spec)
     hlo = lowered.compile().as_text()
     n_params = len(jax.tree.leaves(params))
     pool_args = set(range(n_params, n_params + mc.num_layers))
