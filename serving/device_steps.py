@@ -13,16 +13,19 @@ from serving.packing import Packing, unpack
 from slora_jax.model import StepSpec
 from slora_jax.params import Params
 from slora_jax.pool import load_adapter_pages
-from slora_jax.step import decode, prefill
+from slora_jax.step import decode, mixed
 
 @functools.partial(jax.jit, static_argnames=("spec", "packing"),
                    donate_argnames=("pool", "tok_buf"))
 def prefill_step(params: Params, pool, tok_buf: jax.Array, packed: jax.Array, *,
                  spec: StepSpec, packing: Packing):
-    """packed: the (PrefillBatch, rows [R]) pair in one buffer; rows are the requests'
-    token-buffer rows (padding: the dump row)."""
+    """packed: the (MixedBatch, rows [B + R]) pair in one buffer; rows are the decode rows'
+    and then the prompts' token-buffer rows (the dump row for padding, and for a chunk
+    that does not end its prompt). The decode rows' input tokens come from `tok_buf`."""
     batch, rows = unpack(packed, packing)
-    pool, out = prefill(params, pool, batch, spec=spec)
+    b = batch.decode.tokens.shape[0]
+    batch = batch.replace(decode=batch.decode.replace(tokens=tok_buf[rows[:b]]))
+    pool, out = mixed(params, pool, batch, spec=spec)
     return pool, tok_buf.at[rows].set(out.tokens), out.tokens, out.logprobs
 
 
@@ -43,8 +46,9 @@ JITTED = (prefill_step, decode_step, load_adapter_pages)     # every shape: Engi
 class Inflight:
     """A dispatched step whose tokens the engine has not read back yet."""
     kind: str                 # "prefill" | "decode"
-    seqs: list[Any]           # serving.scheduler.Seq, in the step's row order
+    seqs: list[Any]           # serving.scheduler.Seq, each sampling a token in this step
     epochs: list[int]         # each one's epoch at dispatch (a preemption makes it stale)
+    index: list[int]          # each one's row in `tokens`
     tokens: jax.Array
     logprobs: jax.Array
     t_dispatch: float

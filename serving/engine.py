@@ -44,17 +44,16 @@ from serving.metrics import SectionClock, ServingMetrics
 from serving.packing import pack
 from serving.streams import AsyncStream, Output, SyncStream
 from serving.warmup import warm_up
-from serving.scheduler import (AdapterLoadFailed, EngineInfo, GenerationRequest, InvalidRequest, Overloaded,
+from serving.scheduler import (AdapterLoadFailed, Chunk, EngineInfo, GenerationRequest, InvalidRequest, Overloaded,
                                RequestError, Scheduler, SchedulerConfig, Seq, SloAbort, Step,
                                Unavailable, UnknownAdapter, now)
 from slora_jax.batching import (Sampling, SamplingError, SlotInfo, decode_batch, lora_batch,
-                                prefill_batch)
+                                mixed_batch)
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.model import StepSpec
 from slora_jax.params import Params
 from slora_jax.pool import PoolLayout, init_pool, load_adapter_pages
-from slora_jax.sampling import SamplingParams
-from slora_jax.step import DecodeBatch, PrefillBatch
+from slora_jax.step import DecodeBatch
 
 log = logging.getLogger("serving.engine")
 MAX_SLO_S = 86400.0       # a first-token SLO longer than a day is a mistake, not a wish
@@ -162,9 +161,9 @@ class Engine:
                                  f"[0, {mc.vocab_size})", "prompt")
         if not isinstance(req.max_tokens, (int, np.integer)) or req.max_tokens < 1:
             raise InvalidRequest("max_tokens must be an integer >= 1", "max_tokens")
-        if len(p) > ec.max_prefill_tokens:
+        if len(p) >= ec.max_context:
             raise InvalidRequest(f"the prompt has {len(p)} tokens; this server accepts at most "
-                                 f"{ec.max_prefill_tokens}", "prompt")
+                                 f"{ec.max_context - 1}", "prompt")
         if len(p) + req.max_tokens > ec.max_context:
             raise InvalidRequest(f"the prompt ({len(p)} tokens) plus max_tokens "
                                  f"({req.max_tokens}) exceeds the context length of "
@@ -232,7 +231,7 @@ class Engine:
     def info(self) -> EngineInfo:
         return EngineInfo(model_name=self.mc.name, vocab_size=self.mc.vocab_size,
                           max_context=self.ec.max_context,
-                          max_prompt_tokens=self.ec.max_prefill_tokens,
+                          max_prompt_tokens=self.ec.max_context - 1,
                           eos_token_ids=tuple(self.mc.eos_token_ids))
 
     async def adapter_names(self) -> list[str]:
@@ -401,21 +400,29 @@ class Engine:
             b = b.replace(lora=lora_batch(slots, self.ec.max_adapters_per_batch, self.layout))
         return b
 
-    def _finish_prefill(self, b: PrefillBatch, slots):
-        """Pad the request axis to max_prefill_requests (one compiled shape per token bucket)."""
-        r, big = b.kv_pages.shape[0], self.ec.max_prefill_requests
-        if r < big:
-            pad = big - r
-            z = lambda x, v=0: np.concatenate([x, np.full((pad,) + x.shape[1:], v, x.dtype)])
-            sp = b.sampling
-            b = b.replace(kv_pages=z(b.kv_pages), last_index=z(b.last_index),
-                          req_slot=z(b.req_slot, -1),
-                          seq_ids=np.where(b.seq_ids == r, big, b.seq_ids).astype(np.int32),
-                          sampling=SamplingParams(temperature=z(sp.temperature),
-                                                  top_p=z(sp.top_p, 1), top_k=z(sp.top_k),
-                                                  seed=z(sp.seed)))
-        rows = np.full(big, self.scheduler.dump_row, np.int32)
-        return self._lora(b, slots), rows
+    def _prefill_batch(self, dec: list[Seq], chunks: list[Chunk]):
+        """A prefill step's batch (decode rows padded to max_batch, prompts to
+        max_prefill_requests: one compiled shape per token bucket) and its token rows."""
+        ec, lay = self.ec, self.layout
+        slots, req_slot = self._slots(dec + [c.seq for c in chunks])
+        nd = len(dec)
+        b = mixed_batch(
+            (None, [s.prompt_len + s.n_dispatched - 1 for s in dec], [s.kv_pages for s in dec],
+             req_slot[:nd], [s.req.sampling for s in dec]),
+            ([c.seq.prefill_tokens[c.start:c.end] for c in chunks],
+             [c.seq.kv_pages for c in chunks], req_slot[nd:],
+             [c.seq.req.sampling for c in chunks], [c.start for c in chunks]),
+            slots, ec, lay, device_put=False, batch_size=ec.max_batch,
+            num_requests=ec.max_prefill_requests)
+        if not self.cfg.base_only_steps and b.prefill.lora.slot_pages.shape[0] == 0:
+            b = b.replace(prefill=b.prefill.replace(
+                lora=lora_batch(slots, ec.max_adapters_per_batch, lay)))
+        rows = np.full(ec.max_batch + ec.max_prefill_requests, self.scheduler.dump_row, np.int32)
+        rows[:nd] = [s.row for s in dec]
+        for j, c in enumerate(chunks):
+            if c.last:
+                rows[ec.max_batch + j] = c.seq.row
+        return b, rows
 
     def _finish_decode(self, b: DecodeBatch, slots):
         rows = np.full(b.positions.shape[0], self.scheduler.dump_row, np.int32)
@@ -424,23 +431,26 @@ class Engine:
     def _dispatch(self, step: Step) -> Inflight:
         for load in step.loads:
             self._write(load)
-        seqs = step.seqs
-        slots, req_slot = self._slots(seqs)
-        samp = [s.req.sampling for s in seqs]
-        kv = [s.kv_pages for s in seqs]
+        seqs = list(step.seqs)
+        index = list(range(len(seqs)))
         if step.kind == "prefill":
-            b = prefill_batch([s.prefill_tokens for s in seqs], kv, req_slot, samp, slots,
-                              self.ec, self.layout, device_put=False)
-            b, rows = self._finish_prefill(b, slots)
+            b, rows = self._prefill_batch(seqs, step.chunks)
             fn = prefill_step
-            self.metrics.prompt_tokens.inc(sum(s.prefill_len for s in seqs))
+            for j, c in enumerate(step.chunks):
+                c.seq.n_prefilled = c.end
+                if c.last:
+                    seqs.append(c.seq)
+                    index.append(self.ec.max_batch + j)
+            self.metrics.prompt_tokens.inc(sum(c.end - c.start for c in step.chunks))
         else:
+            slots, req_slot = self._slots(seqs)
             pos = [s.prompt_len + s.n_dispatched - 1 for s in seqs]
-            b = decode_batch(None, pos, kv, req_slot, samp, slots, self.ec, self.layout,
+            b = decode_batch(None, pos, [s.kv_pages for s in seqs], req_slot,
+                             [s.req.sampling for s in seqs], slots, self.ec, self.layout,
                              device_put=False)
             b, rows = self._finish_decode(b, slots)
+            rows[:len(seqs)] = [s.row for s in seqs]
             fn = decode_step
-        rows[:len(seqs)] = [s.row for s in seqs]
         t = now()
         tokens, logprobs = self._call(fn, b, rows)
         for x in (tokens, logprobs):
@@ -454,7 +464,7 @@ class Engine:
             if grown:
                 self._warned_compile = True
                 log.warning("the serving loop compiled new shapes after warm-up: %s", grown)
-        return Inflight(step.kind, seqs, [s.epoch for s in seqs], tokens, logprobs, t)
+        return Inflight(step.kind, seqs, [s.epoch for s in seqs], index, tokens, logprobs, t)
 
     def _complete(self, inf: Inflight) -> None:
         toks = np.asarray(inf.tokens)
@@ -468,7 +478,7 @@ class Engine:
         for i, s in enumerate(inf.seqs):
             if s.state != "running" or s.epoch != inf.epochs[i]:
                 continue            # cancelled, stopped a step ago (run-ahead), or preempted
-            tok = int(toks[i])
+            tok = int(toks[inf.index[i]])
             s.generated.append(tok)
             s.n_out += 1
             n_new += 1
@@ -480,7 +490,7 @@ class Engine:
                 finish = "stop"
             elif s.n_out >= s.req.max_tokens:
                 finish = "length"
-            self._outbox.append((s.stream, Output([tok], [float(lps[i])], finish,
+            self._outbox.append((s.stream, Output([tok], [float(lps[inf.index[i]])], finish,
                                                   num_prompt_tokens=s.prompt_len)))
             if finish is not None:
                 self.scheduler.finish(s)

@@ -28,11 +28,11 @@ class Packing:
 def pack(tree) -> tuple[np.ndarray, Packing]:
     """Host side: the tree's numpy leaves as one int32 buffer, and how to unpack it."""
     leaves, treedef = jax.tree.flatten(tree)
-    arrays = [np.ascontiguousarray(x) for x in leaves]
+    arrays = [np.asarray(x) for x in leaves]     # (ascontiguousarray would make 0-d 1-d)
     for a in arrays:
         if a.dtype.itemsize != 4:
             raise TypeError(f"pack: a {a.dtype} leaf; step batches hold 4-byte values only")
-    buf = np.concatenate([a.view(np.int32).ravel() for a in arrays]) if arrays else \
+    buf = np.concatenate([a.ravel().view(np.int32) for a in arrays]) if arrays else \
         np.zeros(0, np.int32)
     return buf, Packing(treedef, tuple((a.shape, a.dtype.name) for a in arrays))
 

@@ -3,35 +3,38 @@
 Host-only and single-threaded (the engine thread calls it); it never touches
 device arrays, so it is tested without compiling anything.
 
-Policy (iteration-level continuous batching, S-LoRA/LightLLM style):
+Policy (iteration-level continuous batching with chunked prefill, Sarathi-Serve style):
 
-* Each step is either a **prefill** of newly admitted requests (packed up to
-  the token budget `max_prefill_tokens` and `max_prefill_requests`) or a
-  **decode** of every running request (at most `max_batch`, one token each).
-* Prefill is chosen when requests wait and either nothing is decoding or at
-  least `decode_steps_per_prefill` decode steps ran since the last prefill.
-  So queued requests are admitted within a bounded number of steps, and
-  running requests get a decode step at least every other step: neither
-  starves.
+* A step is either a **decode** step (every running request whose prompt is in the
+  pool, one token each) or a **prefill** step: the same decode rows plus prefill
+  chunks of up to `max_prefill_tokens` tokens and `max_prefill_requests` requests
+  in all, so admitting requests never stalls the running ones. A prompt longer
+  than what is left of the budget is cut: its first chunk goes now, the rest in
+  the next prefill steps (first in each, as the step's continued prompt; one
+  prompt is continued at a time), each chunk attending to the earlier ones in the
+  pool; its first token is sampled by the last chunk.
+* A prefill step is chosen when there is prefill work (a continued prompt, or a
+  request that can be admitted) and at least `decode_steps_per_prefill` decode
+  steps ran since the last one (0: every step carries prefill work while there is
+  some, which keeps the prefill rate, hence throughput, highest).
 * **Admission** is first-come first-served on memory: a request is admitted
-  when the pool can hold its KV pages for `prompt + max_tokens` tokens
-  (reserved up front, see below) and its adapter (resident already, or free
-  pages plus pages of idle adapters that can be evicted). If the head of the
-  queue does not fit, nothing behind it is admitted (no starvation of long
-  requests). A request whose adapter is still being read from disk is
-  skipped over without blocking the queue; its adapter loads meanwhile.
+  when the pool can hold its prompt's KV pages (all of `prompt + max_tokens` with
+  `kv_pages: reserve`) and its adapter (resident already, or free pages plus
+  pages of idle adapters that can be evicted). If the head of the queue does not
+  fit, nothing behind it is admitted (no starvation of long requests). A request
+  whose adapter is still being read from disk is skipped over without blocking
+  the queue; its adapter loads meanwhile.
+* **KV pages on demand** (`kv_pages: on_demand`, the default): a running request
+  takes a page when it crosses one (`_grow`, before every step, oldest first).
+  When the pool has none left (idle adapters evicted first), the most recently
+  admitted request is preempted: its pages return at once, its step in flight is
+  made stale (an epoch), and it goes back to the head of the queue, to be
+  recomputed from its prompt plus the tokens it already streamed (never streamed
+  twice; sampling keys depend on position, so its output is unchanged).
 * **Early abort** (S-LoRA's admission control): a queued request whose
   first-token deadline has passed, or will pass before its estimated prefill
   (queue position times the measured step times), is dropped with an error
   so that the requests behind it still meet theirs.
-
-Page reservation: KV pages for `prompt + max_tokens` are allocated at
-admission. A running request therefore never runs out of pages, and no
-preemption, swapping or recomputation path exists, which keeps every step
-one of the compiled shapes. The cost is pages reserved but unused by
-requests that stop early; they return to the pool (and to adapters) the
-moment the request ends. S-LoRA's router admits against the same
-worst case (prompt + max_new_tokens).
 """
 
 from __future__ import annotations
@@ -132,6 +135,8 @@ class Seq:
     generated: list[int] = dataclasses.field(default_factory=list)   # the delivered tokens
     epoch: int = 0                 # +1 per preemption: older steps' tokens are stale
     on_demand: bool = False        # KV pages taken as it grows (it can be recomputed)
+    n_prefilled: int = 0           # tokens of `prefill_tokens` whose prefill is dispatched
+    prefill_target: int = 0        # its prefill's length, fixed at admission
 
     @property
     def prompt_len(self) -> int:
@@ -148,6 +153,10 @@ class Seq:
         return self.prompt_len + len(self.generated)
 
     @property
+    def prefilled(self) -> bool:
+        return self.n_prefilled >= self.prefill_target
+
+    @property
     def kv_owner(self) -> tuple:
         return ("kv", self.uid)
 
@@ -155,7 +164,7 @@ class Seq:
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     max_queue: int = 1024                 # waiting requests before new ones get 429
-    decode_steps_per_prefill: int = 1     # decode steps between prefills while requests wait
+    decode_steps_per_prefill: int = 0     # decode steps between prefill steps (0: none)
     ttft_slo_s: float | None = None       # first-token SLO for early abort; None = off
     predictive_abort: bool = True         # abort when the estimate (not only the clock) misses
     prefetch_depth: int = 16              # queued requests whose adapters are prefetched
@@ -163,20 +172,37 @@ class SchedulerConfig:
     base_only_steps: bool = True          # batches without adapters run a step with no LoRA
     # KV pages: "on_demand" takes them as a sequence grows and, when the pool runs dry,
     # preempts the youngest request (recomputed later from its prompt and tokens so far);
-    # "reserve" takes prompt + max_tokens at admission. A request too long to recompute
-    # in one prefill (prompt + max_tokens - 1 > max_prefill_tokens) always reserves.
+    # "reserve" takes prompt + max_tokens at admission.
     kv_pages: str = "on_demand"
 
     def __post_init__(self):
         if self.kv_pages not in ("on_demand", "reserve"):
             raise ValueError(f"kv_pages: {self.kv_pages!r} is not one of on_demand, reserve")
+        if not (isinstance(self.decode_steps_per_prefill, int)
+                and self.decode_steps_per_prefill >= 0):
+            raise ValueError(f"decode_steps_per_prefill: {self.decode_steps_per_prefill!r} is "
+                             "not an integer >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Tokens [start, end) of a request's `prefill_tokens`, prefilled in one step."""
+    seq: Seq
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        """Whether it ends the prompt (its step samples the request's next token)."""
+        return self.end == self.seq.prefill_target
 
 
 @dataclasses.dataclass
 class Step:
-    kind: str                 # "prefill" | "decode"
-    seqs: list[Seq]
+    kind: str                 # "prefill" (chunks, and decode rows) | "decode"
+    seqs: list[Seq]           # the decode rows
     loads: list[PendingLoad]
+    chunks: list[Chunk] = dataclasses.field(default_factory=list)
 
 
 class Scheduler:
@@ -202,8 +228,7 @@ class Scheduler:
         return self.layout.kv_pages_for(len(req.prompt) + req.max_tokens)
 
     def _can_recompute(self, seq: Seq) -> bool:
-        return (self.cfg.kv_pages == "on_demand"
-                and seq.prompt_len + seq.req.max_tokens - 1 <= self.ec.max_prefill_tokens)
+        return self.cfg.kv_pages == "on_demand"
 
     def _admission_pages(self, seq: Seq) -> int:
         """KV pages taken at admission: its prefill's, or the whole request's."""
@@ -283,17 +308,36 @@ class Scheduler:
 
     # -- the next step -------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> Step | None:
-        decodable = self._grow([s for s in self.running if s.n_dispatched < s.req.max_tokens])
-        if self.waiting and (not decodable
-                             or self.decodes_since_prefill >= self.cfg.decode_steps_per_prefill):
-            seqs, loads = self._admit()
-            if seqs:
+        decodable = self._grow([s for s in self.running
+                                if s.prefilled and s.n_dispatched < s.req.max_tokens])
+        if (self.waiting or self._continued() is not None) and (
+                not decodable or self.decodes_since_prefill >= self.cfg.decode_steps_per_prefill):
+            chunks, loads = self._prefill_chunks()
+            if chunks:
                 self.decodes_since_prefill = 0
-                return Step("prefill", seqs, loads)
+                return Step("prefill", decodable, loads, chunks)
         if decodable:
             self.decodes_since_prefill += 1
             return Step("decode", decodable, [])
         return None
+
+    def _continued(self) -> Seq | None:
+        """The running request whose prompt is part way through its prefill, if any."""
+        return next((s for s in self.running if not s.prefilled), None)
+
+    def _prefill_chunks(self) -> tuple[list[Chunk], list[PendingLoad]]:
+        """The step's prefill work: the continued prompt's next chunk first (a chunk
+        continues only as a step's first prompt), then newly admitted requests'."""
+        budget = self.ec.max_prefill_tokens
+        chunks: list[Chunk] = []
+        cont = self._continued()
+        if cont is not None:
+            end = min(cont.prefill_target, cont.n_prefilled + budget)
+            chunks.append(Chunk(cont, cont.n_prefilled, end))
+            budget -= end - cont.n_prefilled
+        may_cut = cont is None or chunks[0].last     # one prompt is continued at a time
+        loads = self._admit(chunks, budget, may_cut)
+        return chunks, loads
 
     def _grow(self, decodable: list[Seq]) -> list[Seq]:
         """Give each request the KV page its next decode step writes into, oldest first;
@@ -327,6 +371,7 @@ class Scheduler:
         victim.epoch += 1    # the step in flight delivers nothing to it, even if it is
                              # re-admitted (and running again) before that step is read back
         victim.n_dispatched = victim.n_out
+        victim.n_prefilled = 0
         victim.kv_pages = None
         if victim.n_out:                 # its first token is out: no first-token deadline
             victim.deadline = None
@@ -334,16 +379,16 @@ class Scheduler:
         self.preemptions += 1
         return True
 
-    def _admit(self) -> tuple[list[Seq], list[PendingLoad]]:
+    def _admit(self, chunks: list[Chunk], budget: int, may_cut: bool) -> list[PendingLoad]:
+        """Admit queued requests into `chunks` within `budget` prefill tokens; the last
+        one admitted may be cut (its prompt continued in later steps) if `may_cut`."""
         ec, store, alloc = self.ec, self.store, self.allocator
-        admitted: list[Seq] = []
         loads: list[PendingLoad] = []
-        tokens = 0
         distinct = set(self._adapters_running)
         failed_entries = set()
         for seq in list(itertools.islice(self.waiting, self.cfg.admit_window)):
-            if (len(admitted) == ec.max_prefill_requests or not self._free_rows
-                    or tokens + seq.prefill_len > ec.max_prefill_tokens):
+            if (len(chunks) == ec.max_prefill_requests or not self._free_rows or budget <= 0
+                    or (seq.prefill_len > budget and not may_cut)):
                 break
             e = seq.entry
             if e is not None:
@@ -387,11 +432,14 @@ class Scheduler:
             self.running.append(seq)     # running before it leaves the queue: never neither
             self._leave_queue(seq)
             seq.state = "running"
-            admitted.append(seq)
-            tokens += seq.prefill_len
+            seq.n_prefilled, seq.prefill_target = 0, seq.prefill_len
+            chunks.append(Chunk(seq, 0, min(seq.prefill_len, budget)))
+            budget -= chunks[-1].end
+            if not chunks[-1].last:
+                break                    # the budget is spent on a prompt to continue
         for e in failed_entries:
             store.clear_error(e)
-        return admitted, loads
+        return loads
 
     # -- prefetch -----------------------------------------------------------------------------
     def prefetch(self) -> list[PendingLoad]:
@@ -415,6 +463,7 @@ class Scheduler:
         return loads
 
     def observe_step(self, kind: str, seconds: float, alpha: float = 0.2) -> None:
+        """Step times for early abort's estimates (a prefill step: one with chunks)."""
         if kind == "prefill":
             self.ema_prefill = seconds if not self.ema_prefill else (
                 (1 - alpha) * self.ema_prefill + alpha * seconds)

@@ -1,6 +1,6 @@
 """Warm-up: every shape the serving loop can dispatch, compiled before serving (prefill
-token buckets x {0, S} adapter slots, decode batch buckets x {0, S}, adapter copies of
-1, 2, 4, .. pages) and run once."""
+steps: token buckets x {0, S} adapter slots, with max_batch decode rows; decode batch
+buckets x {0, S}; adapter copies of 1, 2, 4, .. pages) and run once."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from serving.device_steps import decode_step, prefill_step
-from slora_jax.batching import Sampling, SlotInfo, decode_batch, prefill_batch
+from slora_jax.batching import Sampling, SlotInfo, decode_batch, mixed_batch
 from slora_jax.config import MODULES
 from slora_jax.pool import load_adapter_pages
 
@@ -29,10 +29,13 @@ def warm_up(engine, progress: bool = True, threads: int | None = None) -> float:
     for n in ec.token_buckets():
         n = min(n, ec.max_prefill_tokens)
         for use in slot_kinds:
-            b = prefill_batch([[0] * n], [np.zeros(0, np.int32)], [0 if use else -1],
-                              [Sampling()], [null_slot], ec, lay, device_put=False)
-            calls.append((prefill_step, *engine._step_args(
-                *engine._finish_prefill(b, [null_slot] if use else []))))
+            b = mixed_batch((None, [], [], [], []), ([[0] * n], [np.zeros(0, np.int32)],
+                                                     [0 if use else -1], [Sampling()], [0]),
+                            [null_slot] if use else [], ec, lay, device_put=False,
+                            batch_size=ec.max_batch, num_requests=ec.max_prefill_requests)
+            rows = np.full(ec.max_batch + ec.max_prefill_requests, engine.scheduler.dump_row,
+                           np.int32)
+            calls.append((prefill_step, *engine._step_args(b, rows)))
     for n in ec.batch_buckets():
         for use in slot_kinds:
             b = decode_batch(None, [0] * n, [np.zeros(0, np.int32)] * n, [0 if use else -1] * n,

@@ -43,37 +43,42 @@ def _np_attention(q, keys, vals):
     return out
 
 
-@pytest.mark.parametrize("backend,prefix,window", [
-    ("reference", 45, None), ("reference", 0, None), ("reference", 45, 20),
-    ("pallas", 70, None), ("pallas", 70, 40)])
-def test_continued_prefill_attention_matches_float64(backend, prefix, window):
-    """Packed [chunk of prompt 0 from `prefix` on, prompt 1 from 0, padding]: prompt 0's rows
-    see its prefix (in the pool) and their own chunk, prompt 1's see only themselves."""
-    hd = 64
-    mc = ModelConfig(vocab_size=16, hidden_size=128, intermediate_size=64, num_layers=1,
-                     num_heads=2, num_kv_heads=1, head_dim=hd, name="attn")
-    ec = EngineConfig(page_size=8, num_pages=64, max_rank=8, max_batch=8, max_prefill_tokens=128,
-                      max_prefill_requests=4, max_context=256, max_adapters_per_batch=1)
+def check_continued(backend, prefix, window, *, n0=29, n1=17, t=64, nq=2, nkv=1, hd=64,
+                    max_context=256, page_size=8, rows=None):
+    """Packed [chunk of prompt 0 from `prefix` on (n0 tokens), prompt 1 from 0 (n1), padding
+    to t]: prompt 0's rows see its prefix (in the pool) and their own chunk, prompt 1's see
+    only themselves. `rows`: how many rows (drawn at random) the float64 check covers."""
+    h = nq * hd
+    mc = ModelConfig(vocab_size=16, hidden_size=h, intermediate_size=64, num_layers=1,
+                     num_heads=nq, num_kv_heads=nkv, head_dim=hd, name="attn")
+    lay0 = PoolLayout.create(mc, EngineConfig(page_size=page_size, num_pages=8, max_rank=8,
+                                              max_batch=8, max_prefill_tokens=t,
+                                              max_prefill_requests=4, max_context=max_context,
+                                              max_adapters_per_batch=1))
+    n_pages = lay0.kv_pages_for(max_context) + 2
+    ec = EngineConfig(page_size=page_size, num_pages=n_pages, max_rank=8, max_batch=8,
+                      max_prefill_tokens=t, max_prefill_requests=4, max_context=max_context,
+                      max_adapters_per_batch=1)
     lay = PoolLayout.create(mc, ec)
     rng = np.random.default_rng()
     dt = jnp.bfloat16 if backend == "pallas" else jnp.float32
-    n0, n1, t = 29, 17, 64
     total = prefix + n0
     pages = np.arange(1, 1 + lay.kv_pages_for(ec.max_context), dtype=np.int32)
-    key = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 4)
-    k_all = jax.random.normal(key[0], (total, 1, hd), dt)      # prompt 0, every position
-    v_all = jax.random.normal(key[1], (total, 1, hd), dt)
-    k1 = jax.random.normal(key[2], (n1, 1, hd), dt)
-    v1 = jax.random.normal(key[3], (n1, 1, hd), dt)
-    q = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (t, 2, hd), dt)
+    rng.shuffle(pages)                          # a prompt's pages lie anywhere in the pool
+    key = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 5)
+    k_all = jax.random.normal(key[0], (total, nkv, hd), dt)    # prompt 0, every position
+    v_all = jax.random.normal(key[1], (total, nkv, hd), dt)
+    k1 = jax.random.normal(key[2], (n1, nkv, hd), dt)
+    v1 = jax.random.normal(key[3], (n1, nkv, hd), dt)
+    q = jax.random.normal(key[4], (t, nq, hd), dt)
     layer = init_pool(lay, dt).layers[0]
-    if prefix:                          # the earlier chunks' K/V, where their step wrote them
+    if prefix:                          # the earlier chunks' K/V, where their steps wrote them
         page, slot = kv_location(jnp.asarray(pages)[None].repeat(prefix, 0),
                                  jnp.arange(prefix), lay)
         layer = write_kv(layer, k_all[:prefix], v_all[:prefix], page, slot, lay)
     pad = t - n0 - n1
-    k = jnp.concatenate([k_all[prefix:], k1, jnp.zeros((pad, 1, hd), dt)])
-    v = jnp.concatenate([v_all[prefix:], v1, jnp.zeros((pad, 1, hd), dt)])
+    k = jnp.concatenate([k_all[prefix:], k1, jnp.zeros((pad, nkv, hd), dt)])
+    v = jnp.concatenate([v_all[prefix:], v1, jnp.zeros((pad, nkv, hd), dt)])
     seq_ids = jnp.asarray([0] * n0 + [1] * n1 + [2] * pad, jnp.int32)
     positions = jnp.asarray(list(range(prefix, total)) + list(range(n1)) + [0] * pad, jnp.int32)
     pam._warned.clear()
@@ -83,19 +88,37 @@ def test_continued_prefill_attention_matches_float64(backend, prefix, window):
     assert not pam._warned, "the kernel fell back to the reference"
     got = np.asarray(got)
     assert got.shape == q.shape and np.isfinite(got).all()
-    f64 = lambda x: np.asarray(x, np.float64)
+    f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    idx = np.arange(n0 + n1) if rows is None else np.sort(rng.choice(n0 + n1, rows, False))
     keys, vals = [], []
-    for i in range(n0):                         # prompt 0's row at position prefix + i
-        lo = 0 if window is None else max(0, prefix + i + 1 - window)
-        keys.append(f64(k_all[lo:prefix + i + 1]))
-        vals.append(f64(v_all[lo:prefix + i + 1]))
-    for i in range(n1):
-        lo = 0 if window is None else max(0, i + 1 - window)
-        keys.append(f64(k1[lo:i + 1]))
-        vals.append(f64(v1[lo:i + 1]))
-    ref = _np_attention(f64(q[:n0 + n1]), keys, vals)
+    for i in idx:
+        if i < n0:                      # prompt 0's row at position prefix + i
+            end, ks, vs = prefix + i + 1, k_all, v_all
+        else:
+            end, ks, vs = i - n0 + 1, k1, v1
+        lo = 0 if window is None else max(0, end - window)
+        keys.append(f64(ks[lo:end]))
+        vals.append(f64(vs[lo:end]))
+    ref = _np_attention(f64(q[idx]), keys, vals)
     tol = 2e-2 if backend == "pallas" else 1e-5
-    np.testing.assert_allclose(got[:n0 + n1], ref, atol=tol, rtol=tol)
+    np.testing.assert_allclose(got[idx], ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend,prefix,window", [
+    ("reference", 45, None), ("reference", 0, None), ("reference", 45, 20),
+    ("pallas", 70, None), ("pallas", 70, 40)])
+def test_continued_prefill_attention_matches_float64(backend, prefix, window):
+    check_continued(backend, prefix, window)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("prefix,n0,window", [(4976, 1024, None), (3000, 700, 1000)])
+def test_gpu_continued_prefill_llama3_8b(prefix, n0, window):
+    """Llama-3-8B attention (32 query heads, 8 KV heads, hd 128, context 8192): the last
+    chunk of a 6000-token prompt prefilled 1024 tokens at a time, packed with another."""
+    check_continued("pallas", prefix, window, n0=n0, n1=200, t=1280, nq=32, nkv=8, hd=128,
+                    max_context=8192, page_size=16, rows=96)
 
 
 # --- steps -------------------------------------------------------------------------------

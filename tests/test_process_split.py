@@ -242,8 +242,9 @@ def test_errors_keep_their_status_codes(url):
         client.completions.create(model="nope", prompt=[1, 2], max_tokens=2)
     r = post(url, "/v1/completions", {"model": "nope", "prompt": [1], "stream": True})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    r = post(url, "/v1/completions", {"model": "r2_qv", "prompt": list(range(40))})
+    r = post(url, "/v1/completions", {"model": "r2_qv", "prompt": [1] * 256})   # max_context
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert "at most 255" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/completions", content=b"{not json", timeout=10,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400

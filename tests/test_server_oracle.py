@@ -27,10 +27,13 @@ scheduler: {base_only_steps: false}
 """
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(FIX, "adapters")),
-                    reason="HF/PEFT oracle fixtures not generated")
-def test_http_greedy_tokens_match_hf_peft_oracle(tmp_path):
-    (tmp_path / "s.yaml").write_text(YAML)
+needs_fixtures = pytest.mark.skipif(not os.path.isdir(os.path.join(FIX, "adapters")),
+                                    reason="HF/PEFT oracle fixtures not generated")
+
+
+def serve_oracle_requests(tmp_path, yaml: str) -> dict[str, list[int]]:
+    """Every oracle request at once through a real server built from `yaml`: greedy tokens."""
+    (tmp_path / "s.yaml").write_text(yaml)
     args = build_parser().parse_args(["--model", os.path.join(FIX, "model"), "--adapters",
                                       os.path.join(FIX, "adapters"), "--dtype", "float32",
                                       "--config", str(tmp_path / "s.yaml")])
@@ -38,22 +41,66 @@ def test_http_greedy_tokens_match_hf_peft_oracle(tmp_path):
     engine.warmup(progress=False)
     engine.start()
     server = ServerThread(create_app(engine, codec, name)).start()
-    with open(os.path.join(FIX, "requests.json")) as f:
-        reqs = json.load(f)
-    oracle = np.load(os.path.join(FIX, "oracle.npz"))
 
     async def fire():
         async with httpx.AsyncClient(timeout=120) as c:
             return await asyncio.gather(*(c.post(f"{server.url}/v1/completions", json={
                 "model": r["adapter"] or name, "prompt": r["prompt_token_ids"],
-                "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}) for r in reqs))
+                "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True})
+                for r in oracle_requests()))
     try:
         outs = asyncio.run(fire())
+        assert engine.compiled_since_warmup() == {k: 0 for k in engine.compiled_since_warmup()}
     finally:
         server.stop()
         engine.shutdown()
-    for r, out in zip(reqs, outs):
+    got = {}
+    for r, out in zip(oracle_requests(), outs):
         assert out.status_code == 200, out.text
-        got = [int(t) for t in out.json()["choices"][0]["text"].split()]
-        want = [int(t) for t in oracle[f"{r['id']}/greedy_tokens"][:N_TOKENS]]
-        assert got == want, (r["id"], r["adapter"])
+        got[r["id"]] = [int(t) for t in out.json()["choices"][0]["text"].split()]
+    return got
+
+
+def oracle_requests() -> list[dict]:
+    with open(os.path.join(FIX, "requests.json")) as f:
+        return json.load(f)
+
+
+def oracle_tokens(rid: str) -> list[int]:
+    oracle = np.load(os.path.join(FIX, "oracle.npz"))
+    return [int(t) for t in oracle[f"{rid}/greedy_tokens"][:N_TOKENS]]
+
+
+@needs_fixtures
+def test_http_greedy_tokens_match_hf_peft_oracle(tmp_path):
+    got = serve_oracle_requests(tmp_path, YAML)
+    for r in oracle_requests():
+        assert got[r["id"]] == oracle_tokens(r["id"]), (r["id"], r["adapter"])
+
+
+@needs_fixtures
+def test_prompts_prefilled_in_chunks_match_the_oracle_through_server_and_generate(tmp_path):
+    """max_prefill_tokens 2: every prompt but the two of one token (3 to 17 tokens) is
+    prefilled over several steps beside other requests' decode rows and chunks, adapters
+    of several ranks mixed; the server and `slora-jax generate` give the oracle's tokens."""
+    from serving.cli import main
+    assert sorted(len(r["prompt_token_ids"]) for r in oracle_requests())[2] > 2
+    chunked = YAML.replace("max_prefill_tokens: 32", "max_prefill_tokens: 2").replace(
+        "prefill_token_buckets: [32]", "prefill_token_buckets: [2]")
+    got = serve_oracle_requests(tmp_path, chunked)
+    for r in oracle_requests():
+        assert got[r["id"]] == oracle_tokens(r["id"]), (r["id"], r["adapter"])
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": r["id"], "adapter": r["adapter"],
+                                       "prompt_token_ids": r["prompt_token_ids"],
+                                       "max_tokens": N_TOKENS, "ignore_eos": True}) + "\n"
+                           for r in oracle_requests()))
+    adapters = [f"--adapter={n}={os.path.join(FIX, 'adapters', n)}"
+                for n in sorted(os.listdir(os.path.join(FIX, "adapters")))]
+    assert main(["generate", "--model", os.path.join(FIX, "model"), *adapters, "--requests",
+                 str(inp), "--out", str(out), "--quiet", "--dtype", "float32", "--max-batch", "8",
+                 "--max-context", "64", "--page-size", "4", "--max-rank", "16",
+                 "--max-prefill-tokens", "2"]) == 0
+    offline = {d["id"]: d["token_ids"] for d in map(json.loads, out.read_text().splitlines())}
+    assert offline == got

@@ -154,7 +154,7 @@ def test_requests_that_cannot_meet_their_first_token_slo_are_dropped(setup):
 
 @pytest.mark.parametrize("req,err,match", [
     (GenerationRequest([1, 2], "nope"), UnknownAdapter, "does not exist"),
-    (GenerationRequest([1] * 65), InvalidRequest, "at most 64"),
+    (GenerationRequest([1] * 48), InvalidRequest, "at most 47"),     # max_context 48
     (GenerationRequest([1] * 40, max_tokens=9), InvalidRequest, "context length"),
     (GenerationRequest([1, 500]), InvalidRequest, "outside the vocabulary"),
     (GenerationRequest([]), InvalidRequest, "empty"),
@@ -273,7 +273,7 @@ def test_a_preempted_request_readmitted_before_its_step_is_read_back_gets_no_sta
     in_flight = run()                              # decode a and b, not read back yet
     assert sched._preempt_youngest() and b.state == "waiting"
     readmit = run()                                # b's recompute, dispatched at once
-    assert readmit.kind == "prefill" and readmit.seqs == [b] and b.state == "running"
+    assert readmit.kind == "prefill" and readmit.seqs == [a, b] and b.state == "running"
     done(in_flight)                                # b's stale token must be dropped
     assert len(b.stream.tokens) == 1 and len(a.stream.tokens) == 2
     inf = readmit

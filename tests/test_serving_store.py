@@ -243,18 +243,24 @@ class Harness:
     def step(self):
         st = self.sched.schedule()
         if st is not None:
-            for s in st.seqs:
+            for c in st.chunks:
+                c.seq.n_prefilled = c.end
+            for s in st.seqs + [c.seq for c in st.chunks if c.last]:
                 s.n_dispatched += 1
                 if s.n_dispatched == s.req.max_tokens:
                     self.sched.finish(s)
         return st
 
 
+def admitted(st):
+    return [c.seq for c in st.chunks]
+
+
 def test_admission_reserves_prompt_plus_max_tokens():
     h = Harness(kv_pages="reserve")
     s = h.add(n_prompt=5, max_tokens=20)
     st = h.step()
-    assert st.kind == "prefill" and st.seqs == [s]
+    assert st.kind == "prefill" and admitted(st) == [s] and not st.seqs
     assert len(s.kv_pages) == h.lay.kv_pages_for(25)
     assert h.sched.kv_pages_used == len(s.kv_pages)
     for _ in range(5):
@@ -272,10 +278,33 @@ def test_on_demand_pages_follow_the_sequence():
         st = h.step()
         assert st.kind == "decode" and len(s.kv_pages) == -(-(5 + k) // tpp)
         assert h.sched.kv_pages_used == len(s.kv_pages) == len(set(s.kv_pages.tolist()))
-    # Too long to recompute in one prefill (max_prefill_tokens 64): it reserves.
-    long = h.add(n_prompt=40, max_tokens=30)
+    # Longer than a prefill step (max_prefill_tokens 64): still on demand, recomputed in
+    # chunks if it is preempted.
+    long = h.add(n_prompt=100, max_tokens=30)
     h.step()
-    assert not long.on_demand and len(long.kv_pages) == h.lay.kv_pages_for(70)
+    assert long.on_demand and len(long.kv_pages) == h.lay.kv_pages_for(100)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_the_decode_rows():
+    h = Harness(num_pages=400)                     # max_prefill_tokens 64
+    old = h.add(n_prompt=5, max_tokens=30)
+    h.step()
+    long = h.add(n_prompt=150, max_tokens=4)
+    short = h.add(n_prompt=10, max_tokens=4)
+    spans = []
+    for _ in range(3):
+        st = h.step()
+        assert st.kind == "prefill" and st.seqs == [old]     # decoding all along
+        assert st.chunks[0].seq is long                      # continued: first in the step
+        spans.append((st.chunks[0].start, st.chunks[0].end))
+        assert sum(c.end - c.start for c in st.chunks) <= h.ec.max_prefill_tokens
+        assert long.n_dispatched == (1 if st.chunks[0].last else 0)
+    assert spans == [(0, 64), (64, 128), (128, 150)]
+    # The short prompt waits behind the long one (first come, first served) and joins the
+    # step that ends it, packed after it.
+    assert admitted(st) == [long, short] and st.chunks[1].last and short.state == "running"
+    st = h.step()
+    assert st.kind == "decode" and st.seqs == [old, long, short]
 
 
 def test_a_dry_pool_preempts_the_youngest_which_goes_back_first_in_line():
@@ -308,7 +337,7 @@ def test_first_come_first_served_on_memory():
     blocked = h.add(n_prompt=8, max_tokens=40)    # does not fit beside the first two
     small = h.add(n_prompt=2, max_tokens=2)       # would fit, but must not overtake
     st = h.step()
-    assert st.seqs == [big, st.seqs[1]] and blocked.state == small.state == "waiting"
+    assert admitted(st) == [big, admitted(st)[1]] and blocked.state == small.state == "waiting"
 
 
 def test_prefill_and_decode_alternate_while_requests_wait():
@@ -373,12 +402,12 @@ def test_an_adapter_still_on_disk_does_not_block_the_queue():
     s_slow = h.add(adapter=slow)
     s_fast = h.add(adapter="fast")
     st = h.step()
-    assert st.seqs == [s_fast] and s_slow.state == "waiting" and st.loads
+    assert admitted(st) == [s_fast] and s_slow.state == "waiting" and st.loads
     gate.set()
     wait_for(lambda: slow.host is not None)
     h.sched.decodes_since_prefill = 1
     st = h.step()
-    assert st.kind == "prefill" and st.seqs == [s_slow]
+    assert st.kind == "prefill" and admitted(st) == [s_slow]
 
 
 def test_distinct_adapters_per_batch_are_bounded():
