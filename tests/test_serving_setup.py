@@ -118,3 +118,19 @@ def test_shipped_server_configs_resolve(name):
     cfg = resolve(build_parser().parse_args(["--dummy", "tiny", "--config", path]))
     EngineConfig(**{**cfg["engine"], "num_pages": 2})
     SchedulerConfig(**cfg["scheduler"])
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(
+    os.path.dirname(__file__), "..", "configs", "server"))))
+def test_shipped_server_configs_are_valid(name):
+    """Every config under configs/server resolves into valid engine and scheduler configs
+    whose buckets reach max_batch and max_prefill_tokens (what the engine checks at start)."""
+    from serving.bootstrap import build_parser, resolve
+    from slora_jax.config import EngineConfig
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "server", name)
+    cfg = resolve(build_parser().parse_args(["--dummy", "tiny", "--config", path]))
+    SchedulerConfig(**cfg["scheduler"])
+    ec = EngineConfig(**{k: v for k, v in cfg["engine"].items() if k != "num_pages"},
+                      num_pages=1024)
+    assert ec.batch_buckets()[-1] >= ec.max_batch
+    assert ec.token_buckets()[-1] >= ec.max_prefill_tokens
