@@ -5,7 +5,6 @@ dispatch points the model calls, to the Mosaic GPU kernels (`paged_attention_mgp
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels import paged_attention_mgpu, prefill_attention_mgpu
@@ -43,37 +42,31 @@ def prefill_attention(q, k, v, seq_ids, positions, sliding_window=None, backend=
 
 def continued_prefill_attention(q, k, v, seq_ids, positions, layer, prefix_pages, prefix_len,
                                 layout, sliding_window=None, backend="reference"):
-    """Packed causal prefill attention where the first packed prompt may continue a prompt
+    """Packed causal prefill attention where the first packed prompt continues a prompt
     prefilled in chunks: its first `prefix_len` tokens' K/V already lie in the pool, in
     `prefix_pages` [Pk] of `layer`, and its rows here have positions prefix_len, ..
     Its rows attend to that prefix and to their own chunk; every other prompt starts at
-    position 0, as in `prefill_attention`, which this is when `prefix_len` is 0.
+    position 0, as in `prefill_attention`. `prefix_len` may be 0 (nothing continued).
 
     The prefix is gathered from its pages and laid before the packed tokens, ending
     where the continuing rows begin, so that the keys of every row are again one
     contiguous run ending at the row itself: the packed kernel needs no change. Its
-    capacity is static (Pk pages' worth of tokens) and costs a gather per layer, so it
-    runs only in a step that continues a prompt (`lax.cond` on `prefix_len`).
+    capacity is static (Pk pages' worth of tokens) and costs a gather and that many
+    more (one-tile) query rows per layer, so the engine compiles this form apart and
+    uses it only for steps that continue a prompt (no data-dependent branch on the
+    device, which XLA:GPU would resolve on the host).
     """
-    def plain():
-        return prefill_attention(q, k, v, seq_ids, positions, sliding_window, backend)
-
-    def continued():
-        tpp = layout.tokens_per_page
-        cap = prefix_pages.shape[0] * tpp
-        pos = prefix_len - cap + jnp.arange(cap, dtype=jnp.int32)   # right-aligned prefix
-        valid = pos >= 0
-        p = jnp.maximum(pos, 0)
-        kv = kv_page_view(layer, layout)[prefix_pages[p // tpp], :, p % tpp]  # [cap, 2, nkv, d]
-        kv = jnp.where(valid[:, None, None, None], kv, 0).astype(k.dtype)
-        kf = jnp.concatenate([kv[:, 0], k])
-        vf = jnp.concatenate([kv[:, 1], v])
-        qf = jnp.concatenate([jnp.zeros((cap,) + q.shape[1:], q.dtype), q])
-        sf = jnp.concatenate([jnp.where(valid, seq_ids[0], -1), seq_ids])
-        pf = jnp.concatenate([jnp.where(valid, pos, 0), positions])
-        out = prefill_attention(qf, kf, vf, sf, pf, sliding_window, backend, key_only_rows=cap)
-        return out[cap:]
-
-    if prefix_pages is None:
-        return plain()
-    return jax.lax.cond(prefix_len > 0, continued, plain)
+    tpp = layout.tokens_per_page
+    cap = prefix_pages.shape[0] * tpp
+    pos = prefix_len - cap + jnp.arange(cap, dtype=jnp.int32)       # right-aligned prefix
+    valid = pos >= 0
+    p = jnp.maximum(pos, 0)
+    kv = kv_page_view(layer, layout)[prefix_pages[p // tpp], :, p % tpp]  # [cap, 2, nkv, d]
+    kv = jnp.where(valid[:, None, None, None], kv, 0).astype(k.dtype)
+    kf = jnp.concatenate([kv[:, 0], k])
+    vf = jnp.concatenate([kv[:, 1], v])
+    qf = jnp.concatenate([jnp.zeros((cap,) + q.shape[1:], q.dtype), q])
+    sf = jnp.concatenate([jnp.where(valid, seq_ids[0], -1), seq_ids])
+    pf = jnp.concatenate([jnp.where(valid, pos, 0), positions])
+    out = prefill_attention(qf, kf, vf, sf, pf, sliding_window, backend, key_only_rows=cap)
+    return out[cap:]

@@ -402,8 +402,10 @@ class Engine:
 
     def _prefill_batch(self, dec: list[Seq], chunks: list[Chunk]):
         """A prefill step's batch (decode rows padded to max_batch, prompts to
-        max_prefill_requests: one compiled shape per token bucket) and its token rows."""
+        max_prefill_requests: one compiled shape per token bucket, and one more, at the
+        largest bucket, for steps that continue a prompt) and its token rows."""
         ec, lay = self.ec, self.layout
+        continues = chunks[0].start > 0
         slots, req_slot = self._slots(dec + [c.seq for c in chunks])
         nd = len(dec)
         b = mixed_batch(
@@ -411,9 +413,11 @@ class Engine:
              req_slot[:nd], [s.req.sampling for s in dec]),
             ([c.seq.prefill_tokens[c.start:c.end] for c in chunks],
              [c.seq.kv_pages for c in chunks], req_slot[nd:],
-             [c.seq.req.sampling for c in chunks], [c.start for c in chunks]),
+             [c.seq.req.sampling for c in chunks],
+             [c.start for c in chunks] if continues else None),
             slots, ec, lay, device_put=False, batch_size=ec.max_batch,
-            num_requests=ec.max_prefill_requests)
+            num_requests=ec.max_prefill_requests,
+            num_tokens=ec.token_buckets()[-1] if continues else None)
         if not self.cfg.base_only_steps and b.prefill.lora.slot_pages.shape[0] == 0:
             b = b.replace(prefill=b.prefill.replace(
                 lora=lora_batch(slots, ec.max_adapters_per_batch, lay)))

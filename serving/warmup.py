@@ -1,6 +1,7 @@
 """Warm-up: every shape the serving loop can dispatch, compiled before serving (prefill
-steps: token buckets x {0, S} adapter slots, with max_batch decode rows; decode batch
-buckets x {0, S}; adapter copies of 1, 2, 4, .. pages) and run once."""
+steps: token buckets x {0, S} adapter slots, with max_batch decode rows, and the top
+bucket continuing a prompt x {0, S}; decode batch buckets x {0, S}; adapter copies of
+1, 2, 4, .. pages) and run once."""
 
 from __future__ import annotations
 
@@ -26,13 +27,15 @@ def warm_up(engine, progress: bool = True, threads: int | None = None) -> float:
                          scale=np.zeros(m, np.float32), offset=np.zeros((m, 2), np.int32))
     slot_kinds = [False, True] if engine.cfg.base_only_steps else [True]
     calls = []                 # (jitted fn, its arguments after the engine state, kwargs)
-    for n in ec.token_buckets():
-        n = min(n, ec.max_prefill_tokens)
+    top = ec.token_buckets()[-1]
+    for n, starts in [(n, None) for n in ec.token_buckets()] + [(top, [1])]:
+        n = min(n, ec.max_prefill_tokens)         # (a step continuing a prompt: the top bucket)
         for use in slot_kinds:
             b = mixed_batch((None, [], [], [], []), ([[0] * n], [np.zeros(0, np.int32)],
-                                                     [0 if use else -1], [Sampling()], [0]),
+                                                     [0 if use else -1], [Sampling()], starts),
                             [null_slot] if use else [], ec, lay, device_put=False,
-                            batch_size=ec.max_batch, num_requests=ec.max_prefill_requests)
+                            batch_size=ec.max_batch, num_requests=ec.max_prefill_requests,
+                            num_tokens=top if starts else None)
             rows = np.full(ec.max_batch + ec.max_prefill_requests, engine.scheduler.dump_row,
                            np.int32)
             calls.append((prefill_step, *engine._step_args(b, rows)))

@@ -122,15 +122,18 @@ def prefill_batch(prompts: Sequence[Sequence[int]], kv_pages: Sequence[np.ndarra
                   req_slot: Sequence[int], sampling: Sequence[Sampling],
                   slots: Sequence[SlotInfo], ec: EngineConfig, layout: PoolLayout,
                   device_put: bool = True, starts: Sequence[int] | None = None,
-                  num_requests: int | None = None) -> PrefillBatch:
+                  num_requests: int | None = None,
+                  num_tokens: int | None = None) -> PrefillBatch:
     """Pack R prompts into one prefill batch, padded to the token/request buckets
-    (`num_requests`: the request axis' size instead of its bucket).
+    (`num_tokens`, `num_requests`: the axes' sizes instead of their buckets).
 
     `starts`: each prompt's first position; given, the batch may continue a prompt
     prefilled in chunks (`PrefillBatch.prefix_len`), which must be the first (the
     others start at 0), and `prompts[i]` is then the chunk from `starts[i]` on."""
     n_tok = sum(len(p) for p in prompts)
-    t = ec.bucket(ec.token_buckets(), n_tok, "prefill tokens")
+    t = num_tokens or ec.bucket(ec.token_buckets(), n_tok, "prefill tokens")
+    if n_tok > t:
+        raise ValueError(f"{n_tok} prefill tokens exceed {t}")
     r = num_requests or ec.bucket(ec.request_buckets(), len(prompts), "prefill requests")
     if len(prompts) > r:
         raise ValueError(f"{len(prompts)} prompts exceed {r} prefill requests")
@@ -186,7 +189,7 @@ def decode_batch(tokens: Sequence[int] | None, positions: Sequence[int],
 
 def mixed_batch(decode: tuple, prefill: tuple, slots: Sequence[SlotInfo], ec: EngineConfig,
                 layout: PoolLayout, device_put: bool = True, batch_size: int | None = None,
-                num_requests: int | None = None) -> MixedBatch:
+                num_requests: int | None = None, num_tokens: int | None = None) -> MixedBatch:
     """A `MixedBatch`: `decode` = (tokens or None, positions, kv_pages, req_slot, sampling)
     of the decode rows (padded to `batch_size`, default their bucket), `prefill` =
     (prompts, kv_pages, req_slot, sampling, starts) of the packed chunks; the req_slot
@@ -205,7 +208,7 @@ def mixed_batch(decode: tuple, prefill: tuple, slots: Sequence[SlotInfo], ec: En
     rs = np.full(b, -1, np.int32)
     rs[:n] = d_slot
     p = prefill_batch(prompts, p_kv, p_slot, p_samp, [], ec, layout, device_put=False,
-                      starts=starts, num_requests=num_requests)
+                      starts=starts, num_requests=num_requests, num_tokens=num_tokens)
     any_slot = any(s >= 0 for s in d_slot) or any(s >= 0 for s in p_slot)
     lora = lora_batch(slots if any_slot else [], ec.max_adapters_per_batch if any_slot else 0,
                       layout)

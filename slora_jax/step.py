@@ -39,6 +39,7 @@ class PrefillBatch:
     lora: LoraBatch
     # int32 scalar, or None: the first request continues a prompt prefilled in chunks;
     # this many of its tokens are in the pool already and its positions start there.
+    # Static whether it is given: a step that continues a prompt is its own compiled form.
     prefix_len: jax.Array | None = None
 
 

@@ -282,7 +282,7 @@ def test_openai_client_sees_typed_errors(srv):
     client = openai.OpenAI(base_url=f"{srv['url']}/v1", api_key="none", max_retries=0)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt=[1], max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="at most 64"):
+    with pytest.raises(openai.BadRequestError, match="at most 47"):     # max_context 48
         client.completions.create(model="a00", prompt=[1] * 65, max_tokens=2)
     with pytest.raises(openai.NotFoundError):   # a stream fails before it starts
         list(client.completions.create(model="nope", prompt=[1], max_tokens=2, stream=True))
