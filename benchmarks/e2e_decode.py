@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 from benchmarks.kernels_setup import result_stem  # noqa: E402
 from slora_jax.adapters import dummy_adapter  # noqa: E402
 from slora_jax.batching import Sampling, SlotInfo, decode_batch  # noqa: E402
-from slora_jax.config import LORA_PLAN_OPTIONS, EngineConfig, preset  # noqa: E402
+from pallas_kernels.lora import TuningConfig  # noqa: E402
+from slora_jax.config import EngineConfig, preset  # noqa: E402
 from slora_jax.model import StepSpec, apply_rope, lm_logits, rms_norm, rope_inv_freq  # noqa: E402
 from slora_jax.params import init_dummy_params, params_bytes  # noqa: E402
 from slora_jax.pool import PoolLayout, init_pool, load_adapter_pages  # noqa: E402
@@ -142,20 +143,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def parse_variants(spec: str) -> dict[str, dict[str, str]]:
-    """'sort=auto,sort=auto+out=pool' -> {name: StepSpec options}."""
-    keys = {name.split("_")[-1]: name for name in LORA_PLAN_OPTIONS}   # sort=, out=, ...
+def parse_variants(spec: str) -> dict[str, dict[str, int]]:
+    """'unsorted_max_tokens=0,decode_block_tokens=64+shrink_blocks=66' -> {name:
+    TuningConfig fields}; a bad field or value is refused by name."""
+    fields = {f.name for f in dataclasses.fields(TuningConfig)}
     out = {}
     for name in filter(None, (v.strip() for v in spec.split(","))):
         opts = {}
         for part in name.split("+"):
             k, _, v = part.partition("=")
-            field = keys.get(k)
-            value = int(v) if v.isdigit() else v
-            if field is None or value not in LORA_PLAN_OPTIONS[field]:
-                raise SystemExit(f"--lora-variants: '{part}' is not one of " + ", ".join(
-                    f"{k}={'|'.join(map(str, LORA_PLAN_OPTIONS[f]))}" for k, f in keys.items()))
-            opts[field] = value
+            if k not in fields or not v.isdigit():
+                raise SystemExit(f"--lora-variants: '{part}' is not FIELD=INT for a field of "
+                                 f"TuningConfig ({', '.join(sorted(fields))})")
+            opts[k] = int(v)
+        try:
+            TuningConfig(**opts)
+        except ValueError as e:
+            raise SystemExit(f"--lora-variants: {e}") from None
         out[name] = opts
     return out
 
@@ -173,12 +177,12 @@ def main(argv=None):
     ap.add_argument("--breakdown", type=int, default=0,
                     help="print the N costliest kernels of the LoRA step (GPU)")
     ap.add_argument("--max-block-tokens", type=int, default=None,
-                    help="cap on the LoRA kernels' tokens per tile (StepSpec.lora_max_tile)")
+                    help="cap on the LoRA kernels' tokens per tile at decode "
+                         "(TuningConfig.decode_block_tokens)")
     ap.add_argument("--lora-variants", default="",
                     help="comma-separated extra LoRA steps to time beside `slora`, each "
-                         "StepSpec options joined by '+': sort=always|never|auto, "
-                         "out=float32|pool, tile=8..128, shrink=tile|balanced "
-                         "(e.g. 'sort=auto,sort=auto+out=pool')")
+                         "TuningConfig fields joined by '+' (e.g. "
+                         "'unsorted_max_tokens=0,decode_block_tokens=64+shrink_blocks=66')")
     ap.add_argument("--layers", type=int, default=None,
                     help="override the preset's layer count (compile-time checks)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, small shapes")
@@ -264,15 +268,18 @@ def main(argv=None):
                   for i in range(b)]
             pos = [ctx - 1] * b                    # attend over the full context
             samp = [Sampling()] * b
+            tuning = TuningConfig(**({"decode_block_tokens": args.max_block_tokens}
+                                     if args.max_block_tokens else {}))
             spec = StepSpec(mc, lay, args.lora_backend, args.attention_backend,
-                            lora_max_tile=args.max_block_tokens or StepSpec.lora_max_tile)
+                            lora_tuning=tuning)
             lora_b = decode_batch(list(range(b)), pos, kv, [i % n_ad for i in range(b)], samp,
                                   slots, ec, lay)
             base_b = decode_batch(list(range(b)), pos, kv, [-1] * b, samp, slots, ec, lay)
             step = functools.partial(decode, spec=spec)
             res, wall, compile_s, breakdowns = {}, {}, {}, {}
             runs = [("slora", lora_b, step), ("base", base_b, step)] + [
-                (v, lora_b, functools.partial(decode, spec=spec.with_(**opts)))
+                (v, lora_b, functools.partial(decode, spec=spec.with_(
+                    lora_tuning=dataclasses.replace(tuning, **opts))))
                 for v, opts in variants.items()]
             for name, batch, step in runs:
                 t0 = time.perf_counter()

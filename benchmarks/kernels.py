@@ -4,24 +4,17 @@ Times, in one run and with CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`
   * LoRA shrink and expand at decode (one token per request, B up to 512, distinct
     adapters drawn from a pool of `--adapters` loaded adapters), attention modules
     (q, or o and v under GQA) and MLP modules (gate: in H / out F, down: in F / out H),
-    ranks 8..64 and mixed. Backends:
+    ranks 8..64 and mixed. Decode batches that the step would group by adapter
+    (`lora.sorts_tokens`) come in slot order. Backends:
       - `pallas`         : `pallas_kernels.lora.lora_shrink/lora_expand(backend="pallas")`,
                            the whole call (XLA plan + kernel); `kernel_us` = the Mosaic
                            kernel alone. `fallback` = true when the dispatch used the
                            reference for this shape (no Pallas kernel in the jaxpr);
-      - `pallas-planned` : the same with the batch plan built outside (what one module
-                           pays in a step, where XLA shares the plan), tokens sorted;
-      - `pallas-unsorted`: planned, tokens left in their order (no gather of x, no
-                           un-sort of the output; `StepSpec.lora_sort`), at B <= 32 and
-                           at prefill;
-      - `pallas-wide`    : prefill only: unsorted, tiles of WIDE_TILE = 64 tokens (the
-                           expand computes xs·B as stored, no transpose);
-      - `pallas-ragged`  : decode expand, planned, with N splits that need not divide
-                           the N steps (`lora_mgpu.RAGGED_SPLITS`), at widths whose
-                           step count has no divisor near the split target (W = 11008);
+      - `pallas-planned` : the kernel with the step's plan built outside (what one module
+                           pays in a step, where XLA builds the plan once for all layers);
       - `pallas-layer`   : `lora_apply` only (decode and prefill): the step's plan
-                           (`lora_plan.step_policy`) and packing built outside, as a
-                           step builds them once for all layers: what one layer pays;
+                           (`lora.token_plan`, `lora.make_plan`) built outside, as a step
+                           builds it once for all layers: what one layer pays;
       - `xla-gather`     : baseline (a), the jnp reference (backend="reference");
       - `xla-onehot`     : baseline (b), one-hot einsum over stacked padded slots.
   * LoRA at prefill (segments of 256..2048 tokens, one adapter each; 512, 2048, 8192
@@ -68,7 +61,6 @@ import sys
 import time
 import zlib
 
-WIDE_TILE = 64           # pallas-wide: tokens per tile at prefill
 T_START = time.time()     # run as a script, the budget counts from here (JAX start-up included)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,8 +73,7 @@ from kernels_setup import (MIXED_RANKS, MODELS, ON_GPU, PAGE_SIZE, AdapterPool, 
                            add_ratios, copy_bandwidth, desc, fmt_row, git_commit, groups,
                            matmul_rate, measure, randn, repeats, summary, uses_kernel,
                            write_results)
-from pallas_kernels import lora, lora_mgpu, lora_plan, paged_attention  # noqa: E402
-from slora_jax.model import StepSpec  # noqa: E402
+from pallas_kernels import lora, lora_mgpu, paged_attention  # noqa: E402
 from slora_jax.pool import PoolLayout, kv_page_view  # noqa: E402
 
 FAMILIES = ("lora", "lora-prefill", "attention", "prefill-attention")
@@ -163,6 +154,9 @@ def run_lora(cfg, pool, R):
     """Shrink/expand rows of one batch config, for each (op, module) in cfg["ops"]."""
     t, n, ps, max_rank = cfg["b"], cfg["n"], pool.page_size, pool.max_rank
     prefill = cfg["phase"] == "prefill"
+    # A decode step that groups its tokens by adapter sorts its rows before the layers
+    # (`step.decode`): the layers get them in slot order.
+    grouped = not prefill and lora.sorts_tokens(t)
     rng = np.random.default_rng(zlib.crc32(json.dumps(cfg, sort_keys=True).encode()))
     widths = [pool.shapes[mod][0 if op == "shrink" else 1] for op, mod in cfg["ops"]]
     k = repeats(int(n * pool.ranks.mean() * max(widths) * 2 + t * max(widths) * 2))
@@ -170,41 +164,23 @@ def run_lora(cfg, pool, R):
     for _ in range(k):
         adapters = rng.choice(len(pool), n, replace=False)
         ts = np.repeat(np.arange(n), cfg["segs"]) if prefill else rng.permutation(t) % n
-        batches.append((adapters, jnp.asarray(ts, jnp.int32)))
+        batches.append((adapters, jnp.asarray(np.sort(ts) if grouped else ts, jnp.int32)))
     used = float(np.mean([pool.ranks[a].sum() for a, _ in batches]))   # every slot has tokens
     tok_rank = float(np.mean([pool.ranks[a][np.asarray(ts)].sum() for a, ts in batches]))
     params = {kk: v for kk, v in cfg.items() if kk != "ops"}
     params.update(max_rank=max_rank, repeats=k)
     if prefill:
         params["dense_rank"] = max_rank
-    try:
-        plans = jax.jit(lambda tss: [lora_plan.batch_plan(x, n, sort=True) for x in tss])(
-            [ts for _, ts in batches])
-        plans_u = jax.jit(lambda tss: [lora_plan.batch_plan(x, n, sort=False) for x in tss])(
-            [ts for _, ts in batches])
-        plans_w = jax.jit(lambda tss: [lora_plan.plan_batch(x, n, WIDE_TILE, sort=False)
-                                       for x in tss])([ts for _, ts in batches]) \
-            if prefill else None
-        plan_err = None
-    except Exception as e:
-        plans, plans_u, plans_w, plan_err = None, None, None, _err(e)
     keys = iter(range(1 << 20))
     xs = {}
     xa = [jax.random.normal(jax.random.key(i), (t, max_rank), jnp.float32) for i in range(k)]
     scale = jnp.full((n,), 0.5, jnp.float32)
-    # At prefill the plan is shared by every module and layer: planned only.
-    # Tokens left unsorted (`pallas-unsorted`) where `lora_sort="auto"` would leave them
-    # so (<= 32 tokens), and at prefill, where segments are already contiguous.
-    unsorted = ("pallas-unsorted",) if prefill or t <= lora_plan.UNSORTED_MAX_TOKENS else ()
     for op, mod in cfg["ops"]:
         w_in, w_out = pool.shapes[mod]
         width = w_in if op == "shrink" else w_out
-        # 256-column N steps: a count with no divisor near the splits (11008 = 43 · 256)
-        ragged = ("pallas-ragged",) if (op == "expand" and not prefill and width >= 256
-                                        and lora_mgpu._divisor_at_most(width // 256, 8) < 4) \
-            else ()
-        backends = ("pallas-planned", *unsorted, "pallas-wide", "xla-gather") if prefill \
-            else ("pallas", "pallas-planned", *unsorted, *ragged, "xla-gather")
+        # At prefill the plan is shared by every module and layer: planned only.
+        backends = ("pallas-planned", "xla-gather") if prefill \
+            else ("pallas", "pallas-planned", "xla-gather")
         p = dict(params, module=mod, width=width)
         if op == "shrink" and w_in not in xs:
             xs[w_in] = [randn(jax.random.key(1000 + next(keys)), (t, w_in)) for _ in range(k)]
@@ -217,11 +193,17 @@ def run_lora(cfg, pool, R):
             nbytes = used * width * 2 + t * max_rank * 4 + t * width * 4
         flops = 2 * width * tok_rank if prefill else None
         name = f"lora_{op}"
+        try:
+            plans = jax.jit(lambda rows, bs: [_module_plan(
+                op, rows, *b, n=n, max_rank=max_rank, width=width, ps=ps, prefill=prefill,
+                grouped=grouped) for b in bs])(pool.rows, bs)
+            plan_err = None
+        except Exception as e:
+            plans, plan_err = None, _err(e)
         fell_back = False
         for backend in backends:
             common = dict(reps=k, nbytes=nbytes, flops=flops)
-            if backend in ("pallas-planned", "pallas-unsorted", "pallas-wide",
-                           "pallas-ragged") and plans is None:
+            if backend == "pallas-planned" and plans is None:
                 R.emit(name, backend, p, error=f"plan: {plan_err}", **common)
                 continue
             if backend.startswith("pallas") and fell_back:   # the other pallas row did
@@ -229,23 +211,21 @@ def run_lora(cfg, pool, R):
                        "pallas row", fallback=True, **common)
                 continue
             f = _lora_fn(op, backend, max_rank, width, ps)
-            pl_ = {"pallas-planned": plans, "pallas-unsorted": plans_u,
-                   "pallas-wide": plans_w, "pallas-ragged": plans}.get(backend, [None] * k)
+            pl_ = plans if backend == "pallas-planned" else [None] * k
             row = R.emit(name, backend, p, f, (pool.rows, bs, pl_),
                          check_kernel=backend.startswith("pallas"), **common)
             fell_back = fell_back or bool(row and row.get("fallback"))
         if prefill:
             _prefill_baselines(name, op, p, t, width, max_rank, cfg["segs"], k, R)
-    _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k, prefill, tok_rank)
+    _run_apply(cfg, pool, R, params, batches, xs, scale, used, k, prefill, grouped, tok_rank)
 
 
-def _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k, prefill, tok_rank):
+def _run_apply(cfg, pool, R, params, batches, xs, scale, used, k, prefill, grouped, tok_rank):
     """lora_apply (the module's whole LoRA term, shrink then expand): the kernels with
-    the token plan shared as in a step (`pallas-planned`, decode), the kernels with
-    the step's plan and packing built outside as a step builds them once for all
-    layers (`pallas-layer`: what one layer pays; `lora_plan.step_policy`), and the
-    references (`xla-gather`, decode) or one dense x·A·B at the max rank (`dense`,
-    prefill: the target is LoRA within 1.5x of it)."""
+    the step's plan built outside the timed call, as a step builds it once for all
+    layers (`pallas-layer`: what one layer pays), and the reference (`xla-gather`,
+    decode) or one dense x·A·B at the max rank (`dense`, prefill: the target is LoRA
+    within 1.5x of it)."""
     t, n, ps, max_rank = cfg["b"], cfg["n"], pool.page_size, pool.max_rank
     mods = [m for m in dict.fromkeys(mod for _, mod in cfg["ops"])
             if ("shrink", m) in cfg["ops"] and ("expand", m) in cfg["ops"]]
@@ -259,59 +239,29 @@ def _run_apply(cfg, pool, R, params, batches, plans, xs, scale, used, k, prefill
             bs.append((xs[w_in][i], pages, a_off, b_off, rank, scale, ts))
         nbytes = used * (w_in + w_out) * 2 + t * w_in * 2 + t * w_out * 4
         flops = 2 * tok_rank * (w_in + w_out) if prefill else None
-        _apply_layer(p, pool, R, bs, t, n, w_in, w_out, prefill, k, nbytes, flops)
+        for backend in ("pallas-layer",) + (() if prefill else ("xla-gather",)):
+            pallas = backend == "pallas-layer"
+
+            def plan_of(rows, x, pages, a_off, b_off, rank, sc, ts, pallas=pallas):
+                tokens = lora.token_plan(ts, n, prefill=prefill, grouped=grouped) \
+                    if pallas else None
+                return lora.make_plan(ts, pages, a_off[:, None], b_off[:, None], rank[:, None],
+                                      sc[:, None], widths=(w_out,), k_in=w_in,
+                                      max_rank=max_rank, page_size=ps, rows_shape=rows.shape,
+                                      tokens=tokens)
+            try:
+                plans = jax.jit(lambda rows, bs: [plan_of(rows, *b) for b in bs])(pool.rows, bs)
+            except Exception as e:
+                R.emit("lora_apply", backend, p, error=f"plan: {_err(e)}", reps=k,
+                       nbytes=nbytes, flops=flops)
+                continue
+            f = jax.jit(lambda rows, bs, plans: [lora.lora_apply(b[0], rows, q)[0]
+                                                 for b, q in zip(bs, plans)])
+            R.emit("lora_apply", backend, dict(p, grouped=grouped) if pallas else p, f,
+                   (pool.rows, bs, plans), check_kernel=pallas, reps=k, nbytes=nbytes,
+                   flops=flops)
         if prefill:
             _apply_dense(p, R, xs[w_in], t, w_in, w_out, max_rank, k)
-            continue
-        for backend, be in (("pallas-planned", "pallas"), ("xla-gather", "reference")):
-            if be == "pallas" and plans is None:
-                continue
-
-            def one(rows, x, pages, a_off, b_off, rank, sc, ts, plan, be=be):
-                return lora.lora_apply(x, rows, pages, a_off, b_off, rank, sc, ts,
-                                       max_rank=max_rank, out_features=w_out, page_size=ps,
-                                       backend=be, plan=plan)
-            f = jax.jit(lambda rows, bs, pls, one=one: [one(rows, *b, q) for b, q in zip(bs, pls)])
-            pl_ = plans if be == "pallas" else [None] * k
-            R.emit("lora_apply", backend, p, f, (pool.rows, bs, pl_),
-                   check_kernel=be == "pallas", reps=k, nbytes=nbytes, flops=None)
-
-
-def _apply_layer(p, pool, R, bs, t, n, w_in, w_out, prefill, k, nbytes, flops):
-    """`pallas-layer`: lora_apply_modules with the step's token plan and module-group
-    packing built outside the timed call (`_Lora` builds them once per step)."""
-    ps, max_rank = pool.page_size, pool.max_rank
-    bt, srt = lora_plan.step_policy(t, n, prefill=prefill)
-    if srt and not prefill:
-        # The decode step sorts its rows by adapter once for all layers (`step.decode`),
-        # so a layer gets its tokens grouped and its plan gathers nothing.
-        def grouped(x, pages, a_off, b_off, rank, sc, ts):
-            o = lora_plan.slot_order(ts, n)[0]
-            return (x[o], pages, a_off, b_off, rank, sc, ts[o])
-        bs = [grouped(*b) for b in bs]
-        srt = "grouped"
-
-    def packing(rows, x, pages, a_off, b_off, rank, sc, ts):
-        return lora_plan.make_group_plan(
-            ts, rows, pages, a_off[:, None], b_off[:, None], rank[:, None], sc[:, None],
-            k_in=w_in, widths=(w_out,), max_rank=max_rank, page_size=ps,
-            plan=lora_plan.plan_batch(ts, n, bt, sort=srt), block_tokens=bt,
-            balanced=StepSpec.lora_shrink == "balanced")
-
-    def one(rows, x, pages, a_off, b_off, rank, sc, ts, gp):
-        return lora.lora_apply_modules(x, rows, pages, a_off[:, None], b_off[:, None],
-                                       rank[:, None], sc[:, None], ts, max_rank=max_rank,
-                                       out_features=(w_out,), page_size=ps,
-                                       backend="pallas", plan=gp)[0]
-    try:
-        gps = jax.jit(lambda rows, bs: [packing(rows, *b) for b in bs])(pool.rows, bs)
-    except Exception as e:
-        R.emit("lora_apply", "pallas-layer", p, error=f"plan: {_err(e)}", reps=k,
-               nbytes=nbytes, flops=flops)
-        return
-    f = jax.jit(lambda rows, bs, gps: [one(rows, *b, g) for b, g in zip(bs, gps)])
-    R.emit("lora_apply", "pallas-layer", dict(p, block_tokens=bt, sorted=srt), f,
-           (pool.rows, bs, gps), check_kernel=True, reps=k, nbytes=nbytes, flops=flops)
 
 
 def _apply_dense(p, R, xs, t, w_in, w_out, r, k):
@@ -329,26 +279,34 @@ def _apply_dense(p, R, xs, t, w_in, w_out, r, k):
            flops=2 * t * r * (w_in + w_out))
 
 
+def _module_plan(op, rows, act, pages, off, rank, scale, ts, *, n, max_rank, width, ps,
+                 prefill, grouped):
+    """One module's plan as a step builds it (`lora.token_plan`, `lora.make_plan`), for
+    `pallas-planned`: the shrink's (k_in = width) or the expand's (out = width)."""
+    shrink = op == "shrink"
+    col = lambda a: a[:, None]                                   # noqa: E731
+    tokens = lora.token_plan(ts, n, prefill=prefill, grouped=grouped)
+    return lora.make_plan(ts, pages, col(off) if shrink else None, None if shrink else col(off),
+                          col(rank), col(scale), widths=() if shrink else (width,),
+                          k_in=width if shrink else None, max_rank=max_rank, page_size=ps,
+                          rows_shape=rows.shape, tokens=tokens)
+
+
 def _lora_fn(op, backend, max_rank, width, ps):
+    """The timed call of `backend` over k batches: f(rows, batches, plans)."""
     be = "reference" if backend == "xla-gather" else "pallas"
+    config = lora.TuningConfig()
 
     def one(rows, act, pages, off, rank, scale, ts, plan):
-        if backend == "pallas-wide":        # the kernels' own entry: a tile size
+        if backend == "pallas-planned" and not lora_mgpu.why_not(plan.kernel, rows, ps, config):
             if op == "shrink":
-                return lora_mgpu.lora_shrink(act, rows, pages, off, rank, ts, max_rank=max_rank,
-                                             page_size=ps, plan=plan, block_tokens=WIDE_TILE)
-            return lora_mgpu.lora_expand(act, rows, pages, off, rank, scale, ts,
-                                         out_features=width, page_size=ps, plan=plan,
-                                         block_tokens=WIDE_TILE)
-        if backend == "pallas-ragged":
-            return lora_mgpu.lora_expand(act, rows, pages, off, rank, scale, ts,
-                                         out_features=width, page_size=ps, plan=plan,
-                                         ragged_splits=True)
+                return lora_mgpu.lora_shrink(act, rows, plan.kernel, config)[0]
+            return lora_mgpu.lora_expand(act[None], rows, plan.kernel, config)[0]
         if op == "shrink":
             return lora.lora_shrink(act, rows, pages, off, rank, ts, max_rank=max_rank,
-                                    page_size=ps, backend=be, plan=plan)
+                                    page_size=ps, backend=be)
         return lora.lora_expand(act, rows, pages, off, rank, scale, ts, out_features=width,
-                                page_size=ps, backend=be, plan=plan)
+                                page_size=ps, backend=be)
     return jax.jit(lambda rows, bs, plans: [one(rows, *b, pl_) for b, pl_ in zip(bs, plans)])
 
 

@@ -1,9 +1,9 @@
 """Sweep the decode LoRA kernels' work split (K/N splits, chunk lanes, stages, blocks).
 
 For each (model, module group, batch, adapters, ranks) it builds one step's
-`GroupPlan`, then times with CUPTI the shrink kernel and the expand kernel alone
-under every configuration of the sweep and under the defaults, and the whole
-`lora_apply_multi` (both kernels and the XLA between them) under the defaults.
+plan (`lora.token_plan`, `lora.make_plan`), then times with CUPTI the shrink kernel and
+the expand kernel alone under every `TuningConfig` of the sweep and under the defaults,
+and the whole `lora_apply` (both kernels and the XLA between them) under the defaults.
 Each row gives the bytes the kernel must move (every item's rank rows once, the
 activations once) against the copy bandwidth measured in the same run, and how far
 the config's result is from the default's. Inputs are not rotated: a small batch's
@@ -17,6 +17,7 @@ step (`e2e_decode.py`) is the measure that counts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -30,10 +31,11 @@ import numpy as np  # noqa: E402
 
 from benchmarks.kernels_setup import (AdapterPool, copy_bandwidth, git_commit,  # noqa: E402
                                       measure, module_shapes, write_sweep)
+from pallas_kernels import lora  # noqa: E402
 from pallas_kernels import lora_mgpu as lm  # noqa: E402
 from pallas_kernels import lora_plan as lp  # noqa: E402
+from pallas_kernels.lora import TuningConfig  # noqa: E402
 from slora_jax.config import MODULES  # noqa: E402
-from slora_jax.model import StepSpec  # noqa: E402
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down": ("down",)}
 RANKS = {"mixed": (8, 16, 32, 64), "r16": (16,), "r64": (64,), "r8": (8,)}
@@ -59,28 +61,36 @@ def setup(model, group, b, n, ranks, seed=0):
     k_in = shapes[mods[0]][0]
     widths = tuple(shapes[m][1] for m in mods)
     x = jax.random.normal(jax.random.key(seed), (b, k_in), jnp.bfloat16)
-    # The step's plan (`_Lora`): its tile and sort policy, its shrink layout. A decode
-    # step that sorts does it once for all layers (`step.decode`): the layer's tokens
-    # come grouped by adapter.
-    bt, srt = lp.step_policy(b, n)
-    if srt:
-        ts, srt = jnp.sort(ts), "grouped"
-    gp = jax.jit(lambda ts, t: lm.make_group_plan(
-        ts, pool.rows, t["slot_pages"], t["a_offsets"], t["b_offsets"], t["ranks"], t["scales"],
-        k_in=k_in, widths=widths, max_rank=pool.max_rank, page_size=PAGE_SIZE,
-        plan=lp.plan_batch(ts, n, bt, sort=srt), block_tokens=bt,
-        balanced=StepSpec.lora_shrink == "balanced"))(ts, tabs)
+    # The step's plan (`model.lora_plans`). A decode step that groups its tokens does it
+    # once for all layers (`step.decode`): the layer's tokens come ordered by adapter.
+    grouped = lora.sorts_tokens(b)
+    if grouped:
+        ts = jnp.sort(ts)
+    plan = jax.jit(lambda ts, t: lora.make_plan(
+        ts, t["slot_pages"], t["a_offsets"], t["b_offsets"], t["ranks"], t["scales"],
+        widths=widths, k_in=k_in, max_rank=pool.max_rank, page_size=PAGE_SIZE,
+        rows_shape=pool.rows.shape, tokens=lora.token_plan(ts, n, grouped=grouped)))(ts, tabs)
+    gp = plan.kernel
     # Bytes each kernel must move: every item's rank rows once (8-row groups), x / out once.
-    plan = jax.tree.map(np.asarray, gp.plan)
-    used = (plan["item_hi"] > plan["item_lo"]) & (plan["item_slot"] < n)
-    r8 = -(-pool.ranks[plan["item_slot"][used]] // 8) * 8
+    tp = jax.tree.map(np.asarray, gp.tokens)
+    used = (tp.item_hi > tp.item_lo) & (tp.item_slot < n)
+    r8 = -(-pool.ranks[tp.item_slot[used]] // 8) * 8
     shrink_bytes = int(r8.sum()) * len(mods) * k_in * 2 + b * k_in * 2
     expand_bytes = sum(int(r8.sum()) * w * 2 + b * w * 4 for w in widths)
-    return pool, tabs, x, gp, widths, shrink_bytes, expand_bytes
+    return pool, x, plan, widths, shrink_bytes, expand_bytes
+
+
+def _changed(cfg: TuningConfig | None):
+    """The fields of `cfg` that differ from the defaults (JSON), or None for the defaults."""
+    if cfg is None:
+        return None
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != f.default} or None
 
 
 def run_shape(model, group, b, n, rank_kind, configs, iters, copy_gbps, budget_end):
-    pool, tabs, x, gp, widths, sb, eb = setup(model, group, b, n, RANKS[rank_kind])
+    pool, x, plan, widths, sb, eb = setup(model, group, b, n, RANKS[rank_kind])
+    gp = plan.kernel
     rows_ = pool.rows
     out = []
     base = dict(model=model, group=group, b=b, adapters=n, ranks=rank_kind)
@@ -101,81 +111,67 @@ def run_shape(model, group, b, n, rank_kind, configs, iters, copy_gbps, budget_e
             print(f"  {base} {kind} {cfg}: {type(e).__name__}: {str(e)[:160]}")
             return
         k_us = next((v for k, v in per.items() if kernel in k), us) if per else us
-        out.append(dict(base, kind=kind, config=cfg or "default", us=us, kernel_us=k_us,
+        out.append(dict(base, kind=kind, config=_changed(cfg) or "default", us=us, kernel_us=k_us,
                         bytes=nbytes, rel_diff_vs_default=diff, pct_copy=nbytes / (k_us * 1e-6) / 1e9 / copy_gbps * 100))
 
-    f_all = jax.jit(lambda x, rows, gp, t: lm.lora_apply_multi(
-        x, rows, t["slot_pages"], t["a_offsets"], t["b_offsets"], t["ranks"], t["scales"],
-        None, max_rank=pool.max_rank, out_features=widths, page_size=PAGE_SIZE, plan=gp))
-    record("apply", None, f_all, (x, rows_, gp, tabs), sb + eb, "")
-    out_s = jax.jit(lambda x, rows, gp: lm._shrink_launch(gp, x, rows))(x, rows_, gp)
+    default = TuningConfig()
+    f_all = jax.jit(lambda x, rows, plan: lora.lora_apply(x, rows, plan))
+    record("apply", None, f_all, (x, rows_, plan), sb + eb, "")
+    out_s = jax.jit(lambda x, rows, gp: lm._shrink_launch(gp, x, rows, default, None))(
+        x, rows_, gp)
     mods = [j for j in range(len(widths)) if widths[j] == widths[0]]
-    xs = jax.jit(lambda o, gp: lm.xs_from_shrink(gp, o, mods, rows_.dtype))(out_s, gp)
+    xs = jax.jit(lambda o, gp: lp.xs_from_shrink(gp, o, mods, rows_.dtype))(out_s, gp)
     e_bytes = eb * len(mods) // len(widths)
     for cfg in [None] + configs["shrink"]:
         if time.perf_counter() > budget_end:
             break
-        f = jax.jit(lambda x, rows, gp, cfg=cfg: lm._shrink_launch(gp, x, rows, **(cfg or {})))
+        f = jax.jit(lambda x, rows, gp, cfg=cfg: lm._shrink_launch(gp, x, rows, cfg or default,
+                                                                    None))
         # The chunks a split layout leaves unwritten differ by config: compare the
         # expand's input built from them, which reads only the live rows.
-        record("shrink", cfg, f, (x, rows_, gp), sb, "shrink", lambda f=f: lm.xs_from_shrink(
+        record("shrink", cfg, f, (x, rows_, gp), sb, "shrink", lambda f=f: lp.xs_from_shrink(
             gp, f(x, rows_, gp), mods, rows_.dtype))
     for cfg in [None] + configs["expand"]:
         if time.perf_counter() > budget_end:
             break
         f = jax.jit(lambda xs, rows, gp, cfg=cfg: lm._expand_launch(
-            gp, xs, rows, mods, widths[0], **(cfg or {})))
+            gp, xs, rows, mods, widths[0], cfg or default, None))
         record("expand", cfg, f, (xs, rows_, gp), e_bytes, "expand",
                lambda f=f: f(xs, rows_, gp))
     return out
 
 
 def run_apply_sweep(model, group, b, n, rank_kind, shrink_blocks, iters, budget_end):
-    """The whole lora_apply_multi (shrink, the XLA that builds the expand's input,
-    expand) under each `lora_mgpu.SHRINK_BLOCKS` (fewer blocks: fewer K splits for the
-    xs to sum), beside the XLA reference (`lora_ref`: gather each token's rows, padded
-    einsum) on the same inputs."""
-    from pallas_kernels import lora as lora_ref
-    pool, tabs, x, gp, widths, sb, eb = setup(model, group, b, n, RANKS[rank_kind])
+    """The whole lora_apply (shrink, the XLA that builds the expand's input, expand)
+    under each `TuningConfig.shrink_blocks` (fewer blocks: fewer K splits for the xs to
+    sum), beside the jnp reference (gather each token's rows, padded einsum) on the same
+    inputs."""
+    pool, x, plan, widths, sb, eb = setup(model, group, b, n, RANKS[rank_kind])
     base = dict(model=model, group=group, b=b, adapters=n, ranks=rank_kind)
-    ts = jnp.asarray(np.asarray(gp.plan["key"]), jnp.int32)
-    ts = jnp.where(ts < n, ts, -1)
-    out, saved = [], lm.SHRINK_BLOCKS
-
-    def ref(x, rows, t):
-        return [lora_ref.lora_apply(x, rows, t["slot_pages"], t["a_offsets"][:, j],
-                                    t["b_offsets"][:, j], t["ranks"][:, j], t["scales"][:, j],
-                                    ts, max_rank=pool.max_rank, out_features=w,
-                                    page_size=PAGE_SIZE) for j, w in enumerate(widths)]
-    ref_f = jax.jit(ref)
-    us, _ = measure(ref_f, (x, pool.rows, tabs), iters)
-    want = [np.asarray(y, np.float32) for y in ref_f(x, pool.rows, tabs)]
+    out = []
+    ref_plan = plan.replace(kernel=None)
+    ref_f = jax.jit(lambda x, rows, plan: lora.lora_apply(x, rows, plan))
+    us, _ = measure(ref_f, (x, pool.rows, ref_plan), iters)
+    want = [np.asarray(y, np.float32) for y in ref_f(x, pool.rows, ref_plan)]
     scale = max(float(np.abs(w).max()) for w in want) or 1.0
     out.append(dict(base, kind="xla", config="reference", us=us, splits=None))
-    try:
-        for blocks in shrink_blocks:
-            if time.perf_counter() > budget_end:
-                break
-            lm.SHRINK_BLOCKS = blocks
-            f = jax.jit(lambda x, rows, gp, t: lm.lora_apply_multi(
-                x, rows, t["slot_pages"], t["a_offsets"], t["b_offsets"], t["ranks"],
-                t["scales"], None, max_rank=pool.max_rank, out_features=widths,
-                page_size=PAGE_SIZE, plan=gp))
-            splits = jax.eval_shape(lambda x, rows, gp: lm._shrink_launch(gp, x, rows),
-                                    x, pool.rows, gp).shape[0]
-            try:
-                us, per = measure(f, (x, pool.rows, gp, tabs), iters)
-            except Exception as e:    # a config the compiler rejects: say so, go on
-                print(f"  {base} shrink_blocks={blocks}: {type(e).__name__}: "
-                      f"{str(e)[:160]}")
-                continue
-            got = f(x, pool.rows, gp, tabs)
-            diff = max(float(np.abs(np.asarray(g, np.float32) - w).max())
-                       for g, w in zip(got, want)) / scale
-            out.append(dict(base, kind="apply", config=dict(shrink_blocks=blocks), us=us,
-                            splits=splits, kernels_us=per, rel_diff_vs_xla=diff))
-    finally:
-        lm.SHRINK_BLOCKS = saved
+    for blocks in shrink_blocks:
+        if time.perf_counter() > budget_end:
+            break
+        cfg = TuningConfig(shrink_blocks=blocks)
+        f = jax.jit(lambda x, rows, plan, cfg=cfg: lora.lora_apply(x, rows, plan, cfg))
+        splits = jax.eval_shape(lambda x, rows, gp: lm._shrink_launch(gp, x, rows, cfg, None),
+                                x, pool.rows, plan.kernel).shape[0]
+        try:
+            us, per = measure(f, (x, pool.rows, plan), iters)
+        except Exception as e:    # a config the compiler rejects: say so, go on
+            print(f"  {base} shrink_blocks={blocks}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        got = f(x, pool.rows, plan)
+        diff = max(float(np.abs(np.asarray(g, np.float32) - w).max())
+                   for g, w in zip(got, want)) / scale
+        out.append(dict(base, kind="apply", config=dict(shrink_blocks=blocks), us=us,
+                        splits=splits, kernels_us=per, rel_diff_vs_xla=diff))
     return out
 
 
@@ -183,7 +179,7 @@ def _sweep_table(rows):
     lines = [f"# decode LoRA apply: the shrink's K splits "
              f"({jax.devices()[0].device_kind}, JAX {jax.__version__}, commit "
              f"{git_commit()[:10]})", "", f"`{' '.join(sys.argv)}`; us of the whole "
-             "lora_apply_multi (kernels and XLA glue), no L2 rotation", "",
+             "lora_apply (kernels and XLA glue), no L2 rotation", "",
              "| model | group | B | adapters | ranks | xla us | shrink blocks | shrink splits "
              "| us | xla/us |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, grp in itertools.groupby(rows, key=lambda r: (r["model"], r["group"], r["b"],
@@ -202,7 +198,7 @@ def _sweep_table(rows):
 def _short(cfg):
     if cfg == "default":
         return "default"
-    return " ".join(f"{k.replace('num_', '').replace('block_', 'b')}={v}" for k, v in cfg.items())
+    return " ".join(f"{k}={v}" for k, v in cfg.items())
 
 
 def main(argv=None):
@@ -220,7 +216,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--apply-sweep", action="store_true",
                     help="time the whole apply under each --shrink-blocks "
-                         "(lora_mgpu.SHRINK_BLOCKS) and the XLA reference, instead of "
+                         "(TuningConfig.shrink_blocks) and the jnp reference, instead of "
                          "the kernel sweep")
     ap.add_argument("--shrink-blocks", default="132,66,33,16")
     ap.add_argument("--out", default=RESULTS)
@@ -231,14 +227,10 @@ def main(argv=None):
         args.iters = 2
     ints = lambda a: [int(v) for v in a.split(",")]   # noqa: E731
     configs = dict(
-        # The default spreads chunks evenly over the blocks (StepSpec.lora_shrink);
-        # "tile" (balanced=False) shares a tile's chunks among its lanes.
-        shrink=[dict(balanced=False)]
-        + [dict(balanced=True, num_splits=sp) for sp in ints(args.splits)]
-        + [dict(balanced=False, num_splits=sp, num_lanes=ln, num_stages=st, block_k=bk)
-           for sp, ln, st, bk in itertools.product(ints(args.splits), ints(args.lanes),
-                                                   ints(args.stages), ints(args.block_k))],
-        expand=[dict(num_splits=sp, num_stages=st, block_n=bn)
+        shrink=[TuningConfig(shrink_splits=sp, shrink_lanes=ln, shrink_stages=st, block_k=bk)
+                for sp, ln, st, bk in itertools.product(ints(args.splits), ints(args.lanes),
+                                                        ints(args.stages), ints(args.block_k))],
+        expand=[TuningConfig(expand_splits=sp, expand_stages=st, block_n=bn)
                 for sp, st, bn in itertools.product(ints(args.splits), ints(args.stages),
                                                     ints(args.block_n))])
     copy_gbps = copy_bandwidth(args.iters)

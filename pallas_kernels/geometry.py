@@ -15,21 +15,6 @@ import jax
 
 GROUP = 8    # rank rows per kernel tile: matrices start 8-aligned, chunks hold multiples of 8
 
-# The Pallas LoRA plan options (engine config and step spec fields) and their values.
-LORA_PLAN_OPTIONS = {
-    "lora_sort": ("always", "never", "auto"),
-    "lora_out": ("float32", "pool"),
-    "lora_max_tile": (None, 8, 16, 32, 64, 128),
-    "lora_shrink": ("tile", "balanced"),
-}
-
-
-def check_option(name: str, value) -> None:
-    """ValueError naming the option and its values unless `value` is one of them."""
-    allowed = LORA_PLAN_OPTIONS[name]
-    if value not in allowed:
-        raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
-
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)

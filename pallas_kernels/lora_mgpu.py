@@ -1,34 +1,33 @@
 """Heterogeneous-batch LoRA (S-LoRA's MBGMV/MBGMM) as Pallas Mosaic GPU kernels.
 
-The kernels behind `pallas_kernels.lora` when `backend="pallas"`: the contract
-of `lora_shrink_reference` and `lora_expand_reference`, computed straight from
-the adapters' pool pages. Their work plan (token tiles, items, the packing of
-rank rows into 64-row chunks) is `pallas_kernels.lora_plan`, built by XLA once
-per step; this module holds the kernels and the launches.
+The kernels behind `pallas_kernels.lora.lora_apply` for a plan with a packing: the
+contract of `lora_shrink_reference` and `lora_expand_reference`, computed straight
+from the adapters' pool pages. Their work plan (token tiles, items, the packing of
+rank rows into 64-row chunks) is `pallas_kernels.lora_plan.GroupPlan`, built by XLA
+once per step; this module holds the kernels and their launches.
 
 - shrink (x·A), one launch for the M modules that read the same x (q/k/v,
   gate/up): a chunk computes out[64 rows, tile tokens] = rows · x_tile^T over
-  its share of K = in (grid: tile x chunk lane x K split); each token later
-  takes its own slot's rows from its own column. XLA sums the K splits.
+  its share of K = in (grid: block x K split, the batch's chunks cut evenly over
+  the blocks); each token later takes its own slot's rows from its own column.
 - expand ((xa)·B), one launch per output width: a tile's chunks are the K of
   one product, out^T[n, tokens] = B_chunks^T · xs^T, where xs is the
   block-diagonal [tokens, 64] slice of scale·xa that gives each token only its
   own slot's rows (zeros elsewhere). A tile's output rows are finished in the
-  block and stored, in plan order, by one TMA copy per N step (with a sorted
-  plan XLA un-sorts them where it adds them to the base output).
+  block and stored, in token order, by one TMA copy per N step.
 
-Between the two, one XLA gather turns the shrink's chunks into the expand's xs
-(`lora_apply_multi`), so a module group costs two launches and one or two small
-XLA fusions per layer (two more, the sort gather and the un-sort, with a sorted
-plan); the plan depends on the step's slots only and is built once for all layers.
+Between the two, one XLA gather sums the shrink's K splits into the expand's xs
+(`lora_plan.xs_from_shrink`), so a module group costs two launches and one or two
+small XLA fusions per layer.
 
 Widths the kernels serve: any W with C % 64 == 0 (C = W for a flat matrix,
 gcd(W, H) for a chunked one), on both sides. Others (and pool dtypes other
-than bf16/f16) use the reference and say so once in the log.
+than bf16/f16) use the reference and say so once in the log (`why_not`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -38,28 +37,65 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.geometry import matrix_form
+from pallas_kernels.lora_plan import (CHUNK, GROUP, ROWS, GroupPlan, split_sum, width_groups,
+                                      xs_from_shrink, xs_from_xa)
 from pallas_kernels.mgpu_common import (default_interpret, finite_or_zero, smem_transforms,
                                         warn_once)
-from pallas_kernels import lora_reference as lora_ref
-from pallas_kernels.lora_plan import (
-    CHUNK, GROUP, ROWS, GroupPlan, make_group_plan, pick_block_tokens, plan_order, plan_where,
-    split_sum, width_groups, xs_from_shrink, xs_from_xa)
-from pallas_kernels.geometry import check_option, matrix_form
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
-TARGET_BLOCKS = 4 * 132  # expand: split N until about this many blocks (4 per H100 SM)
-# Expand splits that need not divide the N steps (`_expand_splits`). On since measured:
-# the W = 11008 expand (43 N steps, prime) at B=128 took 285.8 us with even splits and
-# 43.1 us ragged, kernel alone, on the H100 (benchmarks/PERF.md).
-RAGGED_SPLITS = True
-SHRINK_BLOCKS = 132      # shrink: split K until about this many blocks
-STAGE_BYTES = 40 << 10   # SMEM per pipeline stage we aim for
-SMEM_BYTES = 110 << 10   # SMEM per block for the stages: two blocks fit on an SM
+_BLOCK_TOKENS = (8, 16, 32, 64, 128)
+_BLOCK_COLUMNS = (None, 64, 128, 256)
 
 
-def _fallback(what: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """How the LoRA op cuts its work: the token plan's tiles and order, and the kernels'
+    blocks, splits and stages. The defaults are the choices measured best on the H100
+    and H200 (benchmarks/PERF.md); `None` picks per shape from the targets above it.
+    Static: hashable, passed to jitted functions as a static argument."""
+    # The token plan (`pallas_kernels.lora.token_plan`).
+    decode_block_tokens: int = 32    # decode: tokens per tile at most
+    prefill_block_tokens: int = 64   # prefill: tiles of 64 take the expand's wide form
+    unsorted_max_tokens: int = 32    # decode: batches of at most this many stay unsorted
+    # The kernels' work split (benchmarks/tune_lora.py sweeps these).
+    shrink_blocks: int = 132         # shrink: split K until about this many blocks
+    expand_blocks: int = 4 * 132     # expand: split N until about this many blocks
+    stage_bytes: int = 40 << 10      # SMEM per pipeline stage aimed for (block_k)
+    smem_bytes: int = 110 << 10      # SMEM per block for the stages: two blocks per SM
+    block_k: int | None = None       # shrink: K columns per step
+    block_n: int | None = None       # expand: N columns per step
+    shrink_lanes: int | None = None  # shrink: blocks per token tile
+    shrink_splits: int | None = None  # shrink: K splits
+    expand_splits: int | None = None  # expand: N splits (need not divide the N steps)
+    shrink_stages: int | None = None
+    expand_stages: int | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            why = _invalid(field, value)
+            if why:
+                raise ValueError(f"TuningConfig.{field.name}: {value!r} {why}")
+
+
+def _invalid(field: dataclasses.Field, value) -> str | None:
+    """Why `value` is not a valid value of TuningConfig field `field` (None: it is)."""
+    if field.name.endswith("block_tokens"):
+        return None if value in _BLOCK_TOKENS else f"is not one of {_BLOCK_TOKENS}"
+    if field.name in ("block_k", "block_n"):
+        return None if value in _BLOCK_COLUMNS else f"is not one of {_BLOCK_COLUMNS}"
+    if value is None and field.default is None:
+        return None
+    lo = 0 if field.name == "unsorted_max_tokens" else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        return f"is not an int >= {lo}" + (" or None" if field.default is None else "")
+    return None
+
+
+def warn_fallback(what: str) -> None:
     warn_once(_log, _warned, what, f"lora_mgpu: {what}; using the jnp reference for this shape")
 
 
@@ -69,12 +105,12 @@ def _copy_if(predicate: bool, cond) -> dict:
     return {"predicate": cond} if predicate else {}
 
 
-def _expand_splits(n_steps: int, want: int, ragged: bool | None = None) -> int:
-    """N splits of the expand: the largest divisor of n_steps up to `want`; if `ragged`
-    (None: RAGGED_SPLITS) and that divisor is under half of `want`, as many splits as
-    `want` (the last split takes fewer N steps), trimmed so that none is empty."""
+def _expand_splits(n_steps: int, want: int) -> int:
+    """N splits of the expand: the largest divisor of n_steps up to `want`; if that is
+    under half of `want`, as many splits as `want` (the last split takes fewer N steps:
+    W = 11008 has 43 steps of 256 columns, prime), trimmed so that none is empty."""
     even = _divisor_at_most(n_steps, want)
-    if not (RAGGED_SPLITS if ragged is None else ragged) or 2 * even >= min(want, n_steps):
+    if 2 * even >= min(want, n_steps):
         return even
     per = -(-n_steps // min(want, n_steps))
     return -(-n_steps // per)
@@ -109,24 +145,17 @@ def _step(step, total, stages, bars, issue, mma):
 # --- shrink kernel ------------------------------------------------------------------
 
 def _shrink_kernel(starts_ref, tile_ref, grp_ref, x_ref, rows_ref, out_ref, a_smem, x_smem,
-                   o_smem, bars, *, bt, bk, nk, stages, lanes, balanced, num_tiles, chunk_width,
+                   o_smem, bars, *, bt, bk, nk, stages, num_tiles, num_blocks, chunk_width,
                    num_rows, predicate):
-    """Block (b, split), b < num_tiles * lanes. By tile: block b = tile * lanes + lane
-    takes the tile's chunks lane, lane + lanes, ...; balanced: the C chunks of the
-    batch are cut into as many even runs as there are blocks, whatever their tiles
-    (a tile of many rank rows no longer makes its blocks the slowest). Each chunk runs
-    over this split's nk K steps; one pipeline runs through all of them."""
+    """Block (b, split): the batch's chunks are cut into as many even runs as there are
+    blocks along b, whatever their tiles (so a tile of many rank rows does not make its
+    blocks the slowest). Each chunk runs over this split's nk K steps; one pipeline runs
+    through all of them."""
     b = lax.axis_index("b")
     split = lax.axis_index("s")
-    if balanced:
-        nb = num_tiles * lanes                           # the grid's blocks along b
-        c_total = starts_ref[num_tiles]
-        first, stride = b * c_total // nb, 1
-        mine = (b + 1) * c_total // nb - first
-    else:
-        tile, lane = b // lanes, lax.rem(b, lanes)
-        first, stride = starts_ref[tile] + lane, lanes
-        mine = (starts_ref[tile + 1] - first + lanes - 1) // lanes
+    c_total = starts_ref[num_tiles]
+    first = b * c_total // num_blocks
+    mine = (b + 1) * c_total // num_blocks - first
     total = mine * nk
 
     def issue(step, stage):
@@ -134,8 +163,8 @@ def _shrink_kernel(starts_ref, tile_ref, grp_ref, x_ref, rows_ref, out_ref, a_sm
         k0 = (split * nk + step - j * nk) * bk
         ch = k0 // chunk_width
         col = pl.multiple_of(k0 - ch * chunk_width, bk)
-        chunk = first + j * stride
-        tok0 = pl.multiple_of((tile_ref[chunk] if balanced else tile) * bt, bt)
+        chunk = first + j
+        tok0 = pl.multiple_of(tile_ref[chunk] * bt, bt)
         row0 = chunk * CHUNK
         for g in range(CHUNK):
             r = grp_ref[row0 + g, ch]
@@ -163,7 +192,7 @@ def _shrink_kernel(starts_ref, tile_ref, grp_ref, x_ref, rows_ref, out_ref, a_sm
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)    # the last chunk is out
             o_smem[...] = acc
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[split, first + j * stride])
+            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[split, first + j])
 
         plgpu.wait_smem_to_gmem(0)
 
@@ -172,15 +201,15 @@ def _shrink_kernel(starts_ref, tile_ref, grp_ref, x_ref, rows_ref, out_ref, a_sm
 # lowered once per step function, not once per layer and module: the layers are
 # a Python loop, and Mosaic GPU lowering of each call costs seconds.
 @functools.partial(jax.jit, static_argnames=(
-    "bound", "bt", "bk", "stages", "splits", "lanes", "balanced", "chunk_width", "interpret"))
-def _shrink_call(starts, chunk_tile, grp, x_sorted, rows_c, *, bound, bt, bk, stages, splits,
-                 lanes, balanced, chunk_width, interpret):
+    "bound", "bt", "bk", "stages", "splits", "lanes", "chunk_width", "interpret"))
+def _shrink_call(starts, chunk_tile, grp, x, rows_c, *, bound, bt, bk, stages, splits, lanes,
+                 chunk_width, interpret):
     nt = starts.shape[0] - 1
     dt = rows_c.dtype
-    body = functools.partial(_shrink_kernel, bt=bt, bk=bk, nk=x_sorted.shape[1] // (bk * splits),
-                             stages=stages, lanes=lanes, balanced=balanced, num_tiles=nt,
-                             chunk_width=chunk_width, num_rows=rows_c.shape[0],
-                             predicate=not interpret)
+    body = functools.partial(_shrink_kernel, bt=bt, bk=bk, nk=x.shape[1] // (bk * splits),
+                             stages=stages, num_tiles=nt, num_blocks=nt * lanes,
+                             chunk_width=chunk_width,
+                             num_rows=rows_c.shape[0], predicate=not interpret)
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((splits, bound, ROWS, bt), jnp.float32),
@@ -195,7 +224,7 @@ def _shrink_call(starts, chunk_tile, grp, x_sorted, rows_c, *, bound, bt, bk, st
         ],
         compiler_params=plgpu.CompilerParams(),
         interpret=interpret,
-    )(starts, chunk_tile, grp, x_sorted, rows_c)
+    )(starts, chunk_tile, grp, x, rows_c)
 
 
 # --- expand kernel ------------------------------------------------------------------
@@ -274,8 +303,6 @@ def _expand_kernel(starts_ref, guard_ref, grp_ref, xs_ref, rows_ref, out_ref, *s
 
         # Zeros for a tile with no chunk.
         acc = pl.run_scoped(acc_scope, plgpu.ACC((bt, bn) if wide else (bn, bt), jnp.float32))
-        if o_smem.dtype != jnp.float32:
-            acc = acc.astype(o_smem.dtype)
         if not wide:
             # Transpose through SMEM, [n, tok] -> [tok, n]: a token's row is contiguous.
             t_smem[...] = acc
@@ -291,9 +318,10 @@ def _expand_kernel(starts_ref, guard_ref, grp_ref, xs_ref, rows_ref, out_ref, *s
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "bt", "bn", "stages", "splits", "width", "chunk_width", "out_dtype", "interpret"))
+    "bt", "bn", "stages", "splits", "width", "chunk_width", "interpret"))
 def _expand_call(starts, guard, grp, xs, rows_c, *, bt, bn, stages, splits, width, chunk_width,
-                 out_dtype, interpret):
+                 interpret):
+    f32 = jnp.float32
     n_mod, nt = starts.shape[0], starts.shape[1] - 1
     dt = rows_c.dtype
     body = functools.partial(_expand_kernel, bt=bt, bn=bn, num_n=-(-width // (bn * splits)),
@@ -301,31 +329,32 @@ def _expand_call(starts, guard, grp, xs, rows_c, *, bt, bn, stages, splits, widt
                              chunk_width=chunk_width)
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((nt * bt, n_mod * width), out_dtype),
+        out_type=jax.ShapeDtypeStruct((nt * bt, n_mod * width), f32),
         grid=(nt, n_mod * splits),
         grid_names=("t", "s"),
         kernel_name="mgpu_lora_expand",
         scratch_types=[
             plgpu.SMEM((stages, ROWS, bn), dt, transforms=smem_transforms(bn, dt)),
             plgpu.SMEM((stages, bt, ROWS), dt, transforms=smem_transforms(ROWS, dt)),
-            *([plgpu.SMEM((bt, bn), out_dtype, transforms=smem_transforms(bn, out_dtype))]
-              if bt % 64 == 0 else
-              [plgpu.SMEM((bn, bt), out_dtype), plgpu.SMEM((bt, bn), out_dtype)]),
+            *([plgpu.SMEM((bt, bn), f32, transforms=smem_transforms(bn, f32))]
+              if bt % 64 == 0 else [plgpu.SMEM((bn, bt), f32), plgpu.SMEM((bt, bn), f32)]),
             plgpu.Barrier(num_arrivals=CHUNK + 1, num_barriers=stages),
         ],
         compiler_params=plgpu.CompilerParams(),
         interpret=interpret,
     )(starts, guard, grp, xs, rows_c)
 
-# --- launches and the XLA between them ----------------------------------------------
+# --- launches and the XLA around them -----------------------------------------------
 
-def _block_k(c: int, bt: int) -> int:
-    return next((b for b in (256, 128, 64) if (ROWS + bt) * b * 2 <= STAGE_BYTES and c % b == 0),
-                64)
+def _block_k(c: int, bt: int, config: TuningConfig) -> int:
+    return config.block_k or next(
+        (b for b in (256, 128, 64) if (ROWS + bt) * b * 2 <= config.stage_bytes and c % b == 0),
+        64)
 
 
-def _block_n(c: int, width: int, bt: int) -> int:
-    return next((b for b in (256, 128, 64) if b <= min(width, 16384 // bt) and c % b == 0), 64)
+def _block_n(c: int, width: int, bt: int, config: TuningConfig) -> int:
+    return config.block_n or next(
+        (b for b in (256, 128, 64) if b <= min(width, 16384 // bt) and c % b == 0), 64)
 
 
 def _unsupported(width, h, c, page_size, block, dtype) -> str | None:
@@ -342,214 +371,117 @@ def _unsupported(width, h, c, page_size, block, dtype) -> str | None:
     return None
 
 
-def _why_not(k_in, widths, h, page_size, dtype, bt, block_k=None, block_n=None) -> str | None:
-    """Why the kernels cannot serve this module group (None: they can)."""
-    if k_in is not None:
-        c, _ = matrix_form(k_in, h)
-        why = _unsupported(k_in, h, c, page_size, block_k or _block_k(c, bt), dtype)
+def why_not(gp: GroupPlan, rows, page_size: int, config: TuningConfig) -> str | None:
+    """Why the kernels cannot serve this module group over pool rows `rows` [N, H]
+    (None: they can)."""
+    h, bt = rows.shape[1], gp.tokens.block_tokens
+    if gp.k_in is not None:
+        c, _ = matrix_form(gp.k_in, h)
+        why = _unsupported(gp.k_in, h, c, page_size, _block_k(c, bt, config), rows.dtype)
         if why:
-            return f"shrink in={k_in}, H={h}: {why}"
-    for w in widths:
+            return f"shrink in={gp.k_in}, H={h}: {why}"
+    for w in gp.widths:
         c, _ = matrix_form(w, h)
-        why = _unsupported(w, h, c, page_size, block_n or _block_n(c, w, bt), dtype)
+        why = _unsupported(w, h, c, page_size, _block_n(c, w, bt, config), rows.dtype)
         if why:
             return f"expand out={w}, H={h}: {why}"
     return None
 
 
-def _shrink_launch(gp: GroupPlan, x, rows, *, block_k=None, num_stages=None, num_splits=None,
-                   num_lanes=None, balanced=None, interpret=None):
+def _shrink_launch(gp: GroupPlan, x, rows, config: TuningConfig, interpret):
     """The shrink kernel over the plan's packing: [splits, s_bound, 64, bt] float32."""
     t, k = x.shape
     n_rows, h = rows.shape
     c, _ = matrix_form(k, h)
-    bt, nt = gp.bt, gp.num_tiles
-    bk = block_k or _block_k(c, bt)
-    # Chunk lanes first (up to 4: a tile rarely has many more chunks), then K splits up
-    # to about SHRINK_BLOCKS blocks: a split costs its partial sums' traffic, and a
-    # block needs a few steps to keep its pipeline full (tune_lora.py sweeps).
-    per_tile = -(-min(bt, gp.num_slots + 1) * gp.ranks.shape[1] * (-(-gp.max_rank // GROUP))
+    tp = gp.tokens
+    bt, nt = tp.block_tokens, tp.num_tiles
+    bk = _block_k(c, bt, config)
+    # Lanes (blocks per tile) first, up to 4: a tile rarely has many more chunks; then K
+    # splits to about shrink_blocks blocks: a split costs its partial sums' traffic, and
+    # a block needs a few steps to keep its pipeline full.
+    per_tile = -(-min(bt, tp.num_slots + 1) * gp.ranks.shape[1] * (-(-gp.max_rank // GROUP))
                  // CHUNK)
-    lanes = num_lanes or max(1, min(4, per_tile))
-    splits = num_splits or _divisor_at_most(k // bk, -(-SHRINK_BLOCKS // (nt * lanes)))
+    lanes = config.shrink_lanes or max(1, min(4, per_tile))
+    splits = config.shrink_splits or _divisor_at_most(
+        k // bk, -(-config.shrink_blocks // (nt * lanes)))
     stage = (ROWS + bt) * bk * 2
-    stages = num_stages or max(2, min(4, (SMEM_BYTES - ROWS * bt * 4) // stage))
+    stages = config.shrink_stages or max(2, min(4, (config.smem_bytes - ROWS * bt * 4) // stage))
     x = x.astype(rows.dtype)
-    if gp.sorted:
-        x = x[plan_order(gp.plan, t, nt * bt)]           # the tiles read x in sorted order
-    elif nt * bt > t:
+    if nt * bt > t:
         x = jnp.pad(x, ((0, nt * bt - t), (0, 0)))
     return _shrink_call(gp.s_starts, gp.s_tile, gp.s_rows, x,
                         rows.reshape(n_rows * (h // c), c), bound=gp.s_bound, bt=bt, bk=bk,
-                        stages=stages, splits=splits, lanes=lanes,
-                        balanced=gp.balanced if balanced is None else balanced, chunk_width=c,
+                        stages=stages, splits=splits, lanes=lanes, chunk_width=c,
                         interpret=default_interpret() if interpret is None else interpret)
 
 
-def _expand_launch(gp: GroupPlan, xs, rows, mods: list[int], width: int, *, block_n=None,
-                   num_stages=None, num_splits=None, out_dtype=jnp.float32,
-                   ragged_splits=None, interpret=None):
-    """The expand kernel for modules `mods` (one width): [T, len(mods) * width] in
-    `out_dtype` (float32, or the pool's 16-bit dtype), in token order."""
+def _expand_launch(gp: GroupPlan, xs, rows, mods: list[int], width: int, config: TuningConfig,
+                   interpret):
+    """The expand kernel for modules `mods`, all of one width: [T, len(mods) * width]
+    float32, module m in columns [m·width, (m+1)·width)."""
     n_rows, h = rows.shape
     c, _ = matrix_form(width, h)
-    bt, nt = gp.bt, gp.num_tiles
-    bn = block_n or _block_n(c, width, bt)
-    splits = num_splits or _expand_splits(width // bn, -(-TARGET_BLOCKS // (nt * len(mods))),
-                                          ragged_splits)
-    if not 1 <= splits <= width // bn or -(-(width // bn) // splits) * (splits - 1) >= width // bn:
-        raise ValueError(f"num_splits={splits}: {width // bn} N steps of {bn} columns leave "
-                         "a split with none")
+    tp = gp.tokens
+    bt, nt = tp.block_tokens, tp.num_tiles
+    bn = _block_n(c, width, bt, config)
+    n_steps = width // bn
+    splits = config.expand_splits or _expand_splits(
+        n_steps, -(-config.expand_blocks // (nt * len(mods))))
+    if splits > n_steps or -(-n_steps // splits) * (splits - 1) >= n_steps:
+        raise ValueError(f"TuningConfig.expand_splits: {splits} splits of {n_steps} N steps "
+                         f"of {bn} columns leave a split with none")
     stage = (ROWS * bn + bt * ROWS) * 2
-    out_dtype = jnp.dtype(out_dtype)
-    epilogue = (1 if bt % 64 == 0 else 2) * bn * bt * out_dtype.itemsize   # o (and t) SMEM
-    stages = num_stages or max(2, min(4, (SMEM_BYTES - epilogue) // stage))
-    groups = width_groups(gp.widths)
-    assert groups[width] == list(mods), "an expand launch serves all modules of its width"
-    grp = gp.e_rows[list(groups).index(width)]
+    epilogue = (1 if bt % 64 == 0 else 2) * bn * bt * 4     # o (and t) SMEM, float32
+    stages = config.expand_stages or max(2, min(4, (config.smem_bytes - epilogue) // stage))
+    grp = gp.e_rows[list(width_groups(gp.widths)).index(width)]
     out = _expand_call(gp.e_starts[jnp.asarray(mods)], gp.e_guard[jnp.asarray(mods)], grp, xs,
                        rows.reshape(n_rows * (h // c), c), bt=bt, bn=bn, stages=stages,
-                       splits=splits, width=width, chunk_width=c, out_dtype=out_dtype,
+                       splits=splits, width=width, chunk_width=c,
                        interpret=default_interpret() if interpret is None else interpret)
-    return out[gp.plan["where"]] if gp.sorted else out[:gp.t]
+    return out[:tp.num_tokens]
 
 
-def expand_out_dtype(pool_dtype, mode: str = "float32"):
-    """The dtype the expand writes for `mode` (`StepSpec.lora_out`): "float32", or
-    "pool" (the pool's 16-bit dtype: half the bytes, and the rounding PEFT's bf16 LoRA
-    layers do)."""
-    check_option("lora_out", mode)
-    return jnp.dtype(jnp.float32 if mode == "float32" else pool_dtype)
-
-
-def lora_apply_multi(x, rows, slot_pages, a_offsets, b_offsets, ranks, scales, token_slot, *,
-                     max_rank, out_features, page_size, plan=None, out_dtype=None,
-                     interpret=None):
-    """The LoRA terms of M modules that read the same x (`lora.lora_apply_modules`):
-    one shrink launch, one gather into the expand's packing, one expand launch per
-    distinct width. `plan`: a `GroupPlan` of this group (built once per step), or the
-    token plan, or None. Returns M arrays [T, out_m] in `out_dtype` (default float32;
-    or the pool dtype, see `expand_out_dtype`)."""
-    n_mod = len(out_features)
-    why = _why_not(x.shape[1], out_features, rows.shape[1], page_size, rows.dtype,
-                   plan.bt if isinstance(plan, GroupPlan) else
-                   pick_block_tokens(x.shape[0], slot_pages.shape[0]))
-    if why:
-        _fallback(why)
-        return tuple(lora_ref.lora_apply_reference(
-            x, rows, slot_pages, a_offsets[:, j], b_offsets[:, j], ranks[:, j], scales[:, j],
-            token_slot, max_rank=max_rank, out_features=out_features[j], page_size=page_size)
-            for j in range(n_mod))
-    gp = plan if isinstance(plan, GroupPlan) else make_group_plan(
-        token_slot, rows, slot_pages, a_offsets, b_offsets, ranks, scales, k_in=x.shape[1],
-        widths=tuple(out_features), max_rank=max_rank, page_size=page_size, plan=plan)
-    out_dtype = jnp.dtype(out_dtype or jnp.float32)
-    out_s = _shrink_launch(gp, x, rows, interpret=interpret)
-    outs = [None] * n_mod
-    for width, js in width_groups(out_features).items():  # each distinct width, in order
-        y = _expand_launch(gp, xs_from_shrink(gp, out_s, js, rows.dtype), rows, js, width,
-                           out_dtype=out_dtype, interpret=interpret)
+def _expand_all(gp: GroupPlan, rows, xs_of, config, interpret) -> tuple:
+    """One expand launch per distinct width, on `xs_of(mods)`: M arrays [T, out_m]."""
+    outs = [None] * len(gp.widths)
+    for width, js in width_groups(gp.widths).items():
+        y = _expand_launch(gp, xs_of(js), rows, js, width, config, interpret)
         for n, j in enumerate(js):
             outs[j] = y[:, n * width:(n + 1) * width]
     return tuple(outs)
 
 
-def lora_shrink(x: jax.Array, rows: jax.Array, slot_pages: jax.Array, a_offset: jax.Array,
-                rank: jax.Array, token_slot: jax.Array, *, max_rank: int, page_size: int,
-                **kw) -> jax.Array:
-    """xa[t] = x[t] · A_{slot(t)}: x [T, in], rows [N, H] -> [T, max_rank] float32.
-
-    See `pallas_kernels.lora_reference.lora_shrink_reference` for the contract; offsets must be
-    8-aligned in the matrix's view, as `KVLayout.adapter_offsets` places them.
-    Keywords as `lora_shrink_multi`.
-    """
-    return lora_shrink_multi(x, rows, slot_pages, a_offset[:, None], rank[:, None], token_slot,
-                             max_rank=max_rank, page_size=page_size, **kw)[0]
+def lora_apply(x: jax.Array, rows: jax.Array, gp: GroupPlan, config: TuningConfig, *,
+               interpret=None) -> tuple[jax.Array, ...]:
+    """The LoRA terms of the M modules of `gp` that read x [T, k_in]: one shrink launch,
+    one gather into the expand's packing, one expand launch per distinct width. rows:
+    the layer's pool rows [N, H]. Returns M arrays [T, out_m] float32."""
+    out_s = _shrink_launch(gp, x, rows, config, interpret)
+    return _expand_all(gp, rows, lambda js: xs_from_shrink(gp, out_s, js, rows.dtype), config,
+                       interpret)
 
 
-def lora_shrink_multi(x: jax.Array, rows: jax.Array, slot_pages: jax.Array,
-                      a_offsets: jax.Array, ranks: jax.Array, token_slot: jax.Array, *,
-                      max_rank: int, page_size: int, block_tokens: int | None = None,
-                      block_k: int | None = None, num_stages: int | None = None,
-                      num_splits: int | None = None, plan: dict | None = None,
-                      sort: bool | None = None, balanced: bool = False,
-                      interpret=None) -> jax.Array:
-    """The shrinks of M modules that read the same x (q/k/v; gate/up) in one launch.
-
-    a_offsets, ranks: [S, M]. Returns [M, T, max_rank] float32. `plan`, if given, is
-    `batch_plan(token_slot, S)`; else one is built, sorted by `sort_policy` unless
-    `sort` says. `balanced`: spread the chunks evenly over the blocks (`GroupPlan`).
-    """
-    t, k = x.shape
-    s, n_mod = ranks.shape
-    bt = block_tokens or pick_block_tokens(t, s)
-    why = _why_not(k, (), rows.shape[1], page_size, rows.dtype, bt, block_k=block_k)
-    if why:
-        _fallback(why)
-        return jnp.stack([lora_ref.lora_shrink_reference(
-            x, rows, slot_pages, a_offsets[:, j], ranks[:, j], token_slot, max_rank=max_rank,
-            page_size=page_size) for j in range(n_mod)])
-    gp = make_group_plan(token_slot, rows, slot_pages, a_offsets, None, ranks,
-                         jnp.ones(ranks.shape, jnp.float32), k_in=k, widths=(),
-                         max_rank=max_rank, page_size=page_size, plan=plan, block_tokens=bt,
-                         sort=sort, balanced=balanced)
-    out_s = _shrink_launch(gp, x, rows, block_k=block_k, num_stages=num_stages,
-                           num_splits=num_splits, interpret=interpret)
+def lora_shrink(x: jax.Array, rows: jax.Array, gp: GroupPlan, config: TuningConfig, *,
+                interpret=None) -> jax.Array:
+    """xa[m, t] = x[t] · A_{m, slot(t)}: x [T, k_in] -> [M, T, max_rank] float32, 0 past
+    each slot's rank and for tokens without adapter (`lora_shrink_reference`)."""
+    tp = gp.tokens
+    t, s, bt = tp.num_tokens, tp.num_slots, tp.block_tokens
+    out_s = _shrink_launch(gp, x, rows, config, interpret)
     og = out_s.reshape(out_s.shape[0], gp.s_bound * CHUNK, GROUP, bt)
-    key, pos = gp.plan["key"], plan_where(gp.plan, t)
-    w = gp.plan["pos_item"][pos]
-    i = jnp.arange(max_rank, dtype=jnp.int32)
-    src = gp.s_pos[w][:, :, None] + i // GROUP                                 # [T, M, R]
+    pos = jnp.arange(t, dtype=jnp.int32)
+    i = jnp.arange(gp.max_rank, dtype=jnp.int32)
+    src = gp.s_pos[tp.pos_item][:, :, None] + i // GROUP                      # [T, M, R]
     vals = split_sum(og, src, i % GROUP, (pos % bt)[:, None, None])
-    keep = (key < s)[:, None, None] & (i < ranks[jnp.minimum(key, s - 1)][:, :, None])
+    key = tp.key
+    keep = (key < s)[:, None, None] & (i < gp.ranks[jnp.minimum(key, s - 1)][:, :, None])
     return jnp.where(keep, vals, 0.0).transpose(1, 0, 2)
 
 
-def lora_expand(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array, b_offset: jax.Array,
-                rank: jax.Array, scale: jax.Array, token_slot: jax.Array, *, out_features: int,
-                page_size: int, **kw) -> jax.Array:
-    """y[t] = scale_{slot(t)} · xa[t] · B_{slot(t)}: xa [T, R] f32 -> [T, out] float32.
-
-    See `pallas_kernels.lora_reference.lora_expand_reference` for the contract (offsets 8-aligned
-    in the matrix's view, as `KVLayout.adapter_offsets` places them). xa·scale is
-    rounded to the pool dtype (bf16) for the tensor-core product. Keywords as
-    `lora_expand_multi`.
-    """
-    return lora_expand_multi(xa[None], rows, slot_pages, b_offset[:, None], rank[:, None],
-                             scale[:, None], token_slot, out_features=out_features,
-                             page_size=page_size, **kw)
-
-
-def lora_expand_multi(xa: jax.Array, rows: jax.Array, slot_pages: jax.Array,
-                      b_offsets: jax.Array, ranks: jax.Array, scales: jax.Array,
-                      token_slot: jax.Array, *, out_features: int, page_size: int,
-                      block_tokens: int | None = None, block_n: int | None = None,
-                      num_stages: int | None = None, num_splits: int | None = None,
-                      plan: dict | None = None, sort: bool | None = None,
-                      out_dtype=jnp.float32, ragged_splits: bool | None = None,
-                      interpret=None) -> jax.Array:
-    """The expands of M modules of one output width in one launch.
-
-    xa: [M, T, R] f32 (`lora_shrink_multi`); b_offsets, ranks, scales: [S, M].
-    Returns [T, M · out_features] in `out_dtype` (float32, or the pool dtype), module m
-    in columns [m·out, (m+1)·out). `plan`, `sort`: as `lora_shrink_multi`.
-    `ragged_splits`: N splits need not divide the N steps (None: RAGGED_SPLITS).
-    """
-    n_mod, t, max_rank = xa.shape
-    s = slot_pages.shape[0]
-    bt = block_tokens or pick_block_tokens(t, s)
-    widths = (out_features,) * n_mod
-    why = _why_not(None, widths, rows.shape[1], page_size, rows.dtype, bt, block_n=block_n)
-    if why:
-        _fallback(why)
-        return jnp.concatenate([lora_ref.lora_expand_reference(
-            xa[j], rows, slot_pages, b_offsets[:, j], ranks[:, j], scales[:, j], token_slot,
-            out_features=out_features, page_size=page_size) for j in range(n_mod)], axis=1)
-    gp = make_group_plan(token_slot, rows, slot_pages, None, b_offsets, ranks, scales,
-                         k_in=None, widths=widths, max_rank=max_rank, page_size=page_size,
-                         plan=plan, block_tokens=bt, sort=sort)
-    mods = list(range(n_mod))
-    return _expand_launch(gp, xs_from_xa(gp, xa, mods, rows.dtype), rows, mods, out_features,
-                          block_n=block_n, num_stages=num_stages, num_splits=num_splits,
-                          out_dtype=out_dtype, ragged_splits=ragged_splits,
-                          interpret=interpret)
+def lora_expand(xa: jax.Array, rows: jax.Array, gp: GroupPlan, config: TuningConfig, *,
+                interpret=None) -> tuple[jax.Array, ...]:
+    """y[t] = scale_{slot(t)} · xa[m, t] · B_{m, slot(t)}: xa [M, T, R] float32 -> M
+    arrays [T, out_m] float32 (`lora_expand_reference`: scale·xa is rounded to the pool
+    dtype for the tensor cores)."""
+    return _expand_all(gp, rows, lambda js: xs_from_xa(gp, xa[jnp.asarray(js)], js, rows.dtype),
+                       config, interpret)

@@ -12,8 +12,7 @@ import json
 import os
 from typing import Any
 
-from pallas_kernels.geometry import (LORA_PLAN_OPTIONS, ceil_div, check_option,  # noqa: F401
-                                     round_up)
+from pallas_kernels.geometry import ceil_div, round_up  # noqa: F401
 
 # The LoRA target modules we support, in the fixed order used for the pool
 # layout and for every per-module table in a batch.
@@ -226,20 +225,7 @@ class EngineConfig:
     lora_backend: str = "auto"
     attention_backend: str = "auto"
     lora_modules: tuple[str, ...] = MODULES
-    # Pallas LoRA kernels (`StepSpec.lora_sort`/`lora_out`/`lora_max_tile`/`lora_shrink`):
-    # whether the token plan sorts tokens by adapter ("always", "never", "auto": never at
-    # prefill, above 32 tokens at decode; the decode step sorts its rows once for all
-    # layers), the dtype the expand writes ("float32", or
-    # "pool": the pool's bf16), the most tokens per tile (None: 64 at prefill, the
-    # expand's wide form, 32 at decode), and how the shrink's blocks share the chunks.
-    lora_sort: str = "auto"
-    lora_out: str = "float32"
-    lora_max_tile: int | None = None  # most tokens per LoRA tile (8..128, a power of two)
-    lora_shrink: str = "balanced"     # shrink blocks: "balanced" or "tile" (one per tile)
-
     def __post_init__(self):
-        for name in LORA_PLAN_OPTIONS:
-            check_option(name, getattr(self, name))
         mods = tuple(self.lora_modules)
         bad = [m for m in mods if m not in MODULES]
         if bad:
@@ -265,5 +251,4 @@ class EngineConfig:
 
 __all__ = ["MODULES", "HF_MODULE_NAMES", "ConfigError", "RopeScaling", "ModelConfig",
            "EngineConfig", "model_config_from_hf", "load_model_config", "preset",
-           "LORA_PLAN_OPTIONS", "check_option",
            "ceil_div", "round_up"]

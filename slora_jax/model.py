@@ -2,8 +2,9 @@
 
 `transformer()` runs the layers on a flat token array. It knows nothing of
 prefill or decode: the caller passes `attend(layer_index, pool_layer, q, k, v)`,
-which writes K/V into the pool and returns the attention output. The LoRA term
-of every targeted module goes through `pallas_kernels.lora`'s dispatch points.
+which writes K/V into the pool and returns the attention output. The LoRA terms
+of each module group go through `pallas_kernels.lora.lora_apply`, on the step's plan
+(`lora_plans`, built once per step and read by every layer).
 The layers are a Python loop over per-layer arrays (not a scan), so XLA
 updates each layer's pool array in place.
 """
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from pallas_kernels import lora as lora_ops
-from slora_jax.config import LORA_PLAN_OPTIONS, MODULES, EngineConfig, ModelConfig
+from slora_jax.config import MODULES, EngineConfig, ModelConfig
 from slora_jax.params import Params
 from slora_jax.pool import Pool, PoolLayout, adapter_row_view
 
@@ -41,18 +42,14 @@ class StepSpec:
     lora_backend: str = "reference"
     attention_backend: str = "reference"
     logits: str = "none"          # "none" | "last" | "all" (prefill) logits returned
-    # Pallas LoRA plan options (`EngineConfig` says what each does; defaults measured best)
-    lora_sort: str = "auto"       # sort tokens by slot: "always" | "never" | "auto"
-    lora_out: str = "float32"     # expand output dtype: "float32" | "pool"
-    lora_max_tile: int | None = None  # most tokens per tile (None: 64 prefill, 32 decode)
-    lora_shrink: str = "balanced"  # shrink blocks: "balanced" | "tile"
+    # How the LoRA op cuts its work (defaults measured best: benchmarks/PERF.md)
+    lora_tuning: lora_ops.TuningConfig = lora_ops.TuningConfig()
 
     @staticmethod
     def for_engine(mc: ModelConfig, layout: PoolLayout, ec: EngineConfig) -> "StepSpec":
-        """The step spec of an engine: its backends and LoRA plan options."""
+        """The step spec of an engine: its backends."""
         return StepSpec(mc, layout, lora_backend=ec.lora_backend,
-                        attention_backend=ec.attention_backend,
-                        **{k: getattr(ec, k) for k in LORA_PLAN_OPTIONS})
+                        attention_backend=ec.attention_backend)
 
     def with_(self, **kw) -> "StepSpec":
         return dataclasses.replace(self, **kw)
@@ -101,101 +98,92 @@ def proj(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x, w, preferred_element_type=x.dtype)
 
 
-class _Lora:
-    """Per-step LoRA context: which slot each token uses, and the slot tables."""
+# The module groups whose modules read the same x: one `lora_apply` each per layer.
+LORA_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
-    def __init__(self, lora: LoraBatch | None, token_slot: jax.Array | None, spec: StepSpec,
-                 prefill: bool = False, grouped: bool = False):
-        self.lora, self.token_slot, self.spec = lora, token_slot, spec
-        self.plan = self.block_tokens = None
-        self.group_plans: dict = {}     # Pallas: each module group's packing, built once
-        if (lora is not None and lora.slot_pages.shape[0]
-                and lora_ops.resolve_backend(spec.lora_backend) == "pallas"):
-            # The kernels' token plan depends on token_slot alone: build it once for
-            # all modules and layers.
-            from pallas_kernels import lora_plan
-            t, s = token_slot.shape[0], lora.slot_pages.shape[0]
-            self.block_tokens, sort = lora_plan.step_policy(
-                t, s, spec.lora_sort, spec.lora_max_tile, prefill)
-            if sort and grouped:
-                sort = "grouped"    # the caller sorted the tokens: no gathers per layer
-            self.plan = lora_plan.plan_batch(token_slot, s, self.block_tokens, sort=sort)
 
-    def delta(self, x: jax.Array, module: str, pool_layer: jax.Array) -> jax.Array | float:
-        return self.deltas(x, (module,), pool_layer)[0]
+@struct.dataclass
+class LoraPlans:
+    """The step's LoRA plan: one `LoraPlan` per module group (`LORA_GROUPS`), None for a
+    group no adapter may target. Built once per step (`lora_plans`), read by every layer."""
+    qkv: lora_ops.LoraPlan | None
+    o: lora_ops.LoraPlan | None
+    gate_up: lora_ops.LoraPlan | None
+    down: lora_ops.LoraPlan | None
 
-    def deltas(self, x: jax.Array, modules: tuple[str, ...],
-               pool_layer: jax.Array) -> tuple[jax.Array | float, ...]:
-        """LoRA terms of modules that read the same x (q/k/v, gate/up): one dispatch, so
-        the Pallas backend runs one shrink and one expand per width for all of them."""
-        out: list[jax.Array | float] = [0.0] * len(modules)
-        lb, lay = self.lora, self.spec.layout
-        if lb is None or lb.slot_pages.shape[0] == 0:
-            return tuple(out)     # no adapter in the batch: no LoRA work at all
-        live = [j for j, m in enumerate(modules) if m in lay.lora_modules]
-        if not live:
-            return tuple(out)     # no adapter may target them
-        idx = jnp.asarray([MODULES.index(modules[j]) for j in live])
-        rows = adapter_row_view(pool_layer)
-        a_off, b_off = lb.slot_offset[:, idx, 0], lb.slot_offset[:, idx, 1]
-        ranks, scales = lb.slot_rank[:, idx], lb.slot_scale[:, idx]
-        widths = tuple(lay.module_shapes[MODULES.index(modules[j])][1] for j in live)
-        plan = self.plan
-        if plan is not None:
-            # The packing depends on the step's slots, not on the layer: build it in
-            # the first layer and let every later layer reuse it.
-            from pallas_kernels import lora_plan
-            key = tuple(modules[j] for j in live)
-            if key not in self.group_plans:
-                self.group_plans[key] = lora_plan.make_group_plan(
-                    self.token_slot, rows, lb.slot_pages, a_off, b_off, ranks, scales,
-                    k_in=x.shape[1], widths=widths, max_rank=lay.max_rank,
-                    page_size=lay.page_size, plan=plan, block_tokens=self.block_tokens,
-                    balanced=self.spec.lora_shrink == "balanced")
-            plan = self.group_plans[key]
-        ys = lora_ops.lora_apply_modules(
-            x, rows, lb.slot_pages, a_off, b_off, ranks, scales, self.token_slot,
-            max_rank=lay.max_rank, out_features=widths, page_size=lay.page_size,
-            backend=self.spec.lora_backend, plan=plan, out=self.spec.lora_out)
-        for j, y in zip(live, ys):
-            out[j] = y
+
+def lora_plans(spec: StepSpec, lora: LoraBatch | None, token_slot: jax.Array | None,
+               pool: Pool, *, prefill: bool = False,
+               grouped: bool = False) -> LoraPlans | None:
+    """The step's LoRA plan (None: no adapter slot in the batch, no LoRA work at all).
+    token_slot: [T] each token's slot; `prefill`: the tokens are prompts (each request's
+    a run), which picks the kernels' tiles; `grouped`: the caller ordered the tokens by
+    slot (`sorts_tokens`), so the kernels' plan is grouped."""
+    if lora is None or lora.slot_pages.shape[0] == 0:
+        return None
+    lay, s = spec.layout, lora.slot_pages.shape[0]
+    rows_shape = adapter_row_view(pool.layers[0]).shape
+    tokens = None
+    if lora_ops.resolve_backend(spec.lora_backend) == "pallas":
+        # Depends on token_slot alone: one for all module groups and layers.
+        tokens = lora_ops.token_plan(token_slot, s, prefill=prefill, grouped=grouped,
+                                     config=spec.lora_tuning)
+
+    def group(modules):
+        idx = [MODULES.index(m) for m in modules if m in lay.lora_modules]
+        if not idx:
+            return None                       # no adapter may target them
+        ix = jnp.asarray(idx)
+        return lora_ops.make_plan(
+            token_slot, lora.slot_pages, lora.slot_offset[:, ix, 0], lora.slot_offset[:, ix, 1],
+            lora.slot_rank[:, ix], lora.slot_scale[:, ix],
+            widths=tuple(lay.module_shapes[i][1] for i in idx),
+            k_in=lay.module_shapes[idx[0]][0], max_rank=lay.max_rank,
+            page_size=lay.page_size, rows_shape=rows_shape, tokens=tokens)
+    return LoraPlans(*(group(mods) for mods in LORA_GROUPS))
+
+
+def _lora_terms(plans: LoraPlans | None, group: str, x: jax.Array, modules: tuple[str, ...],
+                pool_layer: jax.Array, spec: StepSpec) -> tuple[jax.Array | float, ...]:
+    """The LoRA terms of one module group's modules (0.0 for those no adapter targets)."""
+    out: list[jax.Array | float] = [0.0] * len(modules)
+    plan = None if plans is None else getattr(plans, group)
+    if plan is None:
         return tuple(out)
+    live = [j for j, m in enumerate(modules) if m in spec.layout.lora_modules]
+    ys = lora_ops.lora_apply(x, adapter_row_view(pool_layer), plan, spec.lora_tuning)
+    for j, y in zip(live, ys):
+        out[j] = y
+    return tuple(out)
 
 
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def sorts_tokens(spec: StepSpec, lora: LoraBatch | None, num_tokens: int,
-                 prefill: bool = False) -> bool:
-    """Static: whether the step's Pallas LoRA plan sorts its tokens by slot
-    (`lora_plan.step_policy`). The decode step then sorts its rows once (`step.decode`)
-    and passes `grouped=True`, instead of every layer sorting x and un-sorting its terms."""
+def sorts_tokens(spec: StepSpec, lora: LoraBatch | None, num_tokens: int) -> bool:
+    """Static: whether a decode step of `num_tokens` tokens orders its rows by slot
+    once, before the layers (`step.decode`), and hands `lora_plans` grouped tokens:
+    with the Pallas LoRA kernels, above `TuningConfig.unsorted_max_tokens` tokens."""
     if (lora is None or not lora.slot_pages.shape[0]
             or lora_ops.resolve_backend(spec.lora_backend) != "pallas"):
         return False
-    from pallas_kernels import lora_plan
-    return bool(lora_plan.step_policy(num_tokens, lora.slot_pages.shape[0], spec.lora_sort,
-                                      spec.lora_max_tile, prefill)[1])
+    return lora_ops.sorts_tokens(num_tokens, spec.lora_tuning)
 
 
 def transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax.Array,
-                attend: Attend, lora: LoraBatch | None, token_slot: jax.Array | None,
-                spec: StepSpec, prefill: bool = False,
-                grouped: bool = False) -> tuple[Pool, jax.Array]:
-    """tokens, positions: [T] -> (new pool, final hidden states [T, H]). `prefill`: the
-    tokens are prompts (each request's a run), which picks the LoRA plan's tiles.
-    `grouped`: the caller ordered the tokens by slot (slots ascending, no-adapter tokens
-    last), so a sorting LoRA plan need not (`sorts_tokens`)."""
+                attend: Attend, lora: LoraPlans | None,
+                spec: StepSpec) -> tuple[Pool, jax.Array]:
+    """tokens, positions: [T] -> (new pool, final hidden states [T, H]). `lora`: the
+    step's LoRA plan (`lora_plans`) for these tokens."""
     mc = spec.model
     t = tokens.shape[0]
     dtype = params.embed.dtype
     inv_freq = rope_inv_freq(mc)
-    lo = _Lora(lora, token_slot, spec, prefill, grouped)
     x = params.embed[tokens]
     new_layers = []
     for li, (lp, pl) in enumerate(zip(params.layers, pool.layers)):
         h = rms_norm(x, lp.attn_norm, mc.rms_norm_eps)
-        dq, dk, dv = lo.deltas(h, ("q", "k", "v"), pl)
+        dq, dk, dv = _lora_terms(lora, "qkv", h, ("q", "k", "v"), pl, spec)
         q = (proj(h, lp.wq) + dq).astype(dtype)
         k = (proj(h, lp.wk) + dk).astype(dtype)
         v = (proj(h, lp.wv) + dv).astype(dtype)
@@ -208,14 +196,16 @@ def transformer(params: Params, pool: Pool, tokens: jax.Array, positions: jax.Ar
         q, k, v, pl = jax.lax.optimization_barrier((q, k, v, pl))
         pl, att = attend(li, pl, q, k, v)
         att = att.reshape(t, mc.q_size).astype(dtype)
-        x = (x.astype(jnp.float32) + proj(att, lp.wo) + lo.delta(att, "o", pl)).astype(dtype)
+        (do,) = _lora_terms(lora, "o", att, ("o",), pl, spec)
+        x = (x.astype(jnp.float32) + proj(att, lp.wo) + do).astype(dtype)
         h = rms_norm(x, lp.mlp_norm, mc.rms_norm_eps)
-        dg, du = lo.deltas(h, ("gate", "up"), pl)
+        dg, du = _lora_terms(lora, "gate_up", h, ("gate", "up"), pl, spec)
         gate = proj(h, lp.w_gate) + dg
         up = proj(h, lp.w_up) + du
         act = (jax.nn.silu(gate.astype(dtype).astype(jnp.float32))
                * up.astype(dtype).astype(jnp.float32)).astype(dtype)
-        x = (x.astype(jnp.float32) + proj(act, lp.w_down) + lo.delta(act, "down", pl)).astype(dtype)
+        (dd,) = _lora_terms(lora, "down", act, ("down",), pl, spec)
+        x = (x.astype(jnp.float32) + proj(act, lp.w_down) + dd).astype(dtype)
         new_layers.append(pl)
     x = rms_norm(x, params.final_norm, mc.rms_norm_eps)
     return Pool(layers=tuple(new_layers)), x

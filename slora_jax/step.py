@@ -20,7 +20,8 @@ from flax import struct
 
 from pallas_kernels import paged_attention as attn_ops
 from pallas_kernels.lora_plan import slot_order
-from slora_jax.model import LoraBatch, StepSpec, lm_logits, sorts_tokens, transformer
+from slora_jax.model import (LoraBatch, StepSpec, lm_logits, lora_plans, sorts_tokens,
+                             transformer)
 from slora_jax.params import Params
 from slora_jax.pool import Pool, kv_location, write_kv
 from slora_jax.sampling import SamplingParams, sample
@@ -102,8 +103,8 @@ def prefill(params: Params, pool: Pool, batch: PrefillBatch, *, spec: StepSpec):
         pl = write_kv(pl, k, v, page, slot, layout)
         return pl, _prefill_attend(batch, spec, pl, q, k, v)
 
-    pool, h = transformer(params, pool, batch.tokens, batch.positions, attend, batch.lora,
-                          token_slot, spec, prefill=True)
+    lora = lora_plans(spec, batch.lora, token_slot, pool, prefill=True)
+    pool, h = transformer(params, pool, batch.tokens, batch.positions, attend, lora, spec)
     h_last = h[batch.last_index]
     logits = lm_logits(params, h_last)
     tokens, logprobs = sample(logits, batch.sampling, batch.positions[batch.last_index] + 1)
@@ -169,8 +170,8 @@ def decode(params: Params, pool: Pool, batch: DecodeBatch, *, spec: StepSpec):
                                         mc.sliding_window, backend=spec.attention_backend)
         return pl, out
 
-    pool, h = transformer(params, pool, tokens, positions, attend, batch.lora, req_slot, spec,
-                          grouped=group)
+    lora = lora_plans(spec, batch.lora, req_slot, pool, grouped=group)
+    pool, h = transformer(params, pool, tokens, positions, attend, lora, spec)
     if group:
         h = h[where]                                    # back to the batch's row order
     logits = lm_logits(params, h)

@@ -49,7 +49,6 @@ def test_pallas_rows_compute_what_the_reference_rows_compute():
     t, n = 8, 4
     ts = jnp.asarray(np.arange(t) % n, jnp.int32)
     adapters = np.arange(n)
-    plan = bench.lora_plan.batch_plan(ts, n)
     xa = jax.random.normal(jax.random.key(0), (t, pool.max_rank), jnp.float32)
     scale = jnp.full((n,), 0.5, jnp.float32)
     for op, mod in (("shrink", "o"), ("expand", "v"), ("expand", "gate"), ("shrink", "down")):
@@ -57,14 +56,13 @@ def test_pallas_rows_compute_what_the_reference_rows_compute():
         width = w_in if op == "shrink" else w_out
         act = setup.randn(jax.random.key(1), (t, w_in)) if op == "shrink" else xa
         bs = [(act, *pool.slots(adapters, mod, "a" if op == "shrink" else "b"), scale, ts)]
-        backends = ("pallas-planned", "xla-gather") + (("pallas-ragged",) if op == "expand"
-                                                        else ())
+        plan = bench._module_plan(op, pool.rows, *bs[0], n=n, max_rank=pool.max_rank,
+                                  width=width, ps=pool.page_size, prefill=False, grouped=False)
         outs = {b: bench._lora_fn(op, b, pool.max_rank, width, pool.page_size)(
-            pool.rows, bs, [None if b == "xla-gather" else plan])[0]
-            for b in backends}
-        if "pallas-ragged" in outs:
-            np.testing.assert_allclose(outs["pallas-ragged"], outs["pallas-planned"],
-                                       rtol=1e-5, atol=1e-5)
+            pool.rows, bs, [plan if b == "pallas-planned" else None])[0]
+            for b in ("pallas", "pallas-planned", "xla-gather")}
+        np.testing.assert_allclose(outs["pallas"], outs["pallas-planned"], rtol=1e-5,
+                                   atol=1e-5)
         assert outs["xla-gather"].shape == (t, pool.max_rank if op == "shrink" else width)
         np.testing.assert_allclose(outs["pallas-planned"], outs["xla-gather"], rtol=2e-2,
                                    atol=2e-2 * float(jnp.abs(outs["xla-gather"]).max()))
@@ -124,15 +122,12 @@ def test_tune_lora_quick(tmp_path):
 
 
 def test_tune_lora_apply_sweep(tmp_path):
-    """--apply-sweep: under each SHRINK_BLOCKS the apply computes what the XLA reference
-    computes (to the bf16 rounding of x·A), one target block means one K split, and
-    the module constant is put back afterwards."""
-    from pallas_kernels import lora_mgpu
+    """--apply-sweep: under each TuningConfig.shrink_blocks the apply computes what the
+    jnp reference computes (to the bf16 rounding of x·A), and one target block means
+    one K split."""
     tune = _load("tune_lora")
-    saved = lora_mgpu.SHRINK_BLOCKS
     tune.main(["--apply-sweep", "--shapes", "tiny-mha:qkv:4:2:mixed", "--iters", "1",
                "--shrink-blocks", "132,1", "--out", str(tmp_path)])
-    assert lora_mgpu.SHRINK_BLOCKS == saved
     rows = json.load(open(tmp_path / f"tune_lora_apply_{jax.default_backend()}.json"))["rows"]
     assert [r["kind"] for r in rows] == ["xla"] + ["apply"] * 2
     for r in rows[1:]:

@@ -13,7 +13,7 @@ a key or rank row hidden from a token must add exactly nothing to it, never
 
 Covered: packed prefill attention and paged decode attention (the references and
 the Mosaic GPU kernels, interpreted on the CPU), the LoRA op (reference and
-kernels, decode tiles unsorted and sorted, prefill's wide tiles) and whole
+kernels, decode tiles unsorted and grouped by slot, prefill's wide tiles) and whole
 `prefill` + `decode` steps of a small bf16 model with requests of a poisoned
 adapter (NaN/inf, or finite weights times 1e25 that overflow in the step), of a
 clean adapter and of none in one batch. The `gpu` test runs the whole steps on
@@ -230,38 +230,37 @@ PREFILL_SLOTS = [0] * 72 + [1] * 30 + [-1] * 10 + [2] * 16
 LORA_GROUPS = [("q", "k", "v"), ("gate", "up"), ("down",)]
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "k_in", "widths", "bt", "sort"),
+@functools.partial(jax.jit, static_argnames=("impl", "k_in", "widths", "bt", "grouped"),
                    compiler_options=COMPILE)
 def _lora_terms(x, rows, token_slot, slot_pages, a_off, b_off, ranks, scales, *, impl, k_in,
-                widths, bt, sort):
-    """The LoRA terms of one module group, as the step computes them (`model._Lora`)."""
+                widths, bt, grouped):
+    """The LoRA terms of one module group, as the step computes them (`model.lora_plans`)."""
     x, rows = x.astype(jnp.bfloat16), rows.astype(jnp.bfloat16)
-    max_rank, page_size = LORA_EC.max_rank, LORA_EC.page_size
-    plan = None
+    tokens = None
     if impl == "pallas":
-        plan = lora_plan.make_group_plan(
-            token_slot, rows, slot_pages, a_off, b_off, ranks, scales, k_in=k_in,
-            widths=widths, max_rank=max_rank, page_size=page_size,
-            plan=lora_plan.plan_batch(token_slot, slot_pages.shape[0], bt, sort=sort),
-            block_tokens=bt)
-    return lora.lora_apply_modules(x, rows, slot_pages, a_off, b_off, ranks, scales, token_slot,
-                                   max_rank=max_rank, out_features=widths, page_size=page_size,
-                                   backend=impl, plan=plan)
+        tokens = lora_plan.plan_tokens(token_slot, slot_pages.shape[0], bt, grouped=grouped)
+    plan = lora.make_plan(token_slot, slot_pages, a_off, b_off, ranks, scales, widths=widths,
+                          k_in=k_in, max_rank=LORA_EC.max_rank, page_size=LORA_EC.page_size,
+                          rows_shape=rows.shape, tokens=tokens)
+    return lora.lora_apply(x, rows, plan)
 
 
-@pytest.mark.parametrize("impl,tokens,bt,sort,groups", [
-    ("reference", "decode", None, None, LORA_GROUPS),
-    ("reference", "prefill", None, None, LORA_GROUPS),
-    # Tiles of mixed slots (q/k/v: flat B 128 and 64 wide), tokens sorted by slot (gate/up:
+@pytest.mark.parametrize("impl,tokens,bt,grouped,groups", [
+    ("reference", "decode", None, False, LORA_GROUPS),
+    ("reference", "prefill", None, False, LORA_GROUPS),
+    # Tiles of mixed slots (q/k/v: flat B 128 and 64 wide), tokens ordered by slot (gate/up:
     # B in 64-column chunks), prefill's wide tiles (down: A in 64-column chunks).
     ("pallas", "decode", 8, False, LORA_GROUPS[:1]),
     ("pallas", "decode", 8, True, LORA_GROUPS[1:2]),
     ("pallas", "prefill", 64, False, LORA_GROUPS[2:])])
-def test_lora_terms_ignore_other_adapters_rows(impl, tokens, bt, sort, groups):
+def test_lora_terms_ignore_other_adapters_rows(impl, tokens, bt, grouped, groups):
     rng = np.random.default_rng()
     seed = int(rng.integers(1 << 20))
     mc, layout, lb, rows, bad_rows = _lora_case(seed)
-    token_slot = jnp.asarray(DECODE_SLOTS if tokens == "decode" else PREFILL_SLOTS, jnp.int32)
+    slots = np.asarray(DECODE_SLOTS if tokens == "decode" else PREFILL_SLOTS)
+    if grouped:          # ordered by slot, no adapter last, as the decode step orders them
+        slots = slots[np.argsort(np.where(slots >= 0, slots, 4), kind="stable")]
+    token_slot = jnp.asarray(slots, jnp.int32)
     lora_mgpu._warned.clear()
     keep = np.asarray(token_slot) != X_SLOT
     for mods in groups:
@@ -274,11 +273,11 @@ def test_lora_terms_ignore_other_adapters_rows(impl, tokens, bt, sort, groups):
                   jnp.asarray(lb.slot_offset[:, idx, 1]), jnp.asarray(lb.slot_rank[:, idx]),
                   jnp.asarray(lb.slot_scale[:, idx]))
         opts = dict(impl=impl, k_in=k_in, widths=tuple(layout.module_shapes[i][1] for i in idx),
-                    bt=bt, sort=sort)
+                    bt=bt, grouped=grouped)
         clean = _lora_terms(jnp.asarray(x), jnp.asarray(rows), *tables, **opts)
         got = _lora_terms(jnp.asarray(bad_x), jnp.asarray(bad_rows), *tables, **opts)
         for m, a, b in zip(mods, got, clean):
-            assert_rows_equal(a, b, keep, (impl, tokens, sort, m, seed))
+            assert_rows_equal(a, b, keep, (impl, tokens, grouped, m, seed))
     assert not lora_mgpu._warned, "the kernels fell back to the reference"
 
 

@@ -71,33 +71,33 @@ def lora_case(rng, *, h, t, s, max_rank, ranks, token_slot, page_size=8, pages_p
         max_rank=max_rank, page_size=page_size)
 
 
-def check_shrink(c, **kw):
+def check_shrink(c, config=lora.TuningConfig(), interpret=None):
     lora_mgpu._warned.clear()
     args = (c["x"], c["rows"], c["slot_pages"], c["a_offset"], c["rank"], c["token_slot"])
     opts = dict(max_rank=c["max_rank"], page_size=c["page_size"])
-    got = np.asarray(lora_mgpu.lora_shrink(*args, **opts, **kw))
+    got = np.asarray(lora.lora_shrink(*args, **opts, backend="pallas", config=config,
+                                      interpret=interpret))
     ref = np.asarray(lora.lora_shrink_reference(*args, **opts))
     assert not lora_mgpu._warned, "the kernel fell back to the reference"
     assert got.shape == ref.shape and not np.isnan(got).any()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-2)
 
 
-def check_expand(c, out_features, fallback=False, **kw):
+def check_expand(c, out_features, fallback=False, config=lora.TuningConfig(), interpret=None):
     lora_mgpu._warned.clear()
     rows = c["rows"]
     args = (c["xa"], rows, c["slot_pages"], c["b_offset"], c["rank"], c["scale"],
             c["token_slot"])
     opts = dict(out_features=out_features, page_size=c["page_size"])
     # Wait for the interpreted kernel before dispatching the reference (see check_modules).
-    got = jax.block_until_ready(lora_mgpu.lora_expand(*args, **opts, **kw))
+    got = jax.block_until_ready(lora.lora_expand(*args, **opts, backend="pallas",
+                                                 config=config, interpret=interpret))
     ref = np.asarray(lora.lora_expand_reference(*args, **opts))
     assert bool(lora_mgpu._warned) == fallback, "unexpected (lack of) fallback"
-    assert got.dtype == jnp.dtype(kw.get("out_dtype", jnp.float32)) or fallback
-    got = np.asarray(got, np.float32)
+    assert got.dtype == jnp.float32
+    got = np.asarray(got)
     assert got.shape == ref.shape and not np.isnan(got).any()
-    # A 16-bit output rounds each float32 sum once: half an ulp, 2^-9 of it in bf16.
-    rtol = 1e-4 if got.dtype == np.float32 and "out_dtype" not in kw else 2 ** -8
-    np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-2)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-2)
 
 
 H = 128          # smallest row the kernels take: one 64-wide swizzle tile, twice
@@ -140,23 +140,21 @@ def test_expand_matches_reference(kind):
 
 
 @pytest.mark.parametrize("width,splits", [(320, 3), (192, 2), (320, None)])
-def test_expand_ragged_splits(width, splits, monkeypatch):
+def test_expand_ragged_splits(width, splits):
     """Splits that do not divide the expand's N steps (W = 320 in rows of H = 128: five
-    steps of 64 columns; three splits take 2, 2 and 1), explicit or chosen under
-    RAGGED_SPLITS, write every column; a count that leaves a split empty is refused."""
+    steps of 64 columns; three splits take 2, 2 and 1), explicit or chosen, write every
+    column; a count that leaves a split empty is refused."""
     rng = np.random.default_rng()
     ts, ranks = _batch(rng, "mixed", 24, 6, 16)
     c = lora_case(rng, h=H, t=len(ts), s=len(ranks), max_rank=16, ranks=ranks,
                   token_slot=ts, widths=(H, width))
     if splits is None:
-        monkeypatch.setattr(lora_mgpu, "RAGGED_SPLITS", True)
         assert lora_mgpu._expand_splits(width // 64, 4) == 3      # 2 + 2 + 1 N steps
-    ragged = lora_mgpu.RAGGED_SPLITS            # 43 N steps (W = 11008): 6 per split
-    assert lora_mgpu._expand_splits(43, 8) == (8 if ragged else 1)
+    assert lora_mgpu._expand_splits(43, 8) == 8     # 43 N steps (W = 11008): 6 per split
     assert lora_mgpu._expand_splits(56, 8) == 8 and lora_mgpu._expand_splits(44, 8) == 4
-    check_expand(c, width, **({} if splits is None else dict(num_splits=splits)))
-    with pytest.raises(ValueError, match="num_splits=4: 5 N steps of 64 columns leave"):
-        check_expand(c, 320, num_splits=4)
+    check_expand(c, width, config=lora.TuningConfig(expand_splits=splits))
+    with pytest.raises(ValueError, match="expand_splits: 4 splits of 5 N steps of 64 columns"):
+        check_expand(c, 320, config=lora.TuningConfig(expand_splits=4))
 
 
 def multi_case(rng, *, h, t, s, max_rank, ranks, out_widths, token_slot, page_size=8):
@@ -185,72 +183,87 @@ def multi_case(rng, *, h, t, s, max_rank, ranks, out_widths, token_slot, page_si
                 max_rank=max_rank, page_size=page_size, out_widths=tuple(out_widths))
 
 
-def check_modules(c, sort=None, out="float32"):
+def grouped_slots(ts, s):
+    """token_slot ordered by slot, no-adapter tokens last (as the decode step orders
+    its rows when its plan is grouped)."""
+    ts = np.asarray(ts)
+    return ts[np.argsort(np.where(ts >= 0, ts, s), kind="stable")]
+
+
+def group_plan_of(c, *, grouped=False, prefill=False, config=lora.TuningConfig(),
+                  pallas=True):
+    """The `LoraPlan` of a multi_case's module group, as a step builds it."""
+    ts, pages = c["token_slot"], c["slot_pages"]
+    tokens = lora.token_plan(ts, pages.shape[0], prefill=prefill, grouped=grouped,
+                             config=config) if pallas else None
+    return lora.make_plan(ts, pages, c["a_offsets"], c["b_offsets"], c["ranks"], c["scales"],
+                          widths=c["out_widths"], k_in=c["x"].shape[1],
+                          max_rank=c["max_rank"], page_size=c["page_size"],
+                          rows_shape=c["rows"].shape, tokens=tokens)
+
+
+def check_apply(c, plan, config=lora.TuningConfig()):
+    """`lora_apply` on `plan` (its kernels, no fallback) against the reference plan's."""
+    lora_mgpu._warned.clear()
+    # Wait for the interpreted kernels before dispatching more: their callbacks run jnp
+    # ops on other threads, and eager dispatch beside them can deadlock on the CPU client.
+    got = jax.block_until_ready(lora.lora_apply(c["x"], c["rows"], plan, config))
+    ref = lora.lora_apply(c["x"], c["rows"], plan.replace(kernel=None))
+    assert not lora_mgpu._warned, "the kernel fell back to the reference"
+    for g, r, w in zip(got, ref, c["out_widths"]):
+        assert g.dtype == jnp.float32
+        g, r = np.asarray(g), np.asarray(r)
+        assert g.shape == r.shape == (c["x"].shape[0], w) and not np.isnan(g).any()
+        # End to end, both paths round scale·xa to bf16, and an f32 xa that differs in
+        # its last bits may round to the neighbouring bf16 value: one flip moves an
+        # output by up to 2^-8 of its largest term. A wrong matrix is off by ~|r|.
+        np.testing.assert_allclose(g, r, rtol=2e-3, atol=2 ** -7 * max(1.0, np.abs(r).max()))
+
+
+def check_modules(c, grouped=False):
     """The fused kernels against each module's reference, stage by stage (tight: the
-    same bf16-exact inputs), then `lora_apply_modules` end to end (one shrink launch,
-    one expand launch per width) against the per-module reference `lora_apply`.
-    sort: the token plan's order (None: the default policy); out: the terms' dtype."""
+    same bf16-exact inputs), then `lora_apply` end to end (one shrink launch, one
+    expand launch per width) against the per-module reference. grouped: the tokens
+    come ordered by slot and the plan is grouped."""
     lora_mgpu._warned.clear()
     mods, widths = range(len(c["out_widths"])), c["out_widths"]
     pages, ts = c["slot_pages"], c["token_slot"]
     opts = dict(max_rank=c["max_rank"], page_size=c["page_size"])
-    xa = np.asarray(lora_mgpu.lora_shrink_multi(c["x"], c["rows"], pages, c["a_offsets"],
-                                                c["ranks"], ts, sort=sort, **opts))
+    plan = group_plan_of(c, grouped=grouped)
+    cfg = lora.TuningConfig()
+    xa = np.asarray(lora_mgpu.lora_shrink(c["x"], c["rows"], plan.kernel, cfg))
     for j in mods:
         ref = lora.lora_shrink_reference(c["x"], c["rows"], pages, c["a_offsets"][:, j],
                                          c["ranks"][:, j], ts, **opts)
         np.testing.assert_allclose(xa[j], np.asarray(ref), rtol=1e-4, atol=1e-2)
     # The expand on bf16-exact xa (as the single-module checks): one launch per width.
     xa_in = _bf16(np.random.default_rng(), xa.shape).astype(jnp.float32)
-    for w in dict.fromkeys(widths):
-        js = [j for j in mods if widths[j] == w]
-        got = np.asarray(lora_mgpu.lora_expand_multi(
-            xa_in[jnp.asarray(js)], c["rows"], pages, c["b_offsets"][:, js], c["ranks"][:, js],
-            c["scales"][:, js], ts, out_features=w, page_size=c["page_size"], sort=sort))
-        assert got.shape == (len(ts), len(js) * w) and not np.isnan(got).any()
-        for n, j in enumerate(js):
-            ref = lora.lora_expand_reference(xa_in[j], c["rows"], pages, c["b_offsets"][:, j],
-                                             c["ranks"][:, j], c["scales"][:, j], ts,
-                                             out_features=w, page_size=c["page_size"])
-            np.testing.assert_allclose(got[:, n * w:(n + 1) * w], np.asarray(ref), rtol=1e-4,
-                                       atol=1e-2)
-    args = (c["x"], c["rows"], pages, c["a_offsets"], c["b_offsets"], c["ranks"], c["scales"],
-            ts)
-    opts = dict(opts, out_features=widths)
-    # Wait for the interpreted kernels before dispatching more: their callbacks run jnp
-    # ops on other threads, and eager dispatch beside them can deadlock on the CPU client.
-    plan = None if sort is None else lora_plan.batch_plan(ts, pages.shape[0], sort=sort)
-    got = jax.block_until_ready(lora.lora_apply_modules(*args, **opts, backend="pallas",
-                                                        plan=plan, out=out))
-    ref = lora.lora_apply_modules(*args, **opts, backend="reference")
-    assert not lora_mgpu._warned, "the kernel fell back to the reference"
-    want = jnp.float32 if out == "float32" else c["rows"].dtype
-    for g, r, w in zip(got, ref, widths):
-        assert g.dtype == want
-        g, r = np.asarray(g, np.float32), np.asarray(r)
-        assert g.shape == r.shape == (len(ts), w) and not np.isnan(g).any()
-        # End to end, both paths round scale·xa to bf16, and an f32 xa that differs in
-        # its last bits may round to the neighbouring bf16 value: one flip moves an
-        # output by up to 2^-8 of its largest term. A wrong matrix is off by ~|r|.
-        # A bf16 output adds half an ulp of each term (2^-9 of it).
-        np.testing.assert_allclose(g, r, rtol=2e-3 if out == "float32" else 2 ** -8,
-                                   atol=2 ** -7 * max(1.0, np.abs(r).max()))
+    got = jax.block_until_ready(lora_mgpu.lora_expand(xa_in, c["rows"], plan.kernel, cfg))
+    for j, w in enumerate(widths):
+        ref = lora.lora_expand_reference(xa_in[j], c["rows"], pages, c["b_offsets"][:, j],
+                                         c["ranks"][:, j], c["scales"][:, j], ts,
+                                         out_features=w, page_size=c["page_size"])
+        assert got[j].shape == (len(ts), w) and not np.isnan(np.asarray(got[j])).any()
+        np.testing.assert_allclose(np.asarray(got[j]), np.asarray(ref), rtol=1e-4, atol=1e-2)
+    check_apply(c, plan)
 
 
-@pytest.mark.parametrize("kind,max_rank,widths,sort,out", [
-    ("mixed", 16, (H, H, H), None, "float32"),    # MHA q/k/v: one shrink, one expand
-    ("all_distinct", 64, (H, H // 2, H // 2), None, "float32"),  # GQA: 192 shrink rows;
+@pytest.mark.parametrize("kind,max_rank,widths,grouped", [
+    ("mixed", 16, (H, H, H), False),              # MHA q/k/v: one shrink, one expand
+    ("all_distinct", 64, (H, H // 2, H // 2), False),  # GQA: 192 shrink rows;
                                                   # expands q, then k|v
-    ("one_adapter", 8, (H, H), None, "float32"),  # gate/up-like pair
-    ("no_adapters", 16, (H, H, H), None, "float32"),
-    ("mixed", 16, (H, H // 2, H // 2), False, "pool")])   # unsorted tiles, bf16 terms
-def test_fused_modules_match_reference(kind, max_rank, widths, sort, out):
+    ("one_adapter", 8, (H, H), False),            # gate/up-like pair
+    ("no_adapters", 16, (H, H, H), False),
+    ("mixed", 16, (H, H // 2, H // 2), True)])    # tokens ordered by slot: grouped tiles
+def test_fused_modules_match_reference(kind, max_rank, widths, grouped):
     rng = np.random.default_rng()
     ts, _ = _batch(rng, kind, 12, 12, max_rank)
+    if grouped:
+        ts = grouped_slots(ts, 12)
     ranks = rng.choice([0, 1, 5, 8, max_rank], (12, len(widths)))
     c = multi_case(rng, h=H, t=len(ts), s=12, max_rank=max_rank, ranks=ranks,
                    out_widths=widths, token_slot=ts)
-    check_modules(c, sort=sort, out=out)
+    check_modules(c, grouped=grouped)
 
 
 @pytest.mark.parametrize("kind", ["mixed", "all_distinct", "segments"])
@@ -265,9 +278,8 @@ def test_unsorted_plan_matches_reference(kind):
         ts, ranks = _batch(rng, kind, 13, 12, 16)
     c = lora_case(rng, h=H, t=len(ts), s=len(ranks), max_rank=16, ranks=ranks,
                   token_slot=ts)
-    check_shrink(c, sort=False)
-    check_expand(c, H, sort=False)
-    check_expand(c, H, sort=False, out_dtype=jnp.bfloat16)
+    check_shrink(c)
+    check_expand(c, H)
 
 
 def test_max_rank_128_spans_two_row_tiles():
@@ -301,7 +313,7 @@ def test_expand_narrow_width_packs_rank_rows():
     ts = rng.integers(-1, 4, 10)
     c = lora_case(rng, h=2 * H, t=10, s=4, max_rank=16, ranks=[16, 1, 8, 0], token_slot=ts,
                   widths=(2 * H, H))
-    check_expand(c, H, block_n=64)
+    check_expand(c, H, config=lora.TuningConfig(block_n=64))
 
 
 def test_prefill_segments_span_token_tiles():
@@ -309,43 +321,29 @@ def test_prefill_segments_span_token_tiles():
     rng = np.random.default_rng()
     ts = np.repeat(rng.permutation(3), [7, 13, 4])
     c = lora_case(rng, h=H, t=len(ts), s=3, max_rank=16, ranks=[16, 3, 8], token_slot=ts)
-    check_shrink(c, block_tokens=8)
+    check_shrink(c, config=lora.TuningConfig(decode_block_tokens=8))
     check_expand(c, H)
 
 
 @pytest.mark.parametrize("max_rank,t", [pytest.param(64, 40, marks=pytest.mark.slow), (16, 3)])
 def test_balanced_shrink_matches_reference(max_rank, t):
     """The shrink's chunks cut evenly over its blocks whatever their tiles: tiles of
-    very different rank rows (as 4 requests per adapter with ranks cycling 8..64 give),
-    and a batch with fewer chunks than blocks; through a GroupPlan, end to end."""
+    very different rank rows (as 4 requests per adapter with ranks cycling 8..64 give,
+    grouped as the decode step groups them), and a batch with fewer chunks than blocks;
+    through the step's plan, end to end, and the shrink alone."""
     rng = np.random.default_rng()
     s = 10
-    ts = np.repeat(np.arange(s), 4)[:t] if t > s else rng.integers(-1, s, t)
+    grouped = t > s
+    ts = np.repeat(np.arange(s), 4)[:t] if grouped else rng.integers(-1, s, t)
     ranks = np.array([[8, 16, 32, 64, 1, 0, 5, 64, 16, 8][j] for j in range(s)])
     ranks = np.minimum(np.stack([ranks, ranks[::-1], ranks], 1), max_rank)
     widths = (H, H // 2, H // 2)
     c = multi_case(rng, h=H, t=len(ts), s=s, max_rank=max_rank, ranks=ranks,
                    out_widths=widths, token_slot=ts)
     opts = dict(max_rank=max_rank, page_size=c["page_size"])
-    gp = lora_plan.make_group_plan(c["token_slot"], c["rows"], c["slot_pages"], c["a_offsets"],
-                                   c["b_offsets"], c["ranks"], c["scales"], k_in=H,
-                                   widths=widths, balanced=True, **opts)
-    assert gp.balanced
-    lora_mgpu._warned.clear()
-    got = jax.block_until_ready(lora_mgpu.lora_apply_multi(
-        c["x"], c["rows"], c["slot_pages"], c["a_offsets"], c["b_offsets"], c["ranks"],
-        c["scales"], c["token_slot"], out_features=widths, plan=gp, **opts))
-    assert not lora_mgpu._warned
-    ref = lora.lora_apply_modules(c["x"], c["rows"], c["slot_pages"], c["a_offsets"],
-                                  c["b_offsets"], c["ranks"], c["scales"], c["token_slot"],
-                                  out_features=widths, **opts)
-    for g, r in zip(got, ref):
-        g, r = np.asarray(g), np.asarray(r)
-        assert g.shape == r.shape and not np.isnan(g).any()
-        np.testing.assert_allclose(g, r, rtol=2e-3, atol=2 ** -7 * max(1.0, np.abs(r).max()))
-    xa = np.asarray(lora_mgpu.lora_shrink_multi(c["x"], c["rows"], c["slot_pages"],
-                                                c["a_offsets"], c["ranks"], c["token_slot"],
-                                                balanced=True, **opts))
+    plan = group_plan_of(c, grouped=grouped)
+    check_apply(c, plan)
+    xa = np.asarray(lora_mgpu.lora_shrink(c["x"], c["rows"], plan.kernel, lora.TuningConfig()))
     for j in range(3):
         want = lora.lora_shrink_reference(c["x"], c["rows"], c["slot_pages"],
                                           c["a_offsets"][:, j], c["ranks"][:, j],
@@ -356,16 +354,21 @@ def test_balanced_shrink_matches_reference(max_rank, t):
 @pytest.mark.parametrize("bt", [64, 128])
 def test_wide_token_tiles_match_reference(bt):
     """Tiles of 64+ tokens (long prefill segments): the expand computes xs · B in the
-    stored [tokens, n] orientation, with no transpose; a plan built outside is used."""
+    stored [tokens, n] orientation, with no transpose; also through a prefill step's plan."""
     rng = np.random.default_rng()
-    ts = np.repeat(rng.permutation(4) - 1, [70, 5, 90, 33])        # base-only segment too
+    segs = [70, 5, 90, 33]
+    ts = np.repeat(rng.permutation(4) - 1, segs)                   # base-only segment too
     c = lora_case(rng, h=H, t=len(ts), s=3, max_rank=16, ranks=[16, 3, 9], token_slot=ts)
-    check_shrink(c, block_tokens=bt)
-    check_expand(c, H, block_tokens=bt, num_stages=2)
-    plan = lora_plan.plan_batch(c["token_slot"], 3, bt, sort=False)
-    check_expand(c, H, block_tokens=bt, plan=plan, out_dtype=jnp.bfloat16)
-    with pytest.raises(ValueError, match="not built for 8 tokens per tile"):
-        check_expand(c, H, block_tokens=8, plan=plan)
+    cfg = lora.TuningConfig(decode_block_tokens=bt)
+    check_shrink(c, config=cfg)
+    check_expand(c, H, config=dataclasses.replace(cfg, expand_stages=2))
+    m = multi_case(rng, h=H, t=len(ts), s=3, max_rank=16,
+                   ranks=rng.choice([0, 3, 9, 16], (3, 2)), out_widths=(H, H // 2),
+                   token_slot=ts)
+    cfg = lora.TuningConfig(prefill_block_tokens=bt)
+    plan = group_plan_of(m, prefill=True, config=cfg)
+    assert plan.kernel.tokens.block_tokens == bt and not plan.kernel.tokens.grouped
+    check_apply(m, plan, cfg)
 
 
 def test_stage_refills_are_race_free():
@@ -375,11 +378,13 @@ def test_stage_refills_are_race_free():
     ts = np.repeat(rng.permutation(3), [5, 9, 2])
     c = lora_case(rng, h=2 * H, t=len(ts), s=3, max_rank=16, ranks=[16, 5, 9], token_slot=ts)
     races = plgpu.InterpretGPUParams(detect_races=True)
-    check_shrink(c, num_stages=2, interpret=races)
+    check_shrink(c, config=lora.TuningConfig(shrink_stages=2), interpret=races)
     assert not mgpu_interpret.get_races().races_found
-    check_shrink(c, num_stages=2, interpret=races, balanced=True, block_tokens=8)
+    check_shrink(c, config=lora.TuningConfig(shrink_stages=2, decode_block_tokens=8),
+                 interpret=races)
     assert not mgpu_interpret.get_races().races_found
-    check_expand(c, 2 * H, block_n=64, num_stages=2, interpret=races)
+    check_expand(c, 2 * H, config=lora.TuningConfig(block_n=64, expand_stages=2),
+                 interpret=races)
     assert not mgpu_interpret.get_races().races_found
     layout, args = attn_case(rng, nkv=2, g=2, hd=64, page_size=8, row_width=256, batch=2,
                              pages_per_req=40, lengths=[300, 129])
@@ -387,26 +392,28 @@ def test_stage_refills_are_race_free():
     assert not mgpu_interpret.get_races().races_found
 
 
-def test_plan_covers_each_token_once():
+def test_grouped_plan_covers_each_token_once():
+    """Tokens ordered by slot: each item is one slot's run inside one tile, and every
+    token belongs to exactly one item, its own."""
     rng = np.random.default_rng()
     t, s, bt = 37, 9, 8
-    ts = rng.integers(-1, s, t)
-    plan = jax.tree.map(np.asarray, lora_plan.plan_batch(jnp.asarray(ts, jnp.int32), s, bt))
-    assert lora_plan.is_sorted(plan)
-    skey = plan["key"][plan["order"]]
-    assert (plan["skey"] == skey).all()
+    ts = grouped_slots(rng.integers(-1, s, t), s)
+    tp = jax.tree.map(np.asarray, lora_plan.plan_tokens(jnp.asarray(ts, jnp.int32), s, bt,
+                                                        grouped=True))
+    assert tp.grouped and len(tp.item_lo) == lora_plan.num_items_bound(t, s, bt, True)
+    key = np.where(ts >= 0, ts, s)
+    assert (tp.key == key).all()
     owned = np.zeros(t, int)
-    for w in range(len(plan["item_lo"])):
-        lo, hi = plan["item_lo"][w], plan["item_hi"][w]
+    for w in range(len(tp.item_lo)):
+        lo, hi = tp.item_lo[w], tp.item_hi[w]
         owned[lo:hi] += 1
         if hi > lo:
-            assert lo // bt == plan["item_tile"][w] == (hi - 1) // bt
-            assert (skey[lo:hi] == plan["item_slot"][w]).all()
-            assert (plan["pos_item"][lo:hi] == w).all()
+            assert lo // bt == tp.item_tile[w] == (hi - 1) // bt
+            assert (key[lo:hi] == tp.item_slot[w]).all()
+            assert (tp.pos_item[lo:hi] == w).all()
     assert (owned == 1).all()
-    key = np.where(ts >= 0, ts, s)
-    assert (key[plan["order"]] == np.sort(key, kind="stable")).all()
-    assert (plan["where"][plan["order"]] == np.arange(t)).all()
+    order, where = map(np.asarray, lora.slot_order(jnp.asarray(rng.integers(-1, s, t)), s))
+    assert (where[order] == np.arange(t)).all()
 
 
 def test_unsorted_plan_items_are_the_distinct_tile_slot_pairs():
@@ -414,111 +421,68 @@ def test_unsorted_plan_items_are_the_distinct_tile_slot_pairs():
     t, s, bt = 37, 9, 8
     ts = rng.integers(-1, s, t)
     ts[8:16] = 3                                    # a tile of one slot
-    plan = jax.tree.map(np.asarray, lora_plan.plan_batch(jnp.asarray(ts, jnp.int32), s, bt,
-                                                          sort=False))
-    assert not lora_plan.is_sorted(plan)
+    tp = jax.tree.map(np.asarray, lora_plan.plan_tokens(jnp.asarray(ts, jnp.int32), s, bt,
+                                                        grouped=False))
+    assert not tp.grouped
     key = np.where(ts >= 0, ts, s)
-    assert (plan["key"] == key).all() and (plan["skey"] == key).all()
+    assert (tp.key == key).all()
     pairs = sorted({(p // bt, int(key[p])) for p in range(t)})
-    used = plan["item_hi"] > plan["item_lo"]
-    assert len(plan["item_lo"]) == lora_plan.num_items_bound(t, s, bt, sort=False)
-    got = list(zip(plan["item_tile"][used].tolist(), plan["item_slot"][used].tolist()))
+    used = tp.item_hi > tp.item_lo
+    assert len(tp.item_lo) == lora_plan.num_items_bound(t, s, bt, False)
+    got = list(zip(tp.item_tile[used].tolist(), tp.item_slot[used].tolist()))
     assert got == pairs                             # each pair once, in tile order
     assert not used[len(pairs):].any()
     for p in range(t):                              # each token's item is its own pair
-        w = plan["pos_item"][p]
-        assert (plan["item_tile"][w], plan["item_slot"][w]) == (p // bt, key[p])
-        assert plan["item_lo"][w] <= p < plan["item_hi"][w]
-    assert lora_plan.batch_plan(jnp.asarray(ts, jnp.int32), s, sort=True).keys() >= {"order"}
-    assert lora_plan.sort_policy(32, "auto") is False and lora_plan.sort_policy(33, "auto")
-    assert lora_plan.sort_policy(8, "always") and not lora_plan.sort_policy(4096, "never")
-    assert not lora_plan.sort_policy(4096, "auto", prefill=True)
-    assert lora_plan.sort_policy(4096, "always", prefill=True)
-    with pytest.raises(ValueError, match="lora_sort: 'sometimes' is not one of always"):
-        lora_plan.sort_policy(8, "sometimes")
+        w = tp.pos_item[p]
+        assert (tp.item_tile[w], tp.item_slot[w]) == (p // bt, key[p])
+        assert tp.item_lo[w] <= p < tp.item_hi[w]
 
 
-def test_grouped_plan_is_the_sorted_plan_without_gathers():
-    """Tokens the caller already ordered by slot (no-adapter ones last, as the decode
-    step orders its rows): the grouped plan has the sorted plan's items and no
-    order/where, and the kernels through it match the reference; a bad sort is named."""
-    rng = np.random.default_rng()
-    t, s, max_rank = 40, 6, 16
-    ts = rng.integers(-1, s, t)
-    ts = ts[np.argsort(np.where(ts >= 0, ts, s), kind="stable")]
-    tsj = jnp.asarray(ts, jnp.int32)
-    srt = lora_plan.plan_batch(tsj, s, 8, sort=True)
-    grp = lora_plan.plan_batch(tsj, s, 8, sort="grouped")
-    assert lora_plan.is_grouped(grp) and not lora_plan.is_sorted(grp)
-    assert grp.keys() == (srt.keys() - {"order", "where"}) | {"grouped"}
-    for k in grp.keys() - {"grouped"}:
-        np.testing.assert_array_equal(np.asarray(grp[k]), np.asarray(srt[k]), err_msg=k)
-    with pytest.raises(ValueError, match="sort: 'yes' is not one of"):
-        lora_plan.plan_batch(tsj, s, 8, sort="yes")
-    widths = (H, H // 2)
-    c = multi_case(rng, h=H, t=t, s=s, max_rank=max_rank,
-                   ranks=rng.choice([0, 1, 8, max_rank], (s, 2)), out_widths=widths,
-                   token_slot=ts)
-    opts = dict(max_rank=max_rank, page_size=c["page_size"])
-    args = (c["x"], c["rows"], c["slot_pages"], c["a_offsets"], c["b_offsets"], c["ranks"],
-            c["scales"], c["token_slot"])
-    gp = lora_plan.make_group_plan(c["token_slot"], *args[1:7], k_in=H, widths=widths,
-                                   plan=grp, block_tokens=8, **opts)
-    assert not gp.sorted
-    lora_mgpu._warned.clear()
-    got = jax.block_until_ready(lora_mgpu.lora_apply_multi(*args, out_features=widths,
-                                                           plan=gp, **opts))
-    assert not lora_mgpu._warned
-    ref = lora.lora_apply_modules(*args, out_features=widths, **opts)
-    for g, r in zip(got, ref):
-        g, r = np.asarray(g), np.asarray(r)
-        assert g.shape == r.shape and not np.isnan(g).any()
-        np.testing.assert_allclose(g, r, rtol=2e-3, atol=2 ** -7 * max(1.0, np.abs(r).max()))
+def test_token_plan_picks_tiles_and_order_by_phase():
+    """The step's plan choice (`TuningConfig`): by default prefill runs 64-token tiles
+    (the wide expand) and is never sorted; decode groups its tokens above 32 and uses
+    tiles of at most 32; given values override either phase."""
+    def tiles(t, s, **kw):
+        return lora.token_plan(jnp.arange(t, dtype=jnp.int32) % s, s, **kw).block_tokens
+    assert tiles(4096, 4, prefill=True) == 64
+    assert tiles(4096, 4) == 32 and lora.sorts_tokens(4096)   # decode-sized slots
+    assert tiles(128, 128) == 8 and lora.sorts_tokens(128)
+    assert tiles(32, 32) == 8 and not lora.sorts_tokens(32)
+    assert tiles(16, 16, prefill=True) == 8         # one token per slot: small tiles
+    cfg = lora.TuningConfig(prefill_block_tokens=32, decode_block_tokens=128,
+                            unsorted_max_tokens=0)
+    assert tiles(4096, 4, prefill=True, config=cfg) == 32
+    assert tiles(4096, 4, config=cfg) == 128 and lora.sorts_tokens(8, cfg)
 
 
-def test_step_policy_picks_tiles_and_order_by_phase():
-    """The step's plan choice (`StepSpec.lora_sort`/`lora_max_tile`): by default prefill
-    runs unsorted 64-token tiles (the wide expand) and decode sorts above 32 tokens with
-    tiles of at most 32; given options override either phase; bad ones are named."""
-    pol = lora_plan.step_policy
-    assert pol(4096, 4, prefill=True) == (64, False)
-    assert pol(4096, 4) == (32, True)                    # decode-sized slots, many tokens
-    assert pol(128, 128) == (8, True) and pol(32, 32) == (8, False)
-    assert pol(16, 16, prefill=True) == (8, False)      # one token per slot: small tiles
-    assert pol(4096, 4, "always", 32, prefill=True) == (32, True)
-    assert pol(4096, 4, "never", 128) == (128, False)
-    with pytest.raises(ValueError, match="lora_max_tile: 48 is not one of"):
-        pol(64, 2, max_tile=48)
-
-
-@pytest.mark.parametrize("sort", [True, False])
-def test_group_plan_packs_each_group_once_inside_its_tile(sort):
+@pytest.mark.parametrize("grouped", [True, False])
+def test_group_plan_packs_each_group_once_inside_its_tile(grouped):
     """The packing: every (item, module, 8-row group) below the slot's rank has one packed
     place, inside its own tile's chunks, holding that group's pool row; every other place
     holds the past-the-pool row (TMA zero fill); the expand's inverse map agrees."""
     rng = np.random.default_rng()
     t, s, bt, max_rank = 29, 7, 8, 24
     ts = rng.integers(-1, s, t)
+    if grouped:
+        ts = grouped_slots(ts, s)
     widths = (H, H // 2)
     c = multi_case(rng, h=H, t=t, s=s, max_rank=max_rank,
                    ranks=rng.choice([0, 1, 8, 9, max_rank], (s, 2)), out_widths=widths,
                    token_slot=ts)
     n_rows = c["rows"].shape[0]
-    gp = lora_plan.make_group_plan(c["token_slot"], c["rows"], c["slot_pages"], c["a_offsets"],
-                                   c["b_offsets"], c["ranks"], c["scales"], k_in=H,
-                                   widths=widths, max_rank=max_rank, page_size=8,
-                                   block_tokens=bt, sort=sort)
-    assert gp.sorted == sort
-    plan = jax.tree.map(np.asarray, gp.plan)
+    gp = group_plan_of(c, grouped=grouped, config=lora.TuningConfig(decode_block_tokens=bt)
+                       ).kernel
+    assert gp.tokens.grouped == grouped and gp.tokens.block_tokens == bt
+    tp = jax.tree.map(np.asarray, gp.tokens)
     ranks = np.asarray(c["ranks"])
     starts, pos, rows = map(np.asarray, (gp.s_starts, gp.s_pos, gp.s_rows))
     assert (np.diff(starts) >= 0).all() and starts[-1] <= gp.s_bound
     seen = np.zeros(gp.s_bound * 8, bool)
-    for w in range(len(plan["item_lo"])):
-        slot = plan["item_slot"][w]
-        if plan["item_hi"][w] <= plan["item_lo"][w] or slot >= s:
+    for w in range(len(tp.item_lo)):
+        slot = tp.item_slot[w]
+        if tp.item_hi[w] <= tp.item_lo[w] or slot >= s:
             continue
-        tile = plan["item_tile"][w]
+        tile = tp.item_tile[w]
         for m in range(2):
             want = np.asarray(lora_plan._group_rows(
                 c["slot_pages"], c["a_offsets"][:, m], c["ranks"][:, m],
@@ -533,33 +497,44 @@ def test_group_plan_packs_each_group_once_inside_its_tile(sort):
     e_item, e_group = np.asarray(gp.e_item), np.asarray(gp.e_group)
     for m in range(2):
         live = e_item[m] >= 0
-        assert live.sum() == sum(-(-ranks[plan["item_slot"][w], m] // 8)
+        assert live.sum() == sum(-(-ranks[tp.item_slot[w], m] // 8)
                                  for w in set(e_item[m][live].tolist()))
-        assert (e_group[m][live] * 8 < ranks[plan["item_slot"][e_item[m][live]], m]).all()
+        assert (e_group[m][live] * 8 < ranks[tp.item_slot[e_item[m][live]], m]).all()
 
 
-@pytest.mark.parametrize("sort,splits", [(True, 3), (False, 1), (False, 16)])
-def test_xs_tables_agree_with_the_index_path(sort, splits):
+@pytest.mark.parametrize("grouped,splits", [(True, 3), (False, 1), (False, 16)])
+def test_xs_tables_agree_with_the_index_path(grouped, splits):
     """The expand's xs built from the GroupPlan's per-step tables (`_xs_tables`) equals
-    the one the per-layer index arithmetic builds (`_xs_index`), bit for bit, for each
-    width group, on random shrink partial sums of `splits` K splits."""
+    the one the index arithmetic builds per element (`_xs_index`, what the expand half
+    reads), bit for bit, for each width group, on random shrink partial sums of `splits`
+    K splits."""
     rng = np.random.default_rng()
     t, s, max_rank = 37, 6, 24
     widths = (H, H // 2, H // 2)
+    ts = rng.integers(-1, s, t)
     c = multi_case(rng, h=H, t=t, s=s, max_rank=max_rank,
                    ranks=rng.choice([0, 1, 8, 9, max_rank], (s, 3)), out_widths=widths,
-                   token_slot=rng.integers(-1, s, t))
-    gp = jax.jit(lambda ts, rows, pages, a, b, r, sc: lora_plan.make_group_plan(
-        ts, rows, pages, a, b, r, sc, k_in=H, widths=widths, max_rank=max_rank, page_size=8,
-        block_tokens=8, sort=sort))(c["token_slot"], c["rows"], c["slot_pages"],
-                                    c["a_offsets"], c["b_offsets"], c["ranks"], c["scales"])
+                   token_slot=grouped_slots(ts, s) if grouped else ts)
+    cfg = lora.TuningConfig(decode_block_tokens=8)
+    arrays = {k: v for k, v in c.items() if isinstance(v, jax.Array)}
+    gp = jax.jit(lambda a: group_plan_of(c | a, grouped=grouped, config=cfg).kernel)(arrays)
     assert len(gp.xs_tabs) == len(lora_plan.width_groups(widths)) == 2
-    untabled = dataclasses.replace(gp, xs_tabs=(), xs_scale=())
-    out_s = jnp.asarray(rng.standard_normal((splits, gp.s_bound, 64, gp.bt)), jnp.float32)
+    out_s = jnp.asarray(rng.standard_normal((splits, gp.s_bound, 64, gp.tokens.block_tokens)),
+                        jnp.float32)
+
+    def by_index(gp, out_s, mods):
+        og = out_s.reshape(out_s.shape[0], gp.s_bound * 8, 8, gp.tokens.block_tokens)
+        ix = lora_plan._xs_index(gp, mods)
+        src = gp.s_pos[ix["w"], ix["m"]] + ix["grp"]               # packed shrink group
+        vals = lora_plan.split_sum(og, src, ix["rr"], ix["col"])
+        xs = jnp.where(ix["live"], vals * ix["scale"], 0.0).astype(jnp.float32)
+        return xs.reshape(len(mods), gp.e_bound, gp.tokens.block_tokens, 64)
     for mods in lora_plan.width_groups(widths).values():
-        xs = jax.jit(lambda g, o, mods=mods: lora_plan.xs_from_shrink(g, o, mods, jnp.float32))
-        got, want = np.asarray(xs(gp, out_s)), np.asarray(xs(untabled, out_s))
-        assert got.shape == (len(mods), gp.e_bound, gp.bt, 64) and (want != 0).any()
+        got = np.asarray(jax.jit(lambda g, o, mods=mods: lora_plan.xs_from_shrink(
+            g, o, mods, jnp.float32))(gp, out_s))
+        want = np.asarray(jax.jit(lambda g, o, mods=mods: by_index(g, o, mods))(gp, out_s))
+        assert got.shape == (len(mods), gp.e_bound, gp.tokens.block_tokens, 64)
+        assert (want != 0).any()
         np.testing.assert_array_equal(got, want)
 
 
@@ -586,9 +561,9 @@ def test_unsupported_width_falls_back_with_a_log(caplog):
     with caplog.at_level(logging.WARNING, logger="pallas_kernels.lora_mgpu"):
         check_expand(c, w, fallback=True)
     with caplog.at_level(logging.WARNING, logger="pallas_kernels.lora_mgpu"):
-        lora_mgpu.lora_expand(c["xa"], c["rows"], c["slot_pages"], c["b_offset"], c["rank"],
-                              c["scale"], c["token_slot"], out_features=w,
-                              page_size=c["page_size"])
+        lora.lora_expand(c["xa"], c["rows"], c["slot_pages"], c["b_offset"], c["rank"],
+                         c["scale"], c["token_slot"], out_features=w,
+                         page_size=c["page_size"], backend="pallas")
     msgs = [r.getMessage() for r in caplog.records if "reference" in r.getMessage()]
     assert len(msgs) == 1                      # said once, not on every call
 
@@ -687,7 +662,8 @@ def test_gpu_lora_mlp_widths(f):
             check_shrink(c)
         else:
             check_expand(c, f)
-            check_expand(c, f, num_splits=5)    # ragged: 43 or 56 N steps, 5 splits
+            # ragged: 43 or 56 N steps, 5 splits
+            check_expand(c, f, config=lora.TuningConfig(expand_splits=5))
 
 
 @pytest.mark.gpu
@@ -700,21 +676,21 @@ def test_gpu_fused_modules(widths):
     ts, _ = _batch(rng, "mixed", 128, 64, 64)
     ranks = rng.choice([0, 1, 8, 16, 64], (64, len(widths)))
     check_modules(multi_case(rng, h=4096, t=len(ts), s=64, max_rank=64, ranks=ranks,
-                             out_widths=widths, token_slot=ts, page_size=16))
+                             out_widths=widths, token_slot=grouped_slots(ts, 64)),
+                  grouped=True)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("t,widths", [(32, (4096, 4096, 4096)), (24, (4096, 1024, 1024))])
-def test_gpu_unsorted_plan_bf16_terms(t, widths):
-    """The small-batch options at Llama shapes: tokens left in their own order (tiles mix
-    slots; no gathers around the kernels) and the expand writing bf16."""
+def test_gpu_unsorted_plan(t, widths):
+    """The small-batch plan at Llama shapes: tokens left in their own order (tiles mix
+    slots; no gathers around the kernels)."""
     rng = np.random.default_rng()
     ts, _ = _batch(rng, "mixed", t, 48, 64)
     ranks = rng.choice([0, 1, 8, 16, 64], (48, len(widths)))
     check_modules(multi_case(rng, h=4096, t=len(ts), s=48, max_rank=64, ranks=ranks,
-                             out_widths=widths, token_slot=ts, page_size=16),
-                  sort=False, out="pool")
+                             out_widths=widths, token_slot=ts))
 
 
 @pytest.mark.gpu
@@ -730,9 +706,8 @@ def test_gpu_balanced_shrink():
                    token_slot=ts, page_size=16)
     opts = dict(max_rank=64, page_size=16)
     lora_mgpu._warned.clear()
-    xa = np.asarray(lora_mgpu.lora_shrink_multi(c["x"], c["rows"], c["slot_pages"],
-                                                c["a_offsets"], c["ranks"], c["token_slot"],
-                                                balanced=True, **opts))
+    xa = np.asarray(lora_mgpu.lora_shrink(c["x"], c["rows"], group_plan_of(c, grouped=True).kernel,
+                                          lora.TuningConfig()))
     assert not lora_mgpu._warned
     for j in range(3):
         want = lora.lora_shrink_reference(c["x"], c["rows"], c["slot_pages"],
@@ -750,12 +725,9 @@ def test_gpu_lora_prefill_segments():
                   token_slot=ts, page_size=16)
     check_shrink(c)
     check_expand(c, 4096)
-    check_shrink(c, sort=False)
-    check_expand(c, 4096, sort=False, out_dtype=jnp.bfloat16)
-    check_shrink(c, sort=False, block_tokens=64)
-    check_shrink(c, balanced=True)
-    check_expand(c, 4096, sort=False, block_tokens=64)          # wide tiles: xs · B
-    check_expand(c, 4096, sort=False, block_tokens=128, out_dtype=jnp.bfloat16)
+    for bt in (64, 128):                        # wide tiles: xs · B
+        check_shrink(c, config=lora.TuningConfig(decode_block_tokens=bt))
+        check_expand(c, 4096, config=lora.TuningConfig(decode_block_tokens=bt))
 
 
 @pytest.mark.gpu

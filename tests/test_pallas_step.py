@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.lora import TuningConfig
 from serving.offline import OfflineEngine
 from slora_jax.adapters import dummy_adapter
 from slora_jax.batching import Sampling, decode_batch, prefill_batch
@@ -41,28 +42,21 @@ LLAMA7B_2L = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=1
                          name="llama-7b-2-layers")
 BACKENDS = [("reference", "reference"), ("pallas", "reference"), ("reference", "pallas"),
             ("pallas", "pallas"),        # (lora_backend, attention_backend)
-            ("reference-bf16", "pallas"),         # LoRA terms rounded to bf16 ...
-            ("pallas-sorted-bf16", "pallas")]     # ... as the kernels write them, with
-                                                  # the plan the defaults do not pick at
-                                                  # small batches: sorted, 32-token tiles,
-                                                  # one shrink block per tile
+            ("pallas-sorted", "reference")]       # the plan the defaults do not pick at
+                                                  # small batches: decode rows ordered by
+                                                  # adapter (grouped tiles), 32-token
+                                                  # tiles at prefill (the narrow expand)
 # StepSpec options of the lora backend names above that are not backends ("pallas" runs
-# the defaults: unsorted at these batches, 64-token tiles at prefill, balanced shrink)
-LORA_OPTS = {"reference-bf16": dict(lora_backend="reference", lora_out="pool"),
-             "pallas-sorted-bf16": dict(lora_backend="pallas", lora_sort="always",
-                                        lora_out="pool", lora_max_tile=32,
-                                        lora_shrink="tile")}
-# What each is compared with: the reference LoRA step that rounds its terms alike, on
-# the same attention kernel (the attention kernel has its own rows above), so that
-# only the LoRA kernels differ
-REF = {"pallas-sorted-bf16": ("reference-bf16", "pallas")}
+# the defaults: unsorted at these batches, 64-token tiles at prefill)
+LORA_OPTS = {"pallas-sorted": dict(lora_backend="pallas", lora_tuning=TuningConfig(
+    unsorted_max_tokens=0, prefill_block_tokens=32))}
 # The default run checks both kernels together in the step; each kernel alone and the
-# sorted bf16 plan run with -m slow (and each kernel has its own rows in test_kernels.py).
+# sorted plan run with -m slow (and each kernel has its own rows in test_kernels.py).
 BOTH = [("reference", "reference"), ("pallas", "pallas")]
 
 
 def _checked(backends):
-    return [k for k in backends[1:] if k[0] != "reference-bf16"]
+    return list(backends[1:])
 
 
 def _spec(eng, lora_b, attn_b):
@@ -136,7 +130,7 @@ def _check(mc, batch, context, seed, backends=BACKENDS):
     with_lora = np.array(req_slot) >= 0
     errs = {}
     for key in _checked(backends):         # each kernel alone (if asked), then both
-        ref, ref_pool = out[REF.get(key[0], ("reference", "reference"))]
+        ref, ref_pool = out["reference", "reference"]
         got, got_pool = out[key]
         assert np.all(np.isfinite(got)), key
         errs[key] = err = np.abs(got - ref).max(axis=-1) / scale
@@ -173,7 +167,7 @@ def _check_prefill(mc, batch, context, seed, backends=BACKENDS):
         out[lora_b, attn_b] = (np.asarray(res.logits[:batch], np.float32), pool)
     scale = np.abs(out["reference", "reference"][0]).max(axis=-1)
     for key in _checked(backends):
-        ref, ref_pool = out[REF.get(key[0], ("reference", "reference"))]
+        ref, ref_pool = out["reference", "reference"]
         got, got_pool = out[key]
         assert np.all(np.isfinite(got)), key
         err = np.abs(got - ref).max(axis=-1) / scale

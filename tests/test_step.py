@@ -173,24 +173,17 @@ def test_lora_modules_restrict_the_step(tiny):
 
 
 
-def test_lora_plan_options_are_checked_and_reach_the_step(tiny):
-    """EngineConfig refuses a bad Pallas LoRA plan option by name, listing the good values,
-    and an engine's StepSpec carries the ones it was given."""
-    from slora_jax.config import EngineConfig
+def test_engine_step_spec_carries_the_lora_tuning_defaults(tiny):
+    """An engine's StepSpec carries its backends and the LoRA op's tuning at the measured
+    defaults (one table of them, `TuningConfig`'s); a bad tuning value is refused by name."""
+    from pallas_kernels.lora import TuningConfig
     from slora_jax.model import StepSpec
     from slora_jax.pool import PoolLayout
-    for name, bad in (("lora_sort", "sometimes"), ("lora_out", "bfloat16"),
-                      ("lora_max_tile", 48), ("lora_shrink", "stream")):
-        with pytest.raises(ValueError, match=f"{name}: {bad!r} is not one of"):
-            EngineConfig(**{name: bad})
     mc, params = tiny
-    ec = tiny_engine_config(lora_sort="never", lora_out="pool", lora_max_tile=64,
-                            lora_shrink="tile")
+    ec = tiny_engine_config()
     spec = StepSpec.for_engine(mc, PoolLayout.create(mc, ec), ec)
-    assert (spec.lora_sort, spec.lora_out, spec.lora_max_tile, spec.lora_shrink) == (
-        "never", "pool", 64, "tile")
-    # An engine left at the defaults runs the step's defaults (one table of them).
-    dflt = StepSpec.for_engine(mc, PoolLayout.create(mc, tiny_engine_config()),
-                               tiny_engine_config())
-    assert dflt == StepSpec(mc, dflt.layout, dflt.lora_backend, dflt.attention_backend)
+    assert spec == StepSpec(mc, spec.layout, spec.lora_backend, spec.attention_backend)
+    assert spec.lora_tuning == TuningConfig()
     assert OfflineEngine(params, mc, ec, jnp.float32).spec == spec
+    with pytest.raises(ValueError, match="TuningConfig.decode_block_tokens: 48 is not one of"):
+        spec.with_(lora_tuning=TuningConfig(decode_block_tokens=48))
