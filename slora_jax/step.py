@@ -122,23 +122,32 @@ def mixed(params: Params, pool: Pool, batch: MixedBatch, *, spec: StepSpec):
     mc, layout = spec.model, spec.layout
     d, p = batch.decode, batch.prefill
     b = d.tokens.shape[0]
-    d_page, d_slot = kv_location(d.kv_pages, d.positions, layout)
+    rows = (d.tokens, d.positions, d.kv_pages, d.req_slot)
+    group = sorts_tokens(spec, p.lora, b)
+    if group:
+        # Decode rows ordered by adapter, as `decode` does: the LoRA kernels' token tiles
+        # then hold few adapters each (the prompts' tokens are runs already).
+        order, where = slot_order(d.req_slot, p.lora.slot_pages.shape[0])
+        rows = tuple(a[order] for a in rows)
+    d_tokens, d_positions, d_kv_pages, d_req_slot = rows
+    d_page, d_slot = kv_location(d_kv_pages, d_positions, layout)
     p_page, p_slot, p_adapter = _prefill_rows(p, layout)
     page, slot = jnp.concatenate([d_page, p_page]), jnp.concatenate([d_slot, p_slot])
-    tokens = jnp.concatenate([d.tokens, p.tokens])
-    positions = jnp.concatenate([d.positions, p.positions])
-    token_slot = jnp.concatenate([d.req_slot, p_adapter])
+    tokens = jnp.concatenate([d_tokens, p.tokens])
+    positions = jnp.concatenate([d_positions, p.positions])
+    token_slot = jnp.concatenate([d_req_slot, p_adapter])
 
     def attend(li, pl, q, k, v):
         pl = write_kv(pl, k, v, page, slot, layout)
-        out_d = attn_ops.decode_attention(q[:b], pl, d.kv_pages, d.positions + 1, layout,
+        out_d = attn_ops.decode_attention(q[:b], pl, d_kv_pages, d_positions + 1, layout,
                                           mc.sliding_window, backend=spec.attention_backend)
         out_p = _prefill_attend(p, spec, pl, q[b:], k[b:], v[b:])
         return pl, jnp.concatenate([out_d, out_p])
 
-    pool, h = transformer(params, pool, tokens, positions, attend, p.lora, token_slot, spec,
-                          prefill=True)
-    logits = lm_logits(params, jnp.concatenate([h[:b], h[b + p.last_index]]))
+    lora = lora_plans(spec, p.lora, token_slot, pool, prefill=True)
+    pool, h = transformer(params, pool, tokens, positions, attend, lora, spec)
+    h_d = h[:b][where] if group else h[:b]              # back to the batch's row order
+    logits = lm_logits(params, jnp.concatenate([h_d, h[b + p.last_index]]))
     samp = jax.tree.map(lambda x, y: jnp.concatenate([x, y]), d.sampling, p.sampling)
     next_pos = jnp.concatenate([d.positions, p.positions[p.last_index]]) + 1
     tokens, logprobs = sample(logits, samp, next_pos)

@@ -28,10 +28,10 @@ import pytest
 from pallas_kernels.lora import TuningConfig
 from serving.offline import OfflineEngine
 from slora_jax.adapters import dummy_adapter
-from slora_jax.batching import Sampling, decode_batch, prefill_batch
+from slora_jax.batching import Sampling, decode_batch, mixed_batch, prefill_batch
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.params import init_dummy_params
-from slora_jax.step import decode, prefill
+from slora_jax.step import decode, mixed, prefill
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -85,7 +85,8 @@ def _engine(mc, batch, context, seed):
 
 def _requests(eng, mc, batch, context, seed):
     """`batch` random prompts of 1..context-2 tokens over every adapter and base-only,
-    their adapters resident and KV pages allocated: (req_slot, slots, lens, kv, prefill batch)."""
+    their adapters resident and KV pages allocated: (req_slot, slots, lens, kv, prefill batch,
+    prompts)."""
     rng = np.random.default_rng(seed)
     names = [None] + [f"a{i}" for i in range(len(ADAPTERS))]
     req_names = [names[int(i)] for i in rng.integers(0, len(names), batch)]
@@ -98,13 +99,13 @@ def _requests(eng, mc, batch, context, seed):
     kv = [eng.allocator.alloc(("r", i), eng.layout.kv_pages_for(context), "kv")
           for i in range(batch)]
     pb = prefill_batch(prompts, kv, req_slot, [Sampling()] * batch, slots, eng.ec, eng.layout)
-    return req_slot, slots, lens, kv, pb
+    return req_slot, slots, lens, kv, pb, prompts
 
 
 def _decode_both(mc, batch, context, seed, backends=BACKENDS):
     """Logits and new pools of one decode step, reference and Pallas, same inputs."""
     eng, params = _engine(mc, batch, context, seed)
-    req_slot, slots, lens, kv, pb = _requests(eng, mc, batch, context, seed)
+    req_slot, slots, lens, kv, pb, _ = _requests(eng, mc, batch, context, seed)
     samp = [Sampling()] * batch
     eng.pool, first = prefill(params, eng.pool, pb, spec=eng.spec)
     db = decode_batch(list(map(int, np.asarray(first.tokens)[:batch])), lens, kv, req_slot,
@@ -159,7 +160,7 @@ def _check_prefill(mc, batch, context, seed, backends=BACKENDS):
     """The prefill step (packed prompts of odd lengths, every adapter and base-only)
     with each Pallas backend vs the references: last-token logits and the K/V it wrote."""
     eng, params = _engine(mc, batch, context, seed)
-    pb = _requests(eng, mc, batch, context, seed)[-1]
+    pb = _requests(eng, mc, batch, context, seed)[4]
     out = {}
     for lora_b, attn_b in backends:
         spec = _spec(eng, lora_b, attn_b)
@@ -187,6 +188,48 @@ def test_pallas_prefill_step_each_kernel_matches_reference():
     _check_prefill(SMALL, batch=6, context=72, seed=5)
 
 
+def _check_mixed(mc, batch, context, seed, backends=BOTH):
+    """A mixed step: `batch` decode rows (every adapter and base-only) beside two prompts,
+    the first continuing a prompt whose first chunk an earlier step wrote into the pool;
+    each Pallas backend vs the references: every sampled row's logits and the pool."""
+    n = batch + 2
+    eng, params = _engine(mc, n, context, seed)
+    req_slot, slots, lens, kv, _, prompts = _requests(eng, mc, n, context, seed)
+    lens[batch] = len(prompts[batch]) - len(prompts[batch]) // 2    # its first chunk
+    first = prefill_batch([p[:m] for p, m in zip(prompts[:batch + 1], lens)], kv[:batch + 1],
+                          req_slot[:batch + 1], [Sampling()] * (batch + 1), slots, eng.ec,
+                          eng.layout)
+    eng.pool, out0 = prefill(params, eng.pool, first, spec=eng.spec)
+    c = lens[batch]
+    mb = mixed_batch(
+        (list(map(int, np.asarray(out0.tokens)[:batch])), lens[:batch], kv[:batch],
+         req_slot[:batch], [Sampling()] * batch),
+        ([prompts[batch][c:], prompts[batch + 1]], kv[batch:], req_slot[batch:],
+         [Sampling()] * 2, [c, 0]), slots, eng.ec, eng.layout, batch_size=n)
+    rows = list(range(batch)) + [n, n + 1]
+    out = {}
+    for lora_b, attn_b in backends:
+        pool, res = mixed(params, jax.tree.map(jnp.copy, eng.pool), mb,
+                          spec=_spec(eng, lora_b, attn_b))
+        out[lora_b, attn_b] = (np.asarray(res.logits, np.float32)[rows], pool)
+    scale = np.abs(out["reference", "reference"][0]).max(axis=-1)
+    for key in _checked(backends):
+        (ref, ref_pool), (got, got_pool) = out["reference", "reference"], out[key]
+        assert np.all(np.isfinite(got)), key
+        err = np.abs(got - ref).max(axis=-1) / scale
+        assert err.max() < 2e-2, (key, float(err.max()))
+        for a, b in zip(ref_pool.layers, got_pool.layers):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            assert np.abs(a - b).max() <= 5e-2 * np.abs(a).max(), key
+
+
+def test_pallas_mixed_step_matches_reference():
+    """Interpreted on the CPU: 8 decode rows over 5 adapters and base-only, then a prompt
+    continued from the pool and a new one (decode rows ordered by adapter inside)."""
+    _check_mixed(SMALL, batch=8, context=40, seed=9,
+                 backends=BOTH + [("pallas-sorted", "pallas")])
+
+
 def test_weight_projections_output_the_activations_dtype():
     """The step's weight GEMMs return bf16 (as HF's Linear does), the LoRA terms added
     after: at one row a float32 output made XLA tile them 20-28% slower on the H100
@@ -204,6 +247,12 @@ def test_weight_projections_output_the_activations_dtype():
     assert len(dots) >= 7 * mc.num_layers, len(dots)
     f32 = [l for l in dots if re.search(r"->\s*tensor<[\dx]*f32>", l)]
     assert not f32, f32[:2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_pallas_mixed_step_llama7b_layers():
+    _check_mixed(LLAMA7B_2L, batch=64, context=600, seed=11)
 
 
 @pytest.mark.gpu
