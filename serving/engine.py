@@ -44,16 +44,15 @@ from serving.metrics import SectionClock, ServingMetrics
 from serving.packing import pack
 from serving.streams import AsyncStream, Output, SyncStream
 from serving.warmup import warm_up
-from serving.scheduler import (AdapterLoadFailed, Chunk, EngineInfo, GenerationRequest, InvalidRequest, Overloaded,
+from serving.scheduler import (AdapterLoadFailed, EngineInfo, GenerationRequest, InvalidRequest, Overloaded,
                                RequestError, Scheduler, SchedulerConfig, Seq, SloAbort, Step,
                                Unavailable, UnknownAdapter, now)
-from slora_jax.batching import (Sampling, SamplingError, SlotInfo, decode_batch, lora_batch,
-                                mixed_batch)
+from serving.step_batches import decode_step_batch, prefill_step_batch
+from slora_jax.batching import Sampling, SamplingError
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.model import StepSpec
 from slora_jax.params import Params
 from slora_jax.pool import PoolLayout, init_pool, load_adapter_pages
-from slora_jax.step import DecodeBatch
 
 log = logging.getLogger("serving.engine")
 MAX_SLO_S = 86400.0       # a first-token SLO longer than a day is a mistake, not a wish
@@ -382,78 +381,24 @@ class Engine:
     def _state_args(self, fn) -> tuple:
         return (self.pool,) if fn is load_adapter_pages else (self.params, self.pool, self.tok_buf)
 
-    def _slots(self, seqs: list[Seq]) -> tuple[list[SlotInfo], list[int]]:
-        order: dict[Any, int] = {}
-        slots, req_slot = [], []
-        for s in seqs:
-            if s.entry is None:
-                req_slot.append(-1)
-                continue
-            if s.entry not in order:
-                order[s.entry] = len(slots)
-                slots.append(s.entry.slot)
-            req_slot.append(order[s.entry])
-        return slots, req_slot
-
-    def _lora(self, b, slots):
-        if not self.cfg.base_only_steps and b.lora.slot_pages.shape[0] == 0:
-            b = b.replace(lora=lora_batch(slots, self.ec.max_adapters_per_batch, self.layout))
-        return b
-
-    def _prefill_batch(self, dec: list[Seq], chunks: list[Chunk]):
-        """A prefill step's batch (decode rows padded to max_batch, prompts to
-        max_prefill_requests: one compiled shape per token bucket, and one more, at the
-        largest bucket, for steps that continue a prompt) and its token rows."""
-        ec, lay = self.ec, self.layout
-        continues = chunks[0].start > 0
-        slots, req_slot = self._slots(dec + [c.seq for c in chunks])
-        nd = len(dec)
-        b = mixed_batch(
-            (None, [s.prompt_len + s.n_dispatched - 1 for s in dec], [s.kv_pages for s in dec],
-             req_slot[:nd], [s.req.sampling for s in dec]),
-            ([c.seq.prefill_tokens[c.start:c.end] for c in chunks],
-             [c.seq.kv_pages for c in chunks], req_slot[nd:],
-             [c.seq.req.sampling for c in chunks],
-             [c.start for c in chunks] if continues else None),
-            slots, ec, lay, device_put=False, batch_size=ec.max_batch,
-            num_requests=ec.max_prefill_requests,
-            num_tokens=ec.token_buckets()[-1] if continues else None)
-        if not self.cfg.base_only_steps and b.prefill.lora.slot_pages.shape[0] == 0:
-            b = b.replace(prefill=b.prefill.replace(
-                lora=lora_batch(slots, ec.max_adapters_per_batch, lay)))
-        rows = np.full(ec.max_batch + ec.max_prefill_requests, self.scheduler.dump_row, np.int32)
-        rows[:nd] = [s.row for s in dec]
-        for j, c in enumerate(chunks):
-            if c.last:
-                rows[ec.max_batch + j] = c.seq.row
-        return b, rows
-
-    def _finish_decode(self, b: DecodeBatch, slots):
-        rows = np.full(b.positions.shape[0], self.scheduler.dump_row, np.int32)
-        return self._lora(b, slots), rows
-
     def _dispatch(self, step: Step) -> Inflight:
         for load in step.loads:
             self._write(load)
         seqs = list(step.seqs)
         index = list(range(len(seqs)))
+        ec, lay, dump, base_only = (self.ec, self.layout, self.scheduler.dump_row,
+                                    self.cfg.base_only_steps)
         if step.kind == "prefill":
-            b, rows = self._prefill_batch(seqs, step.chunks)
+            b, rows = prefill_step_batch(seqs, step.chunks, ec, lay, dump, base_only)
             fn = prefill_step
             for j, c in enumerate(step.chunks):
                 c.seq.n_prefilled = c.end
                 if c.last:
                     seqs.append(c.seq)
-                    index.append(self.ec.max_batch + j)
+                    index.append(ec.max_batch + j)
             self.metrics.prompt_tokens.inc(sum(c.end - c.start for c in step.chunks))
         else:
-            slots, req_slot = self._slots(seqs)
-            pos = [s.prompt_len + s.n_dispatched - 1 for s in seqs]
-            b = decode_batch(None, pos, [s.kv_pages for s in seqs], req_slot,
-                             [s.req.sampling for s in seqs], slots, self.ec, self.layout,
-                             device_put=False)
-            b, rows = self._finish_decode(b, slots)
-            rows[:len(seqs)] = [s.row for s in seqs]
+            b, rows = decode_step_batch(seqs, ec, lay, dump, base_only)
             fn = decode_step
         t = now()
         tokens, logprobs = self._call(fn, b, rows)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from serving.device_steps import decode_step, prefill_step
+from serving.step_batches import with_all_slots
 from slora_jax.batching import Sampling, SlotInfo, decode_batch, mixed_batch
 from slora_jax.config import MODULES
 from slora_jax.pool import load_adapter_pages
@@ -43,8 +44,10 @@ def warm_up(engine, progress: bool = True, threads: int | None = None) -> float:
         for use in slot_kinds:
             b = decode_batch(None, [0] * n, [np.zeros(0, np.int32)] * n, [0 if use else -1] * n,
                              [Sampling()] * n, [null_slot], ec, lay, device_put=False)
-            calls.append((decode_step, *engine._step_args(
-                *engine._finish_decode(b, [null_slot] if use else []))))
+            if not engine.cfg.base_only_steps:
+                b = b.replace(lora=with_all_slots(b.lora, [null_slot], ec, lay))
+            rows = np.full(n, engine.scheduler.dump_row, np.int32)
+            calls.append((decode_step, *engine._step_args(b, rows)))
     for n in engine.store.chunk_shapes():
         calls.append((load_adapter_pages, (np.zeros(n, np.int32), np.zeros(
             (lay.num_layers, n, lay.page_size, lay.row_width), engine._host_dtype())), {}))
