@@ -106,7 +106,7 @@ def check_continued(backend, prefix, window, *, n0=29, n1=17, t=64, nq=2, nkv=1,
 
 @pytest.mark.parametrize("backend,prefix,window", [
     ("reference", 45, None), ("reference", 0, None), ("reference", 45, 20),
-    ("pallas", 70, None), ("pallas", 70, 40)])
+    ("pallas", 70, None), pytest.param("pallas", 70, 40, marks=pytest.mark.slow)])
 def test_continued_prefill_attention_matches_float64(backend, prefix, window):
     check_continued(backend, prefix, window)
 
