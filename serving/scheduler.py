@@ -9,7 +9,7 @@ Policy (iteration-level continuous batching with chunked prefill, Sarathi-Serve 
   pool, one token each) or a **prefill** step: the same decode rows plus prefill
   chunks of up to `max_prefill_tokens` tokens and `max_prefill_requests` requests
   in all, so admitting requests never stalls the running ones. A prompt longer
-  than what is left of the budget is cut: its first chunk goes now, the rest in
+  than the budget is cut: its first chunk takes what is left of it, the rest goes in
   the next prefill steps (first in each, as the step's continued prompt; one
   prompt is continued at a time), each chunk attending to the earlier ones in the
   pool; its first token is sampled by the last chunk.
@@ -387,8 +387,11 @@ class Scheduler:
         distinct = set(self._adapters_running)
         failed_entries = set()
         for seq in list(itertools.islice(self.waiting, self.cfg.admit_window)):
+            # Only a prompt longer than a whole step's budget is cut; one that would fit
+            # waits for the next step (a step continuing a prompt costs a gather per layer).
             if (len(chunks) == ec.max_prefill_requests or not self._free_rows or budget <= 0
-                    or (seq.prefill_len > budget and not may_cut)):
+                    or (seq.prefill_len > budget
+                        and not (may_cut and seq.prefill_len > ec.max_prefill_tokens))):
                 break
             e = seq.entry
             if e is not None:

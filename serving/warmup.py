@@ -1,6 +1,6 @@
 """Warm-up: every shape the serving loop can dispatch, compiled before serving (prefill
-steps: token buckets x {0, S} adapter slots, with max_batch decode rows, and the top
-bucket continuing a prompt x {0, S}; decode batch buckets x {0, S}; adapter copies of
+steps: token buckets x {0, S} adapter slots, with max_batch decode rows, and, where a
+prompt can outgrow a step, the top bucket continuing a prompt x {0, S}; decode batch buckets x {0, S}; adapter copies of
 1, 2, 4, .. pages) and run once."""
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def warm_up(engine, progress: bool = True, threads: int | None = None) -> float:
     slot_kinds = [False, True] if engine.cfg.base_only_steps else [True]
     calls = []                 # (jitted fn, its arguments after the engine state, kwargs)
     top = ec.token_buckets()[-1]
-    for n, starts in [(n, None) for n in ec.token_buckets()] + [(top, [1])]:
+    continued = [(top, [1])] if ec.max_context - 1 > ec.max_prefill_tokens else []
+    for n, starts in [(n, None) for n in ec.token_buckets()] + continued:
         n = min(n, ec.max_prefill_tokens)         # (a step continuing a prompt: the top bucket)
         for use in slot_kinds:
             b = mixed_batch((None, [], [], [], []), ([[0] * n], [np.zeros(0, np.int32)],

@@ -252,7 +252,8 @@ def check_modules(c, grouped=False):
     ("mixed", 16, (H, H, H), False),              # MHA q/k/v: one shrink, one expand
     ("all_distinct", 64, (H, H // 2, H // 2), False),  # GQA: 192 shrink rows;
                                                   # expands q, then k|v
-    ("one_adapter", 8, (H, H), False),            # gate/up-like pair
+    pytest.param("one_adapter", 8, (H, H), False,  # gate/up-like pair
+                 marks=pytest.mark.slow),
     ("no_adapters", 16, (H, H, H), False),
     ("mixed", 16, (H, H // 2, H // 2), True)])    # tokens ordered by slot: grouped tiles
 def test_fused_modules_match_reference(kind, max_rank, widths, grouped):
@@ -351,7 +352,7 @@ def test_balanced_shrink_matches_reference(max_rank, t):
         np.testing.assert_allclose(xa[j], np.asarray(want), rtol=1e-4, atol=1e-2)
 
 
-@pytest.mark.parametrize("bt", [64, 128])
+@pytest.mark.parametrize("bt", [64, pytest.param(128, marks=pytest.mark.slow)])
 def test_wide_token_tiles_match_reference(bt):
     """Tiles of 64+ tokens (long prefill segments): the expand computes xs · B in the
     stored [tokens, n] orientation, with no transpose; also through a prefill step's plan."""
