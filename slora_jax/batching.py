@@ -167,11 +167,14 @@ def prefill_batch(prompts: Sequence[Sequence[int]], kv_pages: Sequence[np.ndarra
 def decode_batch(tokens: Sequence[int] | None, positions: Sequence[int],
                  kv_pages: Sequence[np.ndarray], req_slot: Sequence[int],
                  sampling: Sequence[Sampling], slots: Sequence[SlotInfo],
-                 ec: EngineConfig, layout: PoolLayout, device_put: bool = True) -> DecodeBatch:
-    """B requests' next tokens, padded to the batch bucket. `tokens=None` leaves zeros
-    (the caller splices in the previous step's device-side tokens)."""
+                 ec: EngineConfig, layout: PoolLayout, device_put: bool = True,
+                 batch_size: int | None = None) -> DecodeBatch:
+    """B requests' next tokens, padded to the batch bucket (or `batch_size`). `tokens=None`
+    leaves zeros (the caller splices in the previous step's device-side tokens)."""
     n = len(positions)
-    b = ec.bucket(ec.batch_buckets(), n, "decode batch")
+    b = batch_size or ec.bucket(ec.batch_buckets(), n, "decode batch")
+    if n > b:
+        raise ValueError(f"{n} decode rows exceed the batch of {b}")
     tok = np.zeros(b, np.int32)
     if tokens is not None:
         tok[:n] = tokens
@@ -196,24 +199,13 @@ def mixed_batch(decode: tuple, prefill: tuple, slots: Sequence[SlotInfo], ec: En
     values of both index `slots`."""
     tok, pos, kv, d_slot, d_samp = decode
     prompts, p_kv, p_slot, p_samp, starts = prefill
-    n = len(pos)
-    b = batch_size or ec.bucket(ec.batch_buckets(), n, "decode batch")
-    if n > b:
-        raise ValueError(f"{n} decode rows exceed the batch of {b}")
-    tokens = np.zeros(b, np.int32)
-    if tok is not None:
-        tokens[:n] = tok
-    positions = np.zeros(b, np.int32)
-    positions[:n] = pos
-    rs = np.full(b, -1, np.int32)
-    rs[:n] = d_slot
+    d = decode_batch(tok, pos, kv, d_slot, d_samp, [], ec, layout, device_put=False,
+                     batch_size=batch_size)
     p = prefill_batch(prompts, p_kv, p_slot, p_samp, [], ec, layout, device_put=False,
                       starts=starts, num_requests=num_requests, num_tokens=num_tokens)
     any_slot = any(s >= 0 for s in d_slot) or any(s >= 0 for s in p_slot)
     lora = lora_batch(slots if any_slot else [], ec.max_adapters_per_batch if any_slot else 0,
                       layout)
-    d = DecodeBatch(tokens=tokens, positions=positions,
-                    kv_pages=_page_table(kv, b, max_kv_pages(ec, layout)), req_slot=rs,
-                    sampling=sampling_arrays(d_samp, b), lora=lora_batch([], 0, layout))
+    d = d.replace(lora=lora_batch([], 0, layout))
     out = MixedBatch(decode=d, prefill=p.replace(lora=lora))
     return jax.device_put(out) if device_put else out
