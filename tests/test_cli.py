@@ -61,14 +61,17 @@ def test_generate_equals_the_server(tmp_path):
     adapters = [f"--adapter={n}={os.path.join(FIX, 'adapters', n)}"
                 for n in sorted(os.listdir(os.path.join(FIX, "adapters")))]
     flags = ["--dtype", "float32", "--max-batch", "8", "--max-context", "64", "--page-size", "4",
-             "--max-rank", "16"]
+             "--max-rank", "16", "--num-pages", "512", "--max-prefill-tokens", "64"]
     assert main(["generate", "--model", os.path.join(FIX, "model"), *adapters, "--requests",
                  str(inp), "--out", str(out), "--quiet", *flags]) == 0
     offline = {d["id"]: d["token_ids"] for d in map(json.loads, out.read_text().splitlines())}
 
+    # The engine configuration `generate` derives (a slot per adapter), so the server's
+    # steps are the shapes `generate` has compiled in this process.
+    (tmp_path / "s.yaml").write_text("engine: {max_adapters_per_batch: %d}\n" % len(adapters))
     engine, codec, name, _ = build(build_parser().parse_args(
         ["--model", os.path.join(FIX, "model"), "--adapters", os.path.join(FIX, "adapters"),
-         "--max-prefill-tokens", "64", "--compile-cache", "none", *flags]))
+         "--config", str(tmp_path / "s.yaml"), "--compile-cache", "none", *flags]))
     engine.start()
     server = ServerThread(create_app(engine, codec, name)).start()
     try:
