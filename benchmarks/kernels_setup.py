@@ -122,6 +122,12 @@ def repeats(bytes_per_call: int, cap: int = 8) -> int:
 _KERNEL_PRIMS = {"pallas_call", "core_map", "mpmd_map", "copy_gmem_to_smem", "wgmma_ref"}
 
 
+def error_text(e: BaseException) -> str:
+    """A row's `error`: the exception's class and the first line of its message."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0][:300] if msg else ''}"
+
+
 def uses_kernel(f, args) -> bool:
     """Whether `f(*args)` runs a Pallas kernel (False: a dispatch fell back to XLA)."""
     def walk(jaxpr):
