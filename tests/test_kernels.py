@@ -250,8 +250,10 @@ def check_modules(c, grouped=False):
 
 @pytest.mark.parametrize("kind,max_rank,widths,grouped", [
     ("mixed", 16, (H, H, H), False),              # MHA q/k/v: one shrink, one expand
-    ("all_distinct", 64, (H, H // 2, H // 2), False),  # GQA: 192 shrink rows;
-                                                  # expands q, then k|v
+    pytest.param("all_distinct", 64, (H, H // 2, H // 2), False,  # GQA: 192 shrink rows;
+                 marks=pytest.mark.slow),         # expands q, then k|v (rank-64 row tiles:
+                                                  # test_max_rank_128_spans_two_row_tiles;
+                                                  # GQA widths: the grouped case below)
     pytest.param("one_adapter", 8, (H, H), False,  # gate/up-like pair
                  marks=pytest.mark.slow),
     ("no_adapters", 16, (H, H, H), False),
@@ -267,7 +269,10 @@ def test_fused_modules_match_reference(kind, max_rank, widths, grouped):
     check_modules(c, grouped=grouped)
 
 
-@pytest.mark.parametrize("kind", ["mixed", "all_distinct", "segments"])
+# Prompt-like runs across tiles also run in the default suite inside the Pallas prefill
+# step (tests/test_pallas_step.py), whose small batches take the unsorted plan.
+@pytest.mark.parametrize("kind", ["mixed", "all_distinct",
+                                  pytest.param("segments", marks=pytest.mark.slow)])
 def test_unsorted_plan_matches_reference(kind):
     """Tiles of the tokens in their own order: a tile mixes slots, each token takes only
     its own slot's rows, and the output needs no un-sort. Edge: a last partial tile."""
