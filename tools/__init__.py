@@ -1,1 +1,0 @@
-"""Tools around the server: model converters."""
