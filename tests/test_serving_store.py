@@ -307,6 +307,22 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_decode_rows():
     assert st.kind == "decode" and st.seqs == [old, long, short]
 
 
+def test_a_prompt_cancelled_between_its_chunks_frees_its_pages_and_is_not_continued():
+    h = Harness(num_pages=400)                     # max_prefill_tokens 64
+    long = h.add(n_prompt=150, max_tokens=4)
+    short = h.add(n_prompt=10, max_tokens=4)
+    st = h.step()
+    assert admitted(st) == [long] and (st.chunks[0].start, st.chunks[0].end) == (0, 64)
+    assert short.state == "waiting"
+    free, pages = h.store.allocator.num_free, len(long.kv_pages)
+    assert pages == h.lay.kv_pages_for(150)       # the prompt's pages, taken at admission
+    h.sched.cancel(long)                           # its client leaves between two chunks
+    assert h.store.allocator.num_free == free + pages and h.sched.kv_pages_used == 0
+    st = h.step()                                  # nothing continues it; the next prompt
+    assert admitted(st) == [short] and st.chunks[0].start == 0 and st.chunks[0].last
+    assert long.state == "done" and long not in st.seqs and long not in h.sched.running
+
+
 def test_a_dry_pool_preempts_the_youngest_which_goes_back_first_in_line():
     h = Harness(num_pages=20)                      # 19 pages of 6 tokens
     old, mid, young = (h.add(n_prompt=6, max_tokens=40) for _ in range(3))
