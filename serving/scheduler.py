@@ -230,10 +230,13 @@ class Scheduler:
     def _can_recompute(self, seq: Seq) -> bool:
         return self.cfg.kv_pages == "on_demand"
 
-    def _admission_pages(self, seq: Seq) -> int:
-        """KV pages taken at admission: its prefill's, or the whole request's."""
+    def _admission_pages(self, seq: Seq, budget: int | None = None) -> int:
+        """KV pages taken at admission: those of its first prefill chunk (of at most
+        `budget` tokens; later chunks take theirs as they are scheduled), or the whole
+        request's."""
         if self._can_recompute(seq):
-            return self.layout.kv_pages_for(seq.prefill_len)
+            n = seq.prefill_len if budget is None else min(seq.prefill_len, budget)
+            return self.layout.kv_pages_for(n)
         return self.kv_pages_for(seq.req)
 
     # -- queue ------------------------------------------------------------------------
@@ -333,6 +336,8 @@ class Scheduler:
         cont = self._continued()
         if cont is not None:
             end = min(cont.prefill_target, cont.n_prefilled + budget)
+            if not self._grow_to(cont, end):
+                return [], []        # it waits for pages (decode rows free them, or preempt it)
             chunks.append(Chunk(cont, cont.n_prefilled, end))
             budget -= end - cont.n_prefilled
         may_cut = cont is None or chunks[0].last     # one prompt is continued at a time
@@ -361,6 +366,20 @@ class Scheduler:
                     seq.prompt_len + seq.n_dispatched, self.layout))
             out.append(seq)
         return out
+
+    def _grow_to(self, seq: Seq, n_tokens: int) -> bool:
+        """Give a prompt being prefilled in chunks the KV pages of its first `n_tokens`;
+        False (nothing taken) if the pool cannot, even after evicting idle adapters."""
+        need = self.layout.kv_pages_for(n_tokens) - len(seq.kv_pages)
+        if need > 0:
+            if self.allocator.num_free + self.store.evictable_pages() < need:
+                return False
+            self.store.make_room(need)
+            seq.kv_pages = np.concatenate([seq.kv_pages, self.allocator.alloc(
+                seq.kv_owner, need, "kv")])
+            self.kv_pages_used += need
+            self.allocator.set_used(seq.kv_owner, kv_used_elems(n_tokens, self.layout))
+        return True
 
     def _preempt_youngest(self) -> bool:
         """Preempt the most recently admitted on-demand request; False if there is none."""
@@ -404,7 +423,7 @@ class Scheduler:
                     continue
                 if e not in distinct and len(distinct) >= ec.max_adapters_per_batch:
                     continue
-            need_kv = self._admission_pages(seq)
+            need_kv = self._admission_pages(seq, budget)
             need_ad = store.pages_needed(e) if e is not None else 0
             if (full := self.kv_pages_for(seq.req)) + need_ad > alloc.capacity:
                 self.fail(seq, InvalidRequest(
@@ -428,8 +447,8 @@ class Scheduler:
             seq.kv_pages = alloc.alloc(seq.kv_owner, need_kv, "kv")
             seq.on_demand = self._can_recompute(seq)
             alloc.set_used(seq.kv_owner, kv_used_elems(
-                seq.prefill_len if seq.on_demand else seq.prompt_len + seq.req.max_tokens,
-                self.layout))
+                min(seq.prefill_len, budget) if seq.on_demand
+                else seq.prompt_len + seq.req.max_tokens, self.layout))
             self.kv_pages_used += need_kv
             seq.row = self._free_rows.pop()
             self.running.append(seq)     # running before it leaves the queue: never neither

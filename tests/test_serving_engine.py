@@ -203,9 +203,10 @@ def test_an_adapter_that_fails_to_load_fails_only_its_requests(setup, tmp_path):
 
 def test_a_pool_too_small_for_the_batch_preempts_and_no_output_changes(tmp_path):
     """KV pages on demand: 20 requests of up to 40 tokens want 140 KV pages from a pool of
-    63 that also holds adapters, so requests are preempted and recomputed; greedy outputs
-    equal the float64 reference, seeded ones an unpressured engine's, and every page comes
-    back."""
+    63 that also holds adapters, so requests are preempted and recomputed, with prefill
+    steps of 8 tokens (so recomputed prompts, and a few first ones, are prefilled in
+    chunks, each taking its pages as it goes); greedy outputs equal the float64 reference,
+    seeded ones an unpressured engine's, and every page comes back."""
     root = str(tmp_path)
     adapters = write_adapters(root)
     names = [None, "a00", "a10", "a15"]
@@ -215,7 +216,7 @@ def test_a_pool_too_small_for_the_batch_preempts_and_no_output_changes(tmp_path)
         adapter=names[i % len(names)], max_tokens=30,
         sampling=Sampling(temperature=0.8, seed=i) if i % 5 == 4 else Sampling())
         for i in range(20)]
-    small = make_engine(root, num_pages=64)
+    small = make_engine(root, num_pages=64, max_prefill_tokens=8, prefill_token_buckets=(8,))
     try:
         got = [s.result() for s in [small.generate_sync(r) for r in reqs]]
         assert small.stats()["preemptions"] > 0

@@ -278,11 +278,14 @@ def test_on_demand_pages_follow_the_sequence():
         st = h.step()
         assert st.kind == "decode" and len(s.kv_pages) == -(-(5 + k) // tpp)
         assert h.sched.kv_pages_used == len(s.kv_pages) == len(set(s.kv_pages.tolist()))
-    # Longer than a prefill step (max_prefill_tokens 64): still on demand, recomputed in
-    # chunks if it is preempted.
+    # Longer than a prefill step (max_prefill_tokens 64): still on demand (recomputed in
+    # chunks if it is preempted), its pages taken chunk by chunk.
     long = h.add(n_prompt=100, max_tokens=30)
     h.step()
-    assert long.on_demand and len(long.kv_pages) == h.lay.kv_pages_for(100)
+    assert long.on_demand and len(long.kv_pages) == h.lay.kv_pages_for(64)
+    h.step()
+    assert long.prefilled and len(long.kv_pages) == h.lay.kv_pages_for(100)
+    assert h.sched.kv_pages_used == len(s.kv_pages) + len(long.kv_pages)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_beside_the_decode_rows():
@@ -315,12 +318,32 @@ def test_a_prompt_cancelled_between_its_chunks_frees_its_pages_and_is_not_contin
     assert admitted(st) == [long] and (st.chunks[0].start, st.chunks[0].end) == (0, 64)
     assert short.state == "waiting"
     free, pages = h.store.allocator.num_free, len(long.kv_pages)
-    assert pages == h.lay.kv_pages_for(150)       # the prompt's pages, taken at admission
+    assert pages == h.lay.kv_pages_for(64)        # its first chunk's pages only
     h.sched.cancel(long)                           # its client leaves between two chunks
     assert h.store.allocator.num_free == free + pages and h.sched.kv_pages_used == 0
     st = h.step()                                  # nothing continues it; the next prompt
     assert admitted(st) == [short] and st.chunks[0].start == 0 and st.chunks[0].last
     assert long.state == "done" and long not in st.seqs and long not in h.sched.running
+
+
+def test_a_continued_prompt_waits_for_its_pages_while_the_decode_rows_go_on():
+    h = Harness(num_pages=30)                      # 29 pages of 6 tokens; 64-token steps
+    old = h.add(n_prompt=60, max_tokens=50)
+    h.step()
+    long = h.add(n_prompt=130, max_tokens=2)
+    st = h.step()
+    assert admitted(st) == [long] and not st.chunks[0].last and len(long.kv_pages) == 11
+    st = h.step()                                  # its next 64 tokens need 11 pages; 7 free
+    assert st.kind == "decode" and st.seqs == [old] and not st.chunks
+    assert long.state == "running" and long.n_prefilled == 64 and len(long.kv_pages) == 11
+    preempted = False
+    for _ in range(200):                           # the decode row grows into its pages:
+        if h.step() is None:                       # the prompt is preempted, then served
+            break
+        preempted |= long.state == "waiting"
+        assert h.sched.kv_pages_used <= 29
+    assert preempted and old.state == long.state == "done" and not h.failed
+    assert h.store.allocator.num_free == h.store.allocator.capacity
 
 
 def test_a_dry_pool_preempts_the_youngest_which_goes_back_first_in_line():
