@@ -18,14 +18,18 @@ Policy (iteration-level continuous batching with chunked prefill, Sarathi-Serve 
   steps ran since the last one (0: every step carries prefill work while there is
   some, which keeps the prefill rate, hence throughput, highest).
 * **Admission** is first-come first-served on memory: a request is admitted
-  when the pool can hold its prompt's KV pages (all of `prompt + max_tokens` with
+  when the pool can hold its prompt's KV pages (its first chunk's, for a prompt
+  prefilled in chunks; all of `prompt + max_tokens` with
   `kv_pages: reserve`) and its adapter (resident already, or free pages plus
   pages of idle adapters that can be evicted). If the head of the queue does not
   fit, nothing behind it is admitted (no starvation of long requests). A request
   whose adapter is still being read from disk is skipped over without blocking
   the queue; its adapter loads meanwhile.
 * **KV pages on demand** (`kv_pages: on_demand`, the default): a running request
-  takes a page when it crosses one (`_grow`, before every step, oldest first).
+  takes a page when it crosses one (`_grow`, before every step, oldest first), and
+  a prompt continued in chunks takes each chunk's pages when the chunk is scheduled
+  (`_grow_to`; if the pool cannot give them, the chunk waits and the decode rows
+  go on, preempting the prompt if they need its pages).
   When the pool has none left (idle adapters evicted first), the most recently
   admitted request is preempted: its pages return at once, its step in flight is
   made stale (an epoch), and it goes back to the head of the queue, to be
