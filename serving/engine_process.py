@@ -74,7 +74,10 @@ class Bridge:
         # RPCs run off the input thread: an adapter load reads files for a while, and
         # submissions and cancellations must not wait behind it.
         self._workers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="engine-rpc")
-        self.stop = threading.Event()
+        # Set by the SIGTERM handler: a plain flag, not an Event, whose lock a second signal
+        # arriving while the handler holds it would wait on forever (handlers run in the
+        # thread they interrupt).
+        self.stop_requested = False
         self.fatal = threading.Event()
 
     def reply(self, msg) -> None:
@@ -86,7 +89,7 @@ class Bridge:
         a failed engine loop."""
         poller = zmq.Poller()
         poller.register(self.inbox, zmq.POLLIN)
-        while not (self.stop.is_set() or self.fatal.is_set()):
+        while not (self.stop_requested or self.fatal.is_set()):
             if poller.poll(POLL_MS):
                 while True:
                     try:
@@ -139,6 +142,14 @@ class Bridge:
 
     def close(self) -> None:
         self._workers.shutdown(wait=True, cancel_futures=True)
+
+
+def stop_on_sigterm(bridge: Bridge) -> None:
+    """SIGTERM (from the server, or PR_SET_PDEATHSIG) ends `bridge.run` within POLL_MS,
+    however many arrive at once."""
+    def handler(*_):
+        bridge.stop_requested = True
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -213,7 +224,7 @@ def _serve(args, inbox, replies, outputs, parent_pid: int) -> int:
     bridge = Bridge(engine, inbox, replies, outputs, parent_pid)
     # From here on SIGTERM (from the server, or PR_SET_PDEATHSIG) is a clean stop; before,
     # its default action ends a process that holds nothing worth saving.
-    signal.signal(signal.SIGTERM, lambda *_: bridge.stop.set())
+    stop_on_sigterm(bridge)
     engine.on_fatal = lambda e: bridge.fatal.set()     # after every request got its 503
     engine.start()
     bridge.reply(ipc.Ready(os.getpid(), engine.info, name, args.tokenizer or args.model,

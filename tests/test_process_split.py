@@ -191,6 +191,57 @@ def test_one_flush_is_one_small_message():
     assert ipc.decode_from_engine(raw).items == items
 
 
+NESTED_SIGTERMS = """
+import os, signal, sys, threading
+import zmq
+from serving.engine_process import Bridge, stop_on_sigterm
+ctx = zmq.Context()
+inbox, replies, outputs = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH), ctx.socket(zmq.PUSH)
+inbox.bind("inproc://in")
+bridge = Bridge(None, inbox, replies, outputs, os.getppid())
+if sys.argv[1] == "event":                      # the handler stop_on_sigterm replaced
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threading.Thread(target=lambda: (stop.wait(), setattr(bridge, "stop_requested", True)),
+                     daemon=True).start()
+else:
+    stop_on_sigterm(bridge)
+# Every Python call made while the handler runs gets another SIGTERM, handled before the
+# call's next line: signals from other processes can arrive at any point of a handler.
+handler, depth, left = signal.getsignal(signal.SIGTERM), [0], [5]
+
+def wrapped(*a):
+    depth[0] += 1
+    try:
+        handler(*a)
+    finally:
+        depth[0] -= 1
+
+def profile(frame, event, arg):
+    if event == "call" and depth[0] and left[0]:
+        left[0] -= 1
+        os.kill(os.getpid(), signal.SIGTERM)
+signal.signal(signal.SIGTERM, wrapped)
+sys.setprofile(profile)
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+bridge.run()
+sys.setprofile(None)
+print("stopped", flush=True)
+os._exit(0)
+"""
+
+
+def test_sigterms_arriving_inside_the_handler_still_stop_the_engine_bridge():
+    """SIGTERM comes from the server and from PR_SET_PDEATHSIG, so a second one can arrive
+    while the first is being handled (the server killed while it stops the engine). The
+    handler used to set a threading.Event, whose lock the second, handled inside the
+    first's Event.set, waited on forever: an orphan engine process. Run with "event", this
+    script hangs."""
+    out = subprocess.run([sys.executable, "-c", NESTED_SIGTERMS, "flag"], cwd=REPO, timeout=60,
+                         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0 and "stopped" in out.stdout, out.stderr[-2000:]
+
+
 # --- the API through the split -----------------------------------------------------------------
 
 def test_greedy_tokens_match_the_hf_peft_oracle(url):
