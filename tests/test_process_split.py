@@ -333,19 +333,36 @@ def test_a_client_leaving_mid_stream_frees_its_pages(servers):
     finished = finished_counts(url)
     body = {"model": "r16_rslora_all", "prompt": [4, 5, 6], "max_tokens": 250, "temperature": 0,
             "stream": True, "ignore_eos": True}
-    # The engine does not wait for readers, so on a loaded machine it could finish the 250
-    # tokens before the server has seen the client go. It is paused from the first token
-    # until the server has had time to notice and forward the abort; it then ends the
-    # request as an abort, not by length, and its pages are back.
-    try:
-        with httpx.Client(timeout=30) as c:
+    # The engine does not wait for readers: on a loaded machine it could reach the 250th
+    # token before this client has read its first. So it runs in 3 ms slices (SIGSTOP and
+    # SIGCONT) until the first token is read, and stays paused until the server has had
+    # time to see the client go and forward the abort; the request then ends as an abort,
+    # not by length, and its pages are back.
+    first, leave = threading.Event(), threading.Event()
+
+    def client():
+        with httpx.Client(timeout=60) as c:
             with c.stream("POST", f"{url}/v1/completions", json=body) as r:
                 assert r.status_code == 200
-                lines = r.iter_lines()
-                assert next(lines).startswith("data: ")
-                os.kill(engine_pid, signal.SIGSTOP)
+                assert next(r.iter_lines()).startswith("data: ")
+                first.set()
+                leave.wait(60)
+    reader = threading.Thread(target=client, daemon=True)
+    try:
+        os.kill(engine_pid, signal.SIGSTOP)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while not first.is_set():
+            assert time.monotonic() < deadline and reader.is_alive(), "no first token"
+            os.kill(engine_pid, signal.SIGCONT)
+            time.sleep(0.003)
+            os.kill(engine_pid, signal.SIGSTOP)
+            first.wait(0.05)
+        leave.set()
+        reader.join(10)
         time.sleep(2.0)
     finally:
+        leave.set()
         os.kill(engine_pid, signal.SIGCONT)
     deadline = time.monotonic() + 10
     while kv_pages(url) or finished_counts(url) == finished:
