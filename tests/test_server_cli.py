@@ -35,7 +35,8 @@ def test_serve_subprocess_with_2000_adapters(tmp_path):
     (tmp_path / "s.yaml").write_text(YAML)
     cmd = [sys.executable, "-m", "serving.server", "--dummy", "tiny", "--config",
            str(tmp_path / "s.yaml"), "--port", "0", "--adapters", str(tmp_path / "adapters"),
-           "--dummy-adapters", "2000", "--dummy-ranks", "4,8", "--preload"]
+           "--dummy-adapters", "2000", "--dummy-ranks", "4,8", "--preload",
+           "--compile-cache", str(tmp_path / "jax-cache")]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     lines: list[str] = []

@@ -36,7 +36,10 @@ def serve_oracle_requests(tmp_path, yaml: str) -> dict[str, list[int]]:
     (tmp_path / "s.yaml").write_text(yaml)
     args = build_parser().parse_args(["--model", os.path.join(FIX, "model"), "--adapters",
                                       os.path.join(FIX, "adapters"), "--dtype", "float32",
-                                      "--config", str(tmp_path / "s.yaml")])
+                                      "--config", str(tmp_path / "s.yaml"),
+                                      # in-process, the cache would be this pytest worker's
+                                      # for all its later tests (and in the user's home)
+                                      "--compile-cache", "none"])
     engine, codec, name, _ = build(args)
     engine.warmup(progress=False)
     engine.start()
