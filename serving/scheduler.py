@@ -362,28 +362,26 @@ class Scheduler:
                     pass
                 if seq.state != "running":
                     continue
-                self.store.make_room(need)
-                seq.kv_pages = np.concatenate([seq.kv_pages, self.allocator.alloc(
-                    seq.kv_owner, need, "kv")])
-                self.kv_pages_used += need
-                self.allocator.set_used(seq.kv_owner, kv_used_elems(
-                    seq.prompt_len + seq.n_dispatched, self.layout))
+                self._extend(seq, need, seq.prompt_len + seq.n_dispatched)
             out.append(seq)
         return out
 
     def _grow_to(self, seq: Seq, n_tokens: int) -> bool:
-        """Give a prompt being prefilled in chunks the KV pages of its first `n_tokens`;
-        False (nothing taken) if the pool cannot, even after evicting idle adapters."""
+        """The pages of a chunked prompt's first `n_tokens`; False if the pool cannot."""
         need = self.layout.kv_pages_for(n_tokens) - len(seq.kv_pages)
         if need > 0:
             if self.allocator.num_free + self.store.evictable_pages() < need:
                 return False
-            self.store.make_room(need)
-            seq.kv_pages = np.concatenate([seq.kv_pages, self.allocator.alloc(
-                seq.kv_owner, need, "kv")])
-            self.kv_pages_used += need
-            self.allocator.set_used(seq.kv_owner, kv_used_elems(n_tokens, self.layout))
+            self._extend(seq, need, n_tokens)
         return True
+
+    def _extend(self, seq: Seq, need: int, n_tokens: int) -> None:
+        """`need` more KV pages for `seq`, which then holds `n_tokens` tokens."""
+        self.store.make_room(need)
+        seq.kv_pages = np.concatenate([seq.kv_pages, self.allocator.alloc(
+            seq.kv_owner, need, "kv")])
+        self.kv_pages_used += need
+        self.allocator.set_used(seq.kv_owner, kv_used_elems(n_tokens, self.layout))
 
     def _preempt_youngest(self) -> bool:
         """Preempt the most recently admitted on-demand request; False if there is none."""
