@@ -103,7 +103,8 @@ def load_yaml(path: str | None) -> dict:
     return cfg
 
 
-def _fields(names, d: dict, path: str, section: str) -> dict:
+def section_fields(names, d: dict, path: str, section: str) -> dict:
+    """`d` (a YAML section) checked against `names` (a dataclass or a set of keys)."""
     if dataclasses.is_dataclass(names):
         names = {f.name for f in dataclasses.fields(names)}
     bad = sorted(set(d) - set(names))
@@ -119,11 +120,13 @@ def resolve(args) -> dict:
     from slora_jax.config import EngineConfig
     path = args.config or "<flags>"
     y = load_yaml(args.config)
-    eng = {**_ENGINE_DEFAULTS, **_fields(EngineConfig, y.get("engine") or {}, path, "engine")}
-    sch = _fields(SchedulerConfig, y.get("scheduler") or {}, path, "scheduler")
+    eng = {**_ENGINE_DEFAULTS,
+           **section_fields(EngineConfig, y.get("engine") or {}, path, "engine")}
+    sch = section_fields(SchedulerConfig, y.get("scheduler") or {}, path, "scheduler")
     store_keys = {f.name for f in dataclasses.fields(StoreConfig)} | {"host_cache_mb"}
-    sto = _fields(store_keys, y.get("store") or {}, path, "store")
-    srv = {**_SERVER_DEFAULTS, **_fields(_SERVER_DEFAULTS, y.get("server") or {}, path, "server")}
+    sto = section_fields(store_keys, y.get("store") or {}, path, "store")
+    srv = {**_SERVER_DEFAULTS,
+           **section_fields(_SERVER_DEFAULTS, y.get("server") or {}, path, "server")}
     for flag, key in [("max_batch", "max_batch"), ("num_pages", "num_pages"),
                       ("page_size", "page_size"), ("max_context", "max_context"),
                       ("max_rank", "max_rank"), ("max_prefill_tokens", "max_prefill_tokens")]:

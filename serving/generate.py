@@ -103,6 +103,30 @@ def run(engine, reqs: list[GenerationRequest], progress: bool = False) -> dict[s
     return results
 
 
+_FLAGS = dict(max_batch=32, max_context=2048, max_prefill_tokens=1024, max_rank=64,
+              page_size=16, num_pages=0)
+
+
+def engine_settings(args) -> tuple[dict, dict]:
+    """(EngineConfig fields, SchedulerConfig fields): defaults < --config's engine and
+    scheduler sections (the `serve` YAML schema) < flags given."""
+    from serving.bootstrap import load_yaml, section_fields
+    from serving.scheduler import SchedulerConfig
+    from slora_jax.config import EngineConfig
+    y = load_yaml(args.config)
+    path = args.config or "<flags>"
+    eng = {k: v for k, v in _FLAGS.items() if v}
+    eng.update(section_fields(EngineConfig, y.get("engine") or {}, path, "engine"))
+    sch = section_fields(SchedulerConfig, y.get("scheduler") or {}, path, "scheduler")
+    for k in _FLAGS:
+        if getattr(args, k) is not None:
+            eng[k] = getattr(args, k)
+    for k in ("decode_buckets", "prefill_token_buckets"):
+        if eng.get(k) is not None:
+            eng[k] = tuple(eng[k])
+    return eng, sch
+
+
 def cmd_generate(args) -> int:
     import jax.numpy as jnp
 
@@ -118,18 +142,19 @@ def cmd_generate(args) -> int:
         args.model = str(hf_dir_for_gguf(
             args.model, dtype="float32" if args.dtype == "float32" else "bfloat16"))
     mc, params, tok = load_model(args.model, args.dummy, args.dtype)
-    max_ctx = min(args.max_context, mc.max_position_embeddings)
-    kw = dict(page_size=args.page_size, max_rank=args.max_rank, max_context=max_ctx)
-    lay = PoolLayout.create(mc, EngineConfig(num_pages=2, **kw))
-    n_ad = max(1, min(len(args.adapter), args.max_batch))
-    num_pages = args.num_pages or (1 + args.max_batch * lay.kv_pages_for(max_ctx)
-                                   + n_ad * lay.max_adapter_pages)
-    ec = EngineConfig(num_pages=num_pages, max_batch=args.max_batch,
-                      max_prefill_tokens=args.max_prefill_tokens,
-                      max_prefill_requests=min(8, args.max_batch), max_adapters_per_batch=n_ad,
-                      **kw)
+    eng, sch = engine_settings(args)
+    eng["max_context"] = min(eng["max_context"], mc.max_position_embeddings)
+    lay = PoolLayout.create(mc, EngineConfig(**{**eng, "num_pages": 2}))
+    n_ad = max(1, min(len(args.adapter), eng["max_batch"]))
+    eng.setdefault("max_prefill_requests", min(8, eng["max_batch"]))
+    eng.setdefault("max_adapters_per_batch", n_ad)
+    if not eng.get("num_pages"):
+        eng["num_pages"] = (1 + eng["max_batch"] * lay.kv_pages_for(eng["max_context"])
+                            + eng["max_adapters_per_batch"] * lay.max_adapter_pages)
+    ec = EngineConfig(**eng)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    engine = Engine(params, mc, ec, dtype=dtype, config=SchedulerConfig(max_queue=4 * ec.max_batch),
+    engine = Engine(params, mc, ec, dtype=dtype,
+                    config=SchedulerConfig(**{"max_queue": 4 * ec.max_batch, **sch}),
                     store_config=StoreConfig(allowed_roots=()))
     for spec in args.adapter:
         name, _, path = spec.partition("=")
@@ -168,12 +193,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--requests", required=True, help="input JSONL")
     g.add_argument("--out", required=True, help="output JSONL")
     g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    g.add_argument("--max-batch", type=int, default=32)
-    g.add_argument("--max-context", type=int, default=2048)
-    g.add_argument("--max-prefill-tokens", type=int, default=1024)
-    g.add_argument("--max-rank", type=int, default=64)
-    g.add_argument("--page-size", type=int, default=16)
-    g.add_argument("--num-pages", type=int, default=0, help="0 = size for max-batch")
+    g.add_argument("--config", help="a `serve` YAML file: its engine and scheduler sections "
+                                    "(buckets, budgets, ...) configure the engine; flags win")
+    g.add_argument("--max-batch", type=int, help=f"default {_FLAGS['max_batch']}")
+    g.add_argument("--max-context", type=int, help=f"default {_FLAGS['max_context']}")
+    g.add_argument("--max-prefill-tokens", type=int,
+                   help=f"default {_FLAGS['max_prefill_tokens']}")
+    g.add_argument("--max-rank", type=int, help=f"default {_FLAGS['max_rank']}")
+    g.add_argument("--page-size", type=int, help=f"default {_FLAGS['page_size']}")
+    g.add_argument("--num-pages", type=int, help="default: sized for max-batch")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)
     return g

@@ -60,18 +60,22 @@ def test_generate_equals_the_server(tmp_path):
     inp.write_text("\n".join(map(json.dumps, lines)) + "\n")
     adapters = [f"--adapter={n}={os.path.join(FIX, 'adapters', n)}"
                 for n in sorted(os.listdir(os.path.join(FIX, "adapters")))]
+    # One engine configuration (one bucket of each kind) for both: the server runs the steps
+    # `generate` compiled in this process.
+    (tmp_path / "s.yaml").write_text(
+        "engine: {max_adapters_per_batch: %d, max_prefill_requests: 1, decode_buckets: [8],"
+        " prefill_token_buckets: [64]}\nscheduler: {base_only_steps: false}\n" % len(adapters))
     flags = ["--dtype", "float32", "--max-batch", "8", "--max-context", "64", "--page-size", "4",
-             "--max-rank", "16", "--num-pages", "512", "--max-prefill-tokens", "64"]
+             "--max-rank", "16", "--num-pages", "512", "--max-prefill-tokens", "64",
+             "--config", str(tmp_path / "s.yaml")]
     assert main(["generate", "--model", os.path.join(FIX, "model"), *adapters, "--requests",
                  str(inp), "--out", str(out), "--quiet", *flags]) == 0
     offline = {d["id"]: d["token_ids"] for d in map(json.loads, out.read_text().splitlines())}
 
-    # The engine configuration `generate` derives (a slot per adapter), so the server's
-    # steps are the shapes `generate` has compiled in this process.
-    (tmp_path / "s.yaml").write_text("engine: {max_adapters_per_batch: %d}\n" % len(adapters))
     engine, codec, name, _ = build(build_parser().parse_args(
         ["--model", os.path.join(FIX, "model"), "--adapters", os.path.join(FIX, "adapters"),
-         "--config", str(tmp_path / "s.yaml"), "--compile-cache", "none", *flags]))
+         "--compile-cache", "none", *flags]))
+    compiled = engine._cache_sizes()
     engine.start()
     server = ServerThread(create_app(engine, codec, name)).start()
     try:
@@ -81,6 +85,7 @@ def test_generate_equals_the_server(tmp_path):
                 **body, "model": d["adapter"] or name, "prompt": d["prompt_token_ids"]})
             assert r.status_code == 200, r.text
             assert [int(t) for t in r.json()["choices"][0]["text"].split()] == offline[d["id"]]
+        assert engine._cache_sizes() == compiled      # no step compiled for the server
     finally:
         server.stop()
         engine.shutdown()

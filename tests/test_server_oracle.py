@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 
 from serving.bootstrap import build, build_parser
+from serving.engine import Engine
 from serving.server import ServerThread, create_app
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_gqa")
 N_TOKENS = 16
 YAML = """engine: {page_size: 4, num_pages: 256, max_rank: 16, max_batch: 16, max_prefill_tokens: 32,
          max_prefill_requests: 4, max_context: 64, decode_buckets: [16],
-         prefill_token_buckets: [32]}
+         prefill_token_buckets: [32], max_adapters_per_batch: 16}
 scheduler: {base_only_steps: false}
 """
 
@@ -101,9 +102,11 @@ def test_prompts_prefilled_in_chunks_match_the_oracle_through_server_and_generat
                            for r in oracle_requests()))
     adapters = [f"--adapter={n}={os.path.join(FIX, 'adapters', n)}"
                 for n in sorted(os.listdir(os.path.join(FIX, "adapters")))]
+    # the server's configuration file: `generate` runs the steps the server compiled
+    compiled = Engine._cache_sizes()
     assert main(["generate", "--model", os.path.join(FIX, "model"), *adapters, "--requests",
-                 str(inp), "--out", str(out), "--quiet", "--dtype", "float32", "--max-batch", "8",
-                 "--max-context", "64", "--page-size", "4", "--max-rank", "16",
-                 "--max-prefill-tokens", "2"]) == 0
+                 str(inp), "--out", str(out), "--quiet", "--dtype", "float32",
+                 "--config", str(tmp_path / "s.yaml")]) == 0
+    assert Engine._cache_sizes() == compiled
     offline = {d["id"]: d["token_ids"] for d in map(json.loads, out.read_text().splitlines())}
     assert offline == got
