@@ -37,9 +37,8 @@ ON_GPU = jax.default_backend() == "gpu"
 
 SMALL = ModelConfig(vocab_size=211, hidden_size=256, intermediate_size=320, num_layers=2,
                     num_heads=4, num_kv_heads=2, head_dim=64, name="small-bf16")
-# One layer for the interpreted decode and prefill checks (each kernel's pool reads and
-# writes are per layer; SMALL's second layer runs with -m slow, in the mixed check and at
-# Llama-7B shapes on the GPU).
+# One layer for the interpreted step checks (each kernel's pool reads and writes are per
+# layer; SMALL's second layer runs with -m slow, and at Llama-7B shapes on the GPU).
 SMALL_1L = SMALL.with_(num_layers=1, name="small-bf16-1l")
 LLAMA7B_2L = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                          num_layers=2, num_heads=32, num_kv_heads=32, head_dim=128,
@@ -227,6 +226,11 @@ def _check_mixed(mc, batch, context, seed, backends=BOTH):
 def test_pallas_mixed_step_matches_reference():
     """Interpreted on the CPU: 6 decode rows over 5 adapters and base-only, then a prompt
     continued from the pool and a new one."""
+    _check_mixed(SMALL_1L, batch=6, context=40, seed=9)
+
+
+@pytest.mark.slow
+def test_pallas_mixed_step_two_layers_match_reference():
     _check_mixed(SMALL, batch=6, context=40, seed=9)
 
 

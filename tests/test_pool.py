@@ -103,7 +103,7 @@ def test_waste_accounting():
     assert 0 <= w["adapter"]["wasted_bytes"] < per_page + bound_rows * h * 4 * mc.num_layers
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n_tokens=st.integers(1, 40), page_size=st.sampled_from([2, 4, 6]),
        model=st.sampled_from(sorted(TINY)))
 def test_kv_write_read_roundtrip(seed, n_tokens, page_size, model):
@@ -127,7 +127,7 @@ def test_kv_write_read_roundtrip(seed, n_tokens, page_size, model):
     np.testing.assert_array_equal(np.asarray(new)[others], np.asarray(layer)[others])
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), rank=st.integers(1, 16),
        mods=st.sets(st.sampled_from(MODULES), min_size=1), model=st.sampled_from(sorted(TINY)))
 def test_adapter_pages_roundtrip(seed, rank, mods, model):
