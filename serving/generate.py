@@ -141,8 +141,8 @@ def cmd_generate(args) -> int:
         from slora_jax.gguf_convert import hf_dir_for_gguf
         args.model = str(hf_dir_for_gguf(
             args.model, dtype="float32" if args.dtype == "float32" else "bfloat16"))
+    eng, sch = engine_settings(args)            # a bad file fails before the weights load
     mc, params, tok = load_model(args.model, args.dummy, args.dtype)
-    eng, sch = engine_settings(args)
     eng["max_context"] = min(eng["max_context"], mc.max_position_embeddings)
     lay = PoolLayout.create(mc, EngineConfig(**{**eng, "num_pages": 2}))
     n_ad = max(1, min(len(args.adapter), eng["max_batch"]))

@@ -42,6 +42,16 @@ def test_generate_bad_model_dir(tmp_path, caplog):
     assert "no config.json" in caplog.text
 
 
+def test_generate_config_errors_name_the_key(tmp_path, caplog):
+    (tmp_path / "in.jsonl").write_text("")
+    (tmp_path / "s.yaml").write_text("engine: {max_batch: 4, decode_bucket: [4]}\n")
+    rc = main(["generate", "--model", os.path.join(FIX, "model"), "--requests",
+               str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+               "--config", str(tmp_path / "s.yaml")])
+    assert rc == 2
+    assert "unknown keys ['decode_bucket'] in section 'engine'" in caplog.text
+
+
 def test_generate_equals_the_server(tmp_path):
     """The offline CLI and the HTTP server run the same engine: the same requests give the
     same tokens, greedy and seeded."""
