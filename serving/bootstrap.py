@@ -73,9 +73,9 @@ def build_parser(prog: str = "slora-jax serve") -> argparse.ArgumentParser:
     p.add_argument("--ttft-slo", type=float, help="first-token SLO in seconds (early abort)")
     p.add_argument("--host-cache-mb", type=int, help="host RAM for packed adapters")
     p.add_argument("--compile-cache", metavar="DIR", default=default_compile_cache(),
-                   help="JAX persistent compilation cache: a restart with the same model and "
-                        "buckets loads its compiled steps instead of compiling them ('none' "
-                        "turns it off)")
+                   help="compiled steps kept between runs (each bucket's executable, and "
+                        "JAX's compilation cache): a restart with the same model, buckets "
+                        "and code loads them instead of compiling ('none' turns it off)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--engine-in-process", action="store_true",
                    help="run the engine as a thread of the HTTP server's process instead of "
@@ -179,10 +179,12 @@ def build(args, clock=None):
 
     clock = clock or StartupClock(log, getattr(args, "started_at", None))
     clock.done("process")             # spawn, imports (the caller's t0 to here)
+    steps_dir = None
     if args.compile_cache and args.compile_cache.lower() != "none":
         import jax
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        steps_dir = os.path.join(args.compile_cache, "steps")
     if not args.model and not args.dummy:
         from slora_jax.gguf_convert import default_model_dir
         args.model = str(default_model_dir(dtype="bfloat16"))
@@ -206,7 +208,8 @@ def build(args, clock=None):
     ec = EngineConfig(**eng)
     roots = tuple(os.path.realpath(r) for r in [*args.adapters, *args.allowed_lora_root])
     engine = Engine(params, mc, ec, dtype=dtype, config=SchedulerConfig(**cfg["scheduler"]),
-                    store_config=StoreConfig(**{**cfg["store"], "allowed_roots": roots}))
+                    store_config=StoreConfig(**{**cfg["store"], "allowed_roots": roots}),
+                    executable_dir=steps_dir)
     codec = TextCodec.from_dir(args.tokenizer or args.model)
     name = srv["served_model_name"] or mc.name
     clock.done("engine")
@@ -251,8 +254,9 @@ def warm(engine, progress: bool = True) -> float:
         preloading = ex.submit(engine.store.preload, progress=progress, bar_position=1)
         ex.shutdown(wait=False)          # the thread ends with its one job
     secs = engine.warmup(progress=progress)
-    log.info("compiled every bucket in %.1fs (%s)", secs, ", ".join(
-        f"{k} {v:.1f}s" for k, v in engine.warmup_seconds.items()))
+    log.info("compiled every bucket in %.1fs (%s; %d steps loaded from %s)", secs, ", ".join(
+        f"{k} {v:.1f}s" for k, v in engine.warmup_seconds.items()),
+        engine.executables.loaded, engine.executables.directory)
     if st is not None:
         st.clock.done("warmup")
     if preloading is not None:

@@ -39,6 +39,8 @@ import numpy as np
 
 from serving.adapter_store import AdapterStore, PendingLoad, StoreConfig
 from serving.device_steps import JITTED, Inflight, decode_step, prefill_step
+from serving import executables
+from serving.executables import Executables
 from slora_jax.allocator import PageAllocator
 from serving.metrics import SectionClock, ServingMetrics
 from serving.packing import pack
@@ -69,7 +71,8 @@ class Engine:
                  dtype=jnp.bfloat16, config: SchedulerConfig = SchedulerConfig(),
                  store_config: StoreConfig = StoreConfig(),
                  metrics: ServingMetrics | None = None,
-                 on_fatal: Callable[[BaseException], None] | None = None):
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 executable_dir: str | None = None):
         if ec.batch_buckets()[-1] < ec.max_batch:
             raise ValueError(f"decode_buckets {ec.batch_buckets()} do not reach max_batch="
                              f"{ec.max_batch}")
@@ -101,6 +104,8 @@ class Engine:
         self.clock = SectionClock()  # where the engine thread's time goes (/metrics)
         self._last_ready = 0.0
         self._compiled: dict[str, int] | None = None
+        # each bucket's compiled step (warmup() fills it; from disk when a directory is given)
+        self.executables = Executables(executable_dir)
         self._n_steps = 0
         self._warned_compile = False
         self.metrics.bind_gauges(self.stats)
@@ -122,7 +127,10 @@ class Engine:
 
     @staticmethod
     def _cache_sizes() -> dict[str, int]:
-        return {f.__name__ if hasattr(f, "__name__") else str(f): f._cache_size() for f in JITTED}
+        """Executables this process has compiled, by device function (steps go through
+        `serving.executables`, the adapter copies through jit's cache)."""
+        return {f.__name__: (f._cache_size() if f is load_adapter_pages
+                             else executables.COMPILED[f.__name__]) for f in JITTED}
 
     def compiled_since_warmup(self) -> dict[str, int]:
         """Compilations added to the step functions since warmup() (should be all zero)."""
@@ -368,8 +376,12 @@ class Engine:
         self.clock.lap("build")
         buf = jax.device_put(buf)
         self.clock.lap("device_put")
-        self.pool, self.tok_buf, tokens, logprobs = fn(self.params, self.pool, self.tok_buf,
-                                                       buf, spec=self.spec, packing=packing)
+        exe = self.executables.get(fn, packing)
+        if exe is None:                   # a shape warmup() did not make (or no warm-up)
+            exe = self.executables.prepare(fn, (self.params, self.pool, self.tok_buf, buf),
+                                           dict(spec=self.spec, packing=packing))
+        self.pool, self.tok_buf, tokens, logprobs = exe(self.params, self.pool, self.tok_buf,
+                                                        buf)
         self.clock.lap("launch")
         return tokens, logprobs
 

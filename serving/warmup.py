@@ -53,13 +53,19 @@ def warm_up(engine, progress: bool = True, threads: int | None = None) -> float:
         calls.append((load_adapter_pages, (np.zeros(n, np.int32), np.zeros(
             (lay.num_layers, n, lay.page_size, lay.row_width), engine._host_dtype())), {}))
 
-    # Compile on threads: XLA compiles (and reads the compilation cache) outside the
-    # GIL, and jit's caches hand each compiled executable to the first real call.
+    # Compile on threads: XLA compiles (and reads the compilation cache) outside the GIL.
+    # A step's executable goes to engine.executables (loaded from disk when it has one);
+    # jit's caches hand the adapter copies' executables to their first real call.
+    def prepare(fn, args, kw):
+        if fn is load_adapter_pages:
+            fn.lower(*engine._state_args(fn), *args, **kw).compile()
+        else:
+            engine.executables.prepare(fn, (*engine._state_args(fn), *args), kw)
+
     t0 = time.perf_counter()
     threads = threads or min(len(calls), os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(threads, "compile") as ex:
-        futs = [ex.submit(lambda fn, args, kw: fn.lower(*engine._state_args(fn), *args,
-                                                          **kw).compile(), *c) for c in calls]
+        futs = [ex.submit(prepare, *c) for c in calls]
         done = concurrent.futures.as_completed(futs)
         if progress:
             from tqdm import tqdm
@@ -71,7 +77,8 @@ def warm_up(engine, progress: bool = True, threads: int | None = None) -> float:
         if fn is load_adapter_pages:
             engine.pool = out = fn(engine.pool, *args)
         else:
-            engine.pool, engine.tok_buf, out, _ = fn(*engine._state_args(fn), *args, **kw)
+            exe = engine.executables.get(fn, kw["packing"])
+            engine.pool, engine.tok_buf, out, _ = exe(*engine._state_args(fn), *args)
         jax.block_until_ready(out)
     t2 = time.perf_counter()
     engine.warmup_seconds = {"compile": t1 - t0, "first runs": t2 - t1}
