@@ -58,11 +58,13 @@ def test_pallas_rows_compute_what_the_reference_rows_compute():
         bs = [(act, *pool.slots(adapters, mod, "a" if op == "shrink" else "b"), scale, ts)]
         plan = bench._module_plan(op, pool.rows, *bs[0], n=n, max_rank=pool.max_rank,
                                   width=width, ps=pool.page_size, prefill=False, grouped=False)
+        # the unplanned call (its plan built inside) once: it wraps the same kernels
+        backends = ("pallas-planned", "xla-gather") + (("pallas",) if mod == "o" else ())
         outs = {b: bench._lora_fn(op, b, pool.max_rank, width, pool.page_size)(
-            pool.rows, bs, [plan if b == "pallas-planned" else None])[0]
-            for b in ("pallas", "pallas-planned", "xla-gather")}
-        np.testing.assert_allclose(outs["pallas"], outs["pallas-planned"], rtol=1e-5,
-                                   atol=1e-5)
+            pool.rows, bs, [plan if b == "pallas-planned" else None])[0] for b in backends}
+        if "pallas" in outs:
+            np.testing.assert_allclose(outs["pallas"], outs["pallas-planned"], rtol=1e-5,
+                                       atol=1e-5)
         assert outs["xla-gather"].shape == (t, pool.max_rank if op == "shrink" else width)
         np.testing.assert_allclose(outs["pallas-planned"], outs["xla-gather"], rtol=2e-2,
                                    atol=2e-2 * float(jnp.abs(outs["xla-gather"]).max()))

@@ -31,7 +31,7 @@ def adapters(tmp_path_factory):
 
 def start(root: str, directory: str) -> Engine:
     eng = Engine(params(), MC, engine_config(**EC), dtype=jnp.float32,
-                 config=SchedulerConfig(base_only_steps=True),
+                 config=SchedulerConfig(base_only_steps=False),
                  store_config=StoreConfig(allowed_roots=(root,)), executable_dir=directory)
     eng.store.register_dir(root)
     eng.warmup(progress=False)
@@ -67,7 +67,7 @@ def first_run(adapters, tmp_path_factory):
 def test_a_restart_loads_every_step_and_serves_the_same_tokens(first_run, adapters,
                                                                monkeypatch):
     d, n, want = first_run
-    assert n >= 4 and len([f for f in os.listdir(d) if f.endswith(".exe")]) == n
+    assert n >= 2 and len([f for f in os.listdir(d) if f.endswith(".exe")]) == n
     monkeypatch.setattr(executables, "_MEMORY", {})
     compiled = dict(executables.COMPILED)
     eng = start(adapters, d)

@@ -75,6 +75,9 @@ def oracle_tokens(rid: str) -> list[int]:
     return [int(t) for t in oracle[f"{rid}/greedy_tokens"][:N_TOKENS]]
 
 
+# In the default run, the oracle's greedy tokens go through the in-process server in the
+# chunked test below and through the process-split server (tests/test_process_split.py).
+@pytest.mark.slow
 @needs_fixtures
 def test_http_greedy_tokens_match_hf_peft_oracle(tmp_path):
     got = serve_oracle_requests(tmp_path, YAML)
