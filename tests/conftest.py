@@ -34,3 +34,10 @@ def tiny_engine_config(**kw) -> EngineConfig:
 def tiny(request):
     mc = TINY[request.param]
     return mc, init_dummy_params(mc, jnp.float32, seed=1, std=0.25)
+
+
+@pytest.fixture(scope="session", params=["gqa", pytest.param("mha", marks=pytest.mark.slow)])
+def tiny_gqa_first(request):
+    """`tiny` for the costlier checks: the MHA model with -m slow."""
+    mc = TINY[request.param]
+    return mc, init_dummy_params(mc, jnp.float32, seed=1, std=0.25)

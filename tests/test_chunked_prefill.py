@@ -131,11 +131,11 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-9))
 
 
-def test_chunks_and_decode_rows_in_one_step_match_dense(tiny):
+def test_chunks_and_decode_rows_in_one_step_match_dense(tiny_gqa_first):
     """Prompt A (adapter a2) prefilled in three chunks: alone with B and D's prompts, then
     with B and D decoding and prompt C (a1) packed after it, then with B, C, D decoding.
     Every sampled row's logits equal the dense float64 model's at that position."""
-    mc, params = tiny
+    mc, params = tiny_gqa_first
     eng = OfflineEngine(params, mc, tiny_engine_config(max_prefill_requests=4), jnp.float32)
     for i, (r, mods) in enumerate(ADAPTERS):
         eng.add_adapter(dummy_adapter(mc, r, mods, seed=20 + i, std=0.3, alpha=2 * r,

@@ -6,6 +6,19 @@ import os
 from serving.cli import main
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_gqa")
+ADAPTERS = sorted(os.listdir(os.path.join(FIX, "adapters"))) if os.path.isdir(
+    os.path.join(FIX, "adapters")) else []
+
+
+def engine_flags(tmp_path) -> list[str]:
+    """One engine configuration (one bucket of each kind) for `generate` and the server in
+    this module: the steps compile once per pytest worker."""
+    (tmp_path / "s.yaml").write_text(
+        "engine: {max_adapters_per_batch: %d, max_prefill_requests: 1, decode_buckets: [8],"
+        " prefill_token_buckets: [64]}\nscheduler: {base_only_steps: false}\n" % len(ADAPTERS))
+    return ["--dtype", "float32", "--max-batch", "8", "--max-context", "64", "--page-size", "4",
+            "--max-rank", "16", "--num-pages", "512", "--max-prefill-tokens", "64",
+            "--config", str(tmp_path / "s.yaml")]
 
 
 def test_generate_jsonl(tmp_path):
@@ -20,8 +33,7 @@ def test_generate_jsonl(tmp_path):
     adapters = [f"--adapter={n}={os.path.join(FIX, 'adapters', n)}"
                 for n in sorted(os.listdir(os.path.join(FIX, "adapters")))]
     rc = main(["generate", "--model", os.path.join(FIX, "model"), *adapters, "--requests", str(inp),
-               "--out", str(out), "--dtype", "float32", "--max-batch", "8", "--max-context", "64",
-               "--page-size", "4", "--max-rank", "16", "--quiet"])
+               "--out", str(out), "--quiet", *engine_flags(tmp_path)])
     assert rc == 0
     res = {d["id"]: d for d in map(json.loads, out.read_text().splitlines())}
     import numpy as np
@@ -70,14 +82,7 @@ def test_generate_equals_the_server(tmp_path):
     inp.write_text("\n".join(map(json.dumps, lines)) + "\n")
     adapters = [f"--adapter={n}={os.path.join(FIX, 'adapters', n)}"
                 for n in sorted(os.listdir(os.path.join(FIX, "adapters")))]
-    # One engine configuration (one bucket of each kind) for both: the server runs the steps
-    # `generate` compiled in this process.
-    (tmp_path / "s.yaml").write_text(
-        "engine: {max_adapters_per_batch: %d, max_prefill_requests: 1, decode_buckets: [8],"
-        " prefill_token_buckets: [64]}\nscheduler: {base_only_steps: false}\n" % len(adapters))
-    flags = ["--dtype", "float32", "--max-batch", "8", "--max-context", "64", "--page-size", "4",
-             "--max-rank", "16", "--num-pages", "512", "--max-prefill-tokens", "64",
-             "--config", str(tmp_path / "s.yaml")]
+    flags = engine_flags(tmp_path)     # the server runs the steps `generate` compiled
     assert main(["generate", "--model", os.path.join(FIX, "model"), *adapters, "--requests",
                  str(inp), "--out", str(out), "--quiet", *flags]) == 0
     offline = {d["id"]: d["token_ids"] for d in map(json.loads, out.read_text().splitlines())}

@@ -79,10 +79,10 @@ def test_greedy_decode_matches_dense(tiny):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_batching_invariance(tiny, temperature):
+def test_batching_invariance(tiny_gqa_first, temperature):
     """A request's tokens are the same alone and inside a mixed batch of 32 (alone: batch
     bucket 1 and token bucket 32; together: 32 and 128)."""
-    mc, params = tiny
+    mc, params = tiny_gqa_first
     eng = make_engine(mc, params, decode_buckets=(1, 32), prefill_token_buckets=(32, 128))
     rng = np.random.default_rng(2)
     names = [None, "a0", "a1", "a2", "a3", "a4"]
