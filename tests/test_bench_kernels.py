@@ -41,6 +41,7 @@ def test_pool_pages_hold_every_matrix():
     assert pool.rows.shape[0] >= (max(seen) + 1) * setup.PAGE_SIZE
 
 
+@pytest.mark.slow
 def test_pallas_rows_compute_what_the_reference_rows_compute():
     """The benchmark's Pallas and reference calls agree for every kind of module (q, k/v
     width, the MLP's F on either side), so both get the same max_rank/out_features."""
