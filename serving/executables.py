@@ -130,8 +130,14 @@ class Executables:
             # a backend (or an op) that cannot serialize: JAX's cache still helps
             log.warning("step %s not cached: %s", key, e)
             return
-        os.makedirs(self.directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, self._path(key))      # readers see a whole file or none
+        tmp = None
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, self._path(key))      # readers see a whole file or none
+        except OSError as e:                      # a read-only or full disk: serve anyway
+            log.warning("step %s not cached: %s", key, e)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)

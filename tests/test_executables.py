@@ -103,3 +103,19 @@ def test_changed_code_or_a_bad_file_compiles_afresh(first_run, adapters, tmp_pat
         assert tokens(eng) == first_run[2]
     finally:
         eng.shutdown()
+
+
+def test_an_unwritable_cache_directory_does_not_stop_the_engine(adapters, tmp_path,
+                                                               monkeypatch, caplog):
+    (tmp_path / "steps").write_text("a file where the directory should be")
+    monkeypatch.setattr(executables, "_MEMORY", {})
+    # (serializing stubbed: XLA:CPU cannot serialize this process's steps once they have run)
+    monkeypatch.setattr(executables.serialize_executable, "serialize", lambda c: b"")
+    with caplog.at_level(logging.WARNING, logger="serving.executables"):
+        eng = start(adapters, str(tmp_path / "steps"))
+    try:
+        assert "not cached: [Errno 17] File exists" in caplog.text, caplog.text
+        assert eng.executables.loaded == 0
+        assert len(tokens(eng)) == 5
+    finally:
+        eng.shutdown()
