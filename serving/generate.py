@@ -121,9 +121,6 @@ def engine_settings(args) -> tuple[dict, dict]:
     for k in _FLAGS:
         if getattr(args, k) is not None:
             eng[k] = getattr(args, k)
-    for k in ("decode_buckets", "prefill_token_buckets"):
-        if eng.get(k) is not None:
-            eng[k] = tuple(eng[k])
     return eng, sch
 
 

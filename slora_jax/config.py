@@ -231,6 +231,9 @@ class EngineConfig:
         if bad:
             raise ValueError(f"lora_modules: unknown modules {bad} (have {list(MODULES)})")
         object.__setattr__(self, "lora_modules", tuple(m for m in MODULES if m in mods))
+        for k in ("decode_buckets", "prefill_token_buckets"):    # YAML gives lists
+            if getattr(self, k) is not None:
+                object.__setattr__(self, k, tuple(getattr(self, k)))
 
     def batch_buckets(self) -> tuple[int, ...]:
         return self.decode_buckets or _pow2_buckets(1, self.max_batch)
