@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "seconds, stopping after the first whose first-token SLO attainment "
                         "falls below 90%%; rows go to saturation_<device>_<commit>.json in "
                         "--out-dir (merged with the rows of other runs of this commit)")
+    p.add_argument("--sweep-adapters", metavar="COUNTS",
+                   help="adapter counts swept in turn against one server (comma list, 0 = the "
+                        "base model only; default: --num-adapters); each count after the first "
+                        "starts at the highest rate the previous count sustained, and steps "
+                        "down while its first rate misses the SLO")
+    p.add_argument("--sweep-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="start no sweep point after this many seconds (0 = no limit); rows "
+                        "are written after every point")
     p.add_argument("--ranks-label", help="the adapters' ranks in the sweep rows (default: "
                                          "from --dummy-ranks, e.g. 8 or 8-64)")
     return p
@@ -283,37 +291,74 @@ def _ranks_label(args, server_argv: list[str]) -> str:
     return "as loaded"
 
 
+def _sweep_counts(args, adapters: list[str]) -> list[int]:
+    if not args.sweep_adapters:
+        return [min(args.num_adapters, len(adapters)) if args.num_adapters else len(adapters)]
+    counts = [int(x) for x in args.sweep_adapters.split(",")]
+    if any(not 0 <= n <= len(adapters) for n in counts):
+        raise SystemExit(f"--sweep-adapters {args.sweep_adapters}: the server lists "
+                         f"{len(adapters)} adapters")
+    return counts
+
+
 def run_sweep(args, url: str, adapters: list[str], base: str, vocab: int, max_len: int,
-              ranks: str) -> list[dict]:
-    rows = []
-    n_adapters = len(adapters[:args.num_adapters] if args.num_adapters else adapters)
-    for rate in (float(x) for x in args.sweep.split(",")):
-        trace = make_trace(argparse.Namespace(**{**vars(args), "rate": rate}), adapters, base,
-                           vocab, max_len)
-        recs, wall = asyncio.run(run_trace(url, trace, args.timeout))
-        s = summarize(recs, wall, args.slo_ttft)
-        rows.append(sweep_row(s, model=base, adapters=n_adapters, ranks=ranks, rate=rate))
-        print(f"offered {rate:g} req/s: served {s['throughput_req_s']:.2f} req/s, "
-              f"{s['output_tok_s']:.0f} tok/s, SLO {100 * s['slo_attainment']:.1f}%, TTFT p50 "
-              f"{s['ttft_p50_s']:.3f} s p99 {s['ttft_p99_s']:.3f} s, TPOT "
-              f"{1000 * s['tpot_mean_s']:.1f} ms", flush=True)
-        if s["slo_attainment"] < SWEEP_FLOOR:
-            break
+              ranks: str, write=lambda rows: None) -> list[dict]:
+    """Saturation rows: for each adapter count, offered rates rising until the first-token
+    SLO attainment falls below `SWEEP_FLOOR`. A later count starts at the highest rate the
+    previous one sustained and steps down while it misses the SLO there, so each count
+    brackets its saturation point without re-measuring the light loads."""
+    rates = [float(x) for x in args.sweep.split(",")]
+    rows: list[dict] = []
+    t_start, start = time.perf_counter(), 0
+    for n in _sweep_counts(args, adapters):
+        pool = adapters[:n]
+        wl = argparse.Namespace(**{**vars(args), "num_adapters": 0,
+                                   "base_fraction": args.base_fraction if n else 1.0})
+        passed: dict[int, bool] = {}
+        i = start
+        while 0 <= i < len(rates) and i not in passed:
+            if args.sweep_budget and time.perf_counter() - t_start > args.sweep_budget:
+                print(f"sweep budget of {args.sweep_budget:g} s spent", flush=True)
+                return rows
+            rate = rates[i]
+            trace = make_trace(argparse.Namespace(**{**vars(wl), "rate": rate}), pool, base,
+                               vocab, max_len)
+            recs, wall = asyncio.run(run_trace(url, trace, args.timeout))
+            s = summarize(recs, wall, args.slo_ttft)
+            rows.append(sweep_row(s, model=base, adapters=n, ranks=ranks if n else "-",
+                                  rate=rate))
+            write(rows)
+            print(f"{n} adapters, offered {rate:g} req/s: served {s['throughput_req_s']:.2f} "
+                  f"req/s, {s['output_tok_s']:.0f} tok/s, SLO {100 * s['slo_attainment']:.1f}%"
+                  f", TTFT p50 {s['ttft_p50_s']:.3f} s p99 {s['ttft_p99_s']:.3f} s, TPOT "
+                  f"{1000 * s['tpot_mean_s']:.1f} ms", flush=True)
+            passed[i] = s["slo_attainment"] >= SWEEP_FLOOR
+            if passed[i] and (i + 1) not in passed:
+                i += 1
+            elif not passed[i] and i == start and (i - 1) not in passed:
+                i -= 1
+            else:
+                break
+        ok = [j for j, good in passed.items() if good]
+        start = max(ok) if ok else 0
     return rows
 
 
-def write_sweep(args, argv, device: str, rows: list[dict]) -> str:
+def write_sweep(args, argv, device: str, rows: list[dict], quiet: bool = False) -> str:
     rev = _git()
     commit = rev[:10] + ("-dirty" if rev.endswith("-dirty") else "")
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     path = os.path.join(args.out_dir, f"saturation_{slug}_{commit}.json")
-    old = []
+    old, commands = [], []
     if os.path.exists(path):
         with open(path) as f:
-            old = json.load(f)["rows"]
+            prev = json.load(f)
+        old, commands = prev["rows"], prev["command"].split(" && ")
+    command = " ".join(["benchmarks/serve_load.py"] + argv)
     record = {"benchmark": "saturation", "device": device, "commit": commit,
               "date": datetime.date.today().isoformat(),
-              "command": " ".join(["benchmarks/serve_load.py"] + argv),
+              # every run whose rows the file holds, in the order they ran
+              "command": " && ".join([c for c in commands if c != command] + [command]),
               "workload": {k: getattr(args, k) for k in (
                   "alpha", "cv", "duration", "input_range", "output_range", "base_fraction",
                   "slo_ttft", "seed")},
@@ -321,6 +366,8 @@ def write_sweep(args, argv, device: str, rows: list[dict]) -> str:
     os.makedirs(args.out_dir, exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
+    if quiet:
+        return path
     print("\n| model | adapters | ranks | offered req/s | served req/s | SLO % | TTFT p50 s | "
           "TTFT p99 s | TPOT ms |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -377,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         max_len = int(base.get("max_model_len") or 2048)
         if args.sweep:
             rows = run_sweep(args, url, adapters, base["id"], vocab, max_len,
-                             _ranks_label(args, server_argv))
+                             _ranks_label(args, server_argv),
+                             write=lambda rows: write_sweep(args, argv, device, rows, True))
             write_sweep(args, argv, device, rows)
             return 0
         reqs = make_trace(args, adapters, base["id"], vocab, max_len)

@@ -393,3 +393,18 @@ def test_serve_load_benchmark_against_the_server(srv, tmp_path):
     assert [(r["offered_req_s"], r["slo_attainment"]) for r in rec["rows"]] == [(20.0, 0.0),
                                                                                 (40.0, 1.0)]
     assert {"device", "commit", "command", "workload"} <= set(rec)
+
+    # --sweep-adapters: the base model alone, then 4 adapters starting at the rate the base
+    # sustained; the rows join the file's, whose command lists every run.
+    assert mod.main([*common, "--sweep", "20,40", "--sweep-adapters", "0,4"]) == 0
+    rec = json.loads(path.read_text())
+    assert [(r["adapters"], r["offered_req_s"]) for r in rec["rows"]] == [
+        (0, 20.0), (0, 40.0), (4, 40.0), (16, 20.0), (16, 40.0)]
+    assert rec["command"].count("serve_load.py") == 3 and "--sweep-adapters 0,4" in rec["command"]
+    assert all(r["ranks"] == "-" for r in rec["rows"] if r["adapters"] == 0)
+    # A spent budget starts no further point; a count above the server's is an error.
+    assert mod.main([*common, "--sweep", "20,40", "--sweep-adapters", "1", "--sweep-budget",
+                     "1e-9"]) == 0
+    assert not [r for r in json.loads(path.read_text())["rows"] if r["adapters"] == 1]
+    with pytest.raises(SystemExit, match="lists 16 adapters"):
+        mod.main([*common, "--sweep", "20", "--sweep-adapters", "17"])
