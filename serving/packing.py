@@ -6,6 +6,10 @@ contiguous int32 buffer makes it one. Every leaf of a step batch is 4 bytes wide
 indices, float32 scales and sampling values), so floats travel bit for bit and are
 bit-cast back inside the jitted step. The `Packing` (tree structure, shapes, dtypes) is
 static, one per compiled bucket.
+
+Each leaf starts on a 256-byte boundary of the buffer: XLA may hand a Pallas Mosaic GPU
+kernel a slice of the buffer in place (a page table, say), and those kernels refuse an
+operand that is not 256-byte aligned.
 """
 
 from __future__ import annotations
@@ -17,6 +21,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+ALIGN = 64         # int32 elements: 256 bytes
+
+
+def _offsets(sizes) -> tuple[list[int], int]:
+    offsets, o = [], 0
+    for n in sizes:
+        offsets.append(o)
+        o += -(-n // ALIGN) * ALIGN
+    return offsets, o
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,19 +47,20 @@ def pack(tree) -> tuple[np.ndarray, Packing]:
     for a in arrays:
         if a.dtype.itemsize != 4:
             raise TypeError(f"pack: a {a.dtype} leaf; step batches hold 4-byte values only")
-    buf = np.concatenate([a.ravel().view(np.int32) for a in arrays]) if arrays else \
-        np.zeros(0, np.int32)
+    offsets, total = _offsets(a.size for a in arrays)
+    buf = np.zeros(total, np.int32)
+    for a, o in zip(arrays, offsets):
+        buf[o:o + a.size] = a.ravel().view(np.int32)
     return buf, Packing(treedef, tuple((a.shape, a.dtype.name) for a in arrays))
 
 
 def unpack(buf: jax.Array, packing: Packing):
     """Device side (inside jit): the tree back from `buf` [n] int32."""
-    out, o = [], 0
-    for shape, dtype in packing.leaves:
-        n = math.prod(shape)
-        x = buf[o:o + n].reshape(shape)
+    out = []
+    offsets, _ = _offsets(math.prod(shape) for shape, _ in packing.leaves)
+    for (shape, dtype), o in zip(packing.leaves, offsets):
+        x = buf[o:o + math.prod(shape)].reshape(shape)
         if dtype != "int32":
             x = jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
         out.append(x)
-        o += n
     return jax.tree.unflatten(packing.treedef, out)
