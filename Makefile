@@ -54,8 +54,9 @@ bench-serve:
 # One sweep per server configuration, e.g. ARGS="--dummy-adapters 1000 --dummy-ranks 8".
 bench-saturation:
 	$(GPU_ENV) $(PY) benchmarks/serve_load.py --dummy llama-7b \
-	  --config configs/server/saturation.yaml --preload --sweep 4,8,12,16,20,24,28,32 \
-	  --duration 60 --input-range 8,512 --output-range 8,512 --out-dir $(OUT) $(ARGS)
+	  --config configs/server/saturation.yaml --dummy-adapters 2000 --dummy-ranks 8 --preload \
+	  --sweep 10,16,20,24,28,32,36,40 --sweep-adapters 0,1000,2000,100,5 --duration 60 \
+	  --input-range 8,512 --output-range 8,512 --out-dir $(OUT) $(ARGS)
 
 bench-overhead:
 	$(GPU_ENV) $(PY) benchmarks/serve_overhead.py --dummy llama-7b \
