@@ -15,7 +15,7 @@ metric), errors by HTTP status, and the server's adapter-load counters. The
 table is printed and a JSON record (device, jax version, git commit,
 command) is written under benchmarks/results/.
 
-    # CPU smoke run: tiny preset, in-process server
+    # CPU smoke run: tiny preset
     python benchmarks/serve_load.py --quick
     # GPU: Llama-7B shape, 1000 random adapters (S-LoRA's S1-like setting)
     python benchmarks/serve_load.py --dummy llama-7b --dummy-adapters 1000 \\
@@ -25,7 +25,9 @@ command) is written under benchmarks/results/.
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --rate 4 --num-requests 200
 
 Any `slora-jax serve` flag (--model/--dummy, --config, --dummy-adapters,
---adapters, ...) starts the server in this process; --url uses a running one.
+--adapters, ...) starts the real server (`python -m serving.server`, its engine in a
+process of its own) for the run, so the load generator shares no interpreter with it;
+--url uses a running one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -87,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-budget", type=float, default=0.0, metavar="SECONDS",
                    help="start no sweep point after this many seconds (0 = no limit); rows "
                         "are written after every point")
+    p.add_argument("--server-log", metavar="FILE",
+                   help="where the started server's log goes (default: discarded)")
     p.add_argument("--ranks-label", help="the adapters' ranks in the sweep rows (default: "
                                          "from --dummy-ranks, e.g. 8 or 8-64)")
     return p
@@ -95,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 _QUICK = dict(num_requests=40, rate=20.0, input_range="4,32", output_range="4,24")
 _QUICK_SERVER = ["--dummy", "tiny", "--config", os.path.join(_ROOT, "configs", "server",
                                                              "tiny.yaml"),
-                 "--dummy-adapters", "20", "--dummy-ranks", "4,8", "--log-level", "warning"]
+                 "--dummy-adapters", "20", "--dummy-ranks", "4,8"]
 
 
 @dataclasses.dataclass
@@ -117,6 +122,88 @@ class Rec:
     ttft: float | None = None
     latency: float | None = None
     error: str | None = None
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device_name() -> str:
+    """The first GPU's name as nvidia-smi gives it (JAX's `device_kind`), else "cpu"."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        if out:
+            return out.splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "cpu"
+
+
+class ServerProcess:
+    """`python -m serving.server FLAGS` on a free port; entering returns once /health is
+    200 (`start_s` the seconds that took), leaving stops it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, flags: list[str], log_level: str = "warning",
+                 log_path: str | None = None):
+        self.port = _free_port()
+        self.argv = [sys.executable, "-m", "serving.server", "--port", str(self.port), *flags,
+                     "--log-level", log_level]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._keep_log = log_path is not None
+        self._log_path = log_path
+
+    def __enter__(self) -> "ServerProcess":
+        import httpx
+        if self._log_path is None:
+            fd, self._log_path = tempfile.mkstemp(prefix="slora-server-", suffix=".log")
+            os.close(fd)
+        os.makedirs(os.path.dirname(os.path.abspath(self._log_path)), exist_ok=True)
+        self._log = open(self._log_path, "w")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.argv, cwd=_ROOT, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"the server exited ({self.proc.returncode}):\n"
+                                     + open(self._log_path).read()[-3000:])
+                try:
+                    if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.start_s = time.perf_counter() - t0
+        return self
+
+    def startup_phases(self) -> dict[str, float]:
+        """The server's own `slora_startup_seconds{phase}` gauges."""
+        import httpx
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^slora_startup_seconds\{phase="([^"]+)"\} (\S+)$', text, re.M)}
+
+    def log_lines(self, pattern: str) -> list[str]:
+        with open(self._log_path) as f:
+            return [ln.rstrip() for ln in f if re.search(pattern, ln)]
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        if not self._keep_log:
+            os.unlink(self._log_path)
 
 
 def _range(s: str) -> tuple[int, int]:
@@ -390,31 +477,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.url and not server_argv:
         build_parser().error("give --url, --quick, or server flags (--dummy/--model ...)")
 
-    server = engine = None
+    server = None
     device = "remote"
     if args.url:
         url = args.url.rstrip("/")
     else:
-        import logging
-
-        import jax
-
-        from serving.bootstrap import build, build_parser as serve_parser, warm
-        from serving.server import ServerThread, create_app
-        sargs = serve_parser().parse_args(server_argv)
-        logging.basicConfig(level=sargs.log_level.upper(),
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        engine, codec, name, cfg = build(sargs)
-        warm(engine)
-        engine.start()
-        server = ServerThread(create_app(engine, codec, name,
-                                         default_max_tokens=cfg["server"]["default_max_tokens"]),
-                              port=0).start()
+        server = ServerProcess(server_argv, log_level="info" if args.server_log else "warning",
+                               log_path=args.server_log).__enter__()
         url = server.url
-        d = jax.devices()[0]
-        device = f"{d.platform}: {d.device_kind} x{jax.device_count()}"
-        if args.sweep:
-            device = d.device_kind if d.platform == "gpu" else d.platform
+        device = device_name()
+        print(f"server up in {server.start_s:.1f} s at {url}", flush=True)
     try:
         import httpx
         models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
@@ -437,8 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         after = _server_counters(url)
     finally:
         if server is not None:
-            server.stop()
-            engine.shutdown()
+            server.__exit__(None, None, None)
     summary = summarize(recs, wall, args.slo_ttft)
     print_table(summary)
     import jax

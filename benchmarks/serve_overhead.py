@@ -45,6 +45,8 @@ for p in (_ROOT, _HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from serve_load import ServerProcess, device_name  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -147,58 +149,8 @@ def phase_engine(args) -> dict:
 
 # --- phase (c): the HTTP server ---------------------------------------------------------------
 
-class _Server:
-    """`python -m serving.server` on a free port; `__enter__` returns once /health is 200."""
-
-    def __init__(self, args, cache: str, log_level: str = "warning"):
-        self.argv = [sys.executable, "-m", "serving.server", "--port", str(_free_port()),
-                     *_serve_flags(args, args.adapters, cache), "--log-level", log_level]
-        self.url = f"http://127.0.0.1:{self.argv[4]}"
-
-    def __enter__(self) -> "_Server":
-        import httpx
-        self._dir = tempfile.TemporaryDirectory()
-        self._log_path = os.path.join(self._dir.name, "log")
-        self._log = open(self._log_path, "w")
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.argv, cwd=_ROOT, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise SystemExit(f"the server exited ({self.proc.returncode}):\n"
-                                     + open(self._log_path).read()[-3000:])
-                try:
-                    if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        self.start_s = time.perf_counter() - t0
-        return self
-
-    def startup_phases(self) -> dict[str, float]:
-        """The server's own `slora_startup_seconds{phase}` gauges."""
-        import httpx
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return {m.group(1): float(m.group(2)) for m in re.finditer(
-            r'^slora_startup_seconds\{phase="([^"]+)"\} (\S+)$', text, re.M)}
-
-    def log_lines(self, pattern: str) -> list[str]:
-        with open(self._log_path) as f:
-            return [ln.rstrip() for ln in f if re.search(pattern, ln)]
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
-        self._dir.cleanup()
+def _Server(args, cache: str, log_level: str = "warning") -> ServerProcess:
+    return ServerProcess(_serve_flags(args, args.adapters, cache), log_level=log_level)
 
 
 def phase_startup(args) -> dict:
@@ -234,13 +186,6 @@ def phase_http(args) -> dict:
             print(f"http adapters={n}: {out[str(n)]:.2f} ms per output token "
                   f"({s['throughput_req_s']:.2f} req/s)", flush=True)
     return out
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- phase (a): the step alone -----------------------------------------------------------------
@@ -286,17 +231,6 @@ def _fill(new, old):
     return new
 
 
-def _device() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip()
-        if out:
-            return out.splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "cpu"
-
-
 def _commit() -> str:
     if os.environ.get("SLORA_COMMIT"):
         return os.environ["SLORA_COMMIT"]
@@ -334,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, phase in (("step_ms", "step"), ("engine_ms", "engine"), ("http_tpot_ms", "http")):
             row[key] = res.get(phase, {}).get(str(n))
         rows.append(row)
-    device, commit = _device(), _commit()
+    device, commit = device_name(), _commit()
     record = {"benchmark": "serve_overhead", "device": device, "commit": commit,
               "date": datetime.date.today().isoformat(),
               "command": " ".join(["benchmarks/serve_overhead.py", *argv]),
