@@ -22,7 +22,7 @@ test-slow: install
 
 # On a CUDA machine (see benchmarks/README.md for the device-tool command).
 test-gpu:
-	JAX_PLATFORMS=cuda $(PY) -m pytest -m gpu -n 0 -p no:cacheprovider
+	JAX_PLATFORMS=cuda $(PY) -m pytest -m gpu -n 0 -p no:cacheprovider $(ARGS)
 
 serve: install
 	$(PY) -m serving.server $(ARGS)
