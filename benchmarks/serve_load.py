@@ -47,9 +47,11 @@ import time
 
 import numpy as np
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+for _p in (_ROOT, _HERE):        # _HERE: client processes import this module by name
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-budget", type=float, default=0.0, metavar="SECONDS",
                    help="start no sweep point after this many seconds (0 = no limit); rows "
                         "are written after every point")
+    p.add_argument("--clients", type=int, default=default_clients(),
+                   help="client processes sharing the trace (default: one per four cores, "
+                        "at most four)")
     p.add_argument("--server-log", metavar="FILE",
                    help="where the started server's log goes (default: discarded)")
     p.add_argument("--ranks-label", help="the adapters' ranks in the sweep rows (default: "
@@ -267,13 +272,41 @@ async def _one(client, url: str, r: Req, t0: float, timeout: float) -> Rec:
     return rec
 
 
-async def run_trace(url: str, reqs: list[Req], timeout: float) -> tuple[list[Rec], float]:
+async def run_trace(url: str, reqs: list[Req], timeout: float,
+                    start_at: float | None = None) -> tuple[list[Rec], float]:
+    """Every request of `reqs` at its arrival offset from now (or from the wall-clock time
+    `start_at`); the records and the seconds from that origin to the last response."""
     import httpx
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() + (0.0 if start_at is None else start_at - time.time())
         recs = await asyncio.gather(*(_one(client, url, r, t0, timeout) for r in reqs))
         return list(recs), time.perf_counter() - t0
+
+
+def _client_part(url: str, reqs: list[Req], timeout: float, start_at: float):
+    return asyncio.run(run_trace(url, reqs, timeout, start_at))
+
+
+def default_clients() -> int:
+    """Client processes: one per four cores, at most four (a process parsing every
+    stream's events tops out near a few thousand events a second)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+def drive(url: str, reqs: list[Req], timeout: float, clients: int = 1
+          ) -> tuple[list[Rec], float]:
+    """`run_trace` spread over `clients` processes (request i to process i % clients), all
+    timed from one wall-clock origin, so the load generator is not what saturates."""
+    if clients <= 1 or len(reqs) < 2:
+        return asyncio.run(run_trace(url, reqs, timeout))
+    import multiprocessing
+    start_at = time.time() + 2.0                       # the processes' start-up fits in 2 s
+    parts = [reqs[k::clients] for k in range(clients)]
+    with multiprocessing.get_context("spawn").Pool(clients) as pool:
+        out = pool.starmap(_client_part, [(url, part, timeout, start_at) for part in parts])
+    recs = sorted((r for part, _ in out for r in part), key=lambda r: r.i)
+    return recs, max(wall for _, wall in out)
 
 
 def _pct(xs, q):
@@ -410,7 +443,7 @@ def run_sweep(args, url: str, adapters: list[str], base: str, vocab: int, max_le
             rate = rates[i]
             trace = make_trace(argparse.Namespace(**{**vars(wl), "rate": rate}), pool, base,
                                vocab, max_len)
-            recs, wall = asyncio.run(run_trace(url, trace, args.timeout))
+            recs, wall = drive(url, trace, args.timeout, args.clients)
             s = summarize(recs, wall, args.slo_ttft)
             rows.append(sweep_row(s, model=base, adapters=n, ranks=ranks if n else "-",
                                   rate=rate))
@@ -505,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(of {len(adapters)}), {args.rate} req/s, cv {args.cv}, alpha {args.alpha}",
               flush=True)
         before = _server_counters(url)
-        recs, wall = asyncio.run(run_trace(url, reqs, args.timeout))
+        recs, wall = drive(url, reqs, args.timeout, args.clients)
         after = _server_counters(url)
     finally:
         if server is not None:

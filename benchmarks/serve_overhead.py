@@ -177,7 +177,7 @@ def phase_http(args) -> dict:
         for n in (0, args.adapters):
             reqs = [serve_load.Req(i, 0.0, a or base, p, m) for i, (a, p, m)
                     in enumerate(_trace(args, n, vocab, seed=n))]
-            recs, wall = asyncio.run(serve_load.run_trace(url, reqs, 600))
+            recs, wall = serve_load.drive(url, reqs, 600, serve_load.default_clients())
             bad = [r.error for r in recs if r.error]
             if bad:
                 raise SystemExit(f"{len(bad)} requests failed: {bad[:3]}")

@@ -368,7 +368,8 @@ def test_serve_load_benchmark_against_the_server(srv, tmp_path):
     import sys
     sys.modules["serve_load"] = mod        # dataclasses look their module up there
     spec.loader.exec_module(mod)
-    rc = mod.main(["--url", srv["url"], "--num-requests", "12", "--rate", "50",
+    # Two client processes share the trace (request i to process i % 2).
+    rc = mod.main(["--url", srv["url"], "--num-requests", "12", "--rate", "50", "--clients", "2",
                    "--input-range", "2,10", "--output-range", "2,8", "--out-dir", str(tmp_path)])
     assert rc == 0
     (out,) = tmp_path.iterdir()
