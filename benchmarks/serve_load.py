@@ -57,12 +57,12 @@ for _p in (_ROOT, _HERE):        # _HERE: client processes import this module by
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="S-LoRA synthetic workload against an OpenAI-compatible multi-LoRA server.",
-        epilog="Other flags are `slora-jax serve` flags and start an in-process server "
-               "(see `python -m serving.server --help`).",
+        epilog="Other flags are `slora-jax serve` flags: the server is started with them as "
+               "a process of its own (see `python -m serving.server --help`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--url", help="a running server (else one is started in this process)")
+    p.add_argument("--url", help="a running server (else one is started as a subprocess)")
     p.add_argument("--quick", action="store_true",
-                   help="CPU smoke run: tiny preset in-process, 40 short requests")
+                   help="CPU smoke run: tiny preset, 40 short requests")
     p.add_argument("--num-adapters", type=int, default=0,
                    help="adapters drawn from (0 = every adapter the server lists)")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent")
@@ -339,16 +339,24 @@ def summarize(recs: list[Rec], wall: float, slo: float) -> dict:
 
 
 def _server_counters(url: str) -> dict:
+    """The server's cumulative counters (steps by kind, tokens, adapter loads, preemptions,
+    the engine thread's time by section): a point's figures are the differences."""
     import httpx
     try:
         text = httpx.get(f"{url}/metrics", timeout=10).text
     except httpx.HTTPError:
         return {}
     out = {}
-    for m in re.finditer(r'^(slora_(?:adapter_loads_total|adapter_evictions_total|steps_total)'
-                         r'\{[^}]*\}) (\S+)$', text, re.M):
+    for m in re.finditer(r'^(slora_(?:adapter_loads_total|adapter_evictions_total|steps_total|'
+                         r'prompt_tokens_total|generation_tokens_total|requests_rejected_total|'
+                         r'preemptions|engine_thread_seconds)(?:\{[^}]*\})?) (\S+)$', text, re.M):
         out[m.group(1)] = float(m.group(2))
     return out
+
+
+def _counter_diff(before: dict, after: dict) -> dict:
+    return {k: round(after[k] - before.get(k, 0.0), 4) for k in after
+            if after[k] != before.get(k, 0.0)}
 
 
 def _git() -> str:
@@ -443,10 +451,12 @@ def run_sweep(args, url: str, adapters: list[str], base: str, vocab: int, max_le
             rate = rates[i]
             trace = make_trace(argparse.Namespace(**{**vars(wl), "rate": rate}), pool, base,
                                vocab, max_len)
+            before = _server_counters(url)
             recs, wall = drive(url, trace, args.timeout, args.clients)
+            server = _counter_diff(before, _server_counters(url))
             s = summarize(recs, wall, args.slo_ttft)
             rows.append(sweep_row(s, model=base, adapters=n, ranks=ranks if n else "-",
-                                  rate=rate))
+                                  rate=rate) | {"server": server})
             write(rows)
             print(f"{n} adapters, offered {rate:g} req/s: served {s['throughput_req_s']:.2f} "
                   f"req/s, {s['output_tok_s']:.0f} tok/s, SLO {100 * s['slo_attainment']:.1f}%"
@@ -554,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "duration", "num_requests", "input_range",
                                                    "output_range", "base_fraction", "seed")},
         "server_args": server_argv, "summary": summary,
-        "server_counters": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+        "server_counters": _counter_diff(before, after),
         "first_errors": [r.error for r in recs if r.error][:5],
     }
     os.makedirs(args.out_dir, exist_ok=True)

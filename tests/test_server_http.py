@@ -376,6 +376,7 @@ def test_serve_load_benchmark_against_the_server(srv, tmp_path):
     rec = json.loads(out.read_text())
     assert rec["summary"]["completed"] == 12 and rec["git"] and rec["jax"]
     assert rec["summary"]["slo_attainment"] == 1.0
+    assert rec["server_counters"]["slora_prompt_tokens_total"] >= 12 * 2
 
     # --sweep: rising rates until the SLO attainment falls below 90%, rows merged by commit.
     sweep = tmp_path / "sweep"
@@ -388,6 +389,12 @@ def test_serve_load_benchmark_against_the_server(srv, tmp_path):
     assert all(r["system"] == "slora-jax" and r["ranks"] == "1-16" and r["adapters"] == 16
                and r["slo_attainment"] == 1.0 and r["served_req_s"] > 0 and r["tpot_ms"] > 0
                for r in rows)
+    # Each point carries the server's counters over its window: the steps it ran, and the
+    # engine thread's time by section.
+    for r in rows:
+        steps = sum(v for k, v in r["server"].items() if k.startswith("slora_steps_total"))
+        assert steps >= 1 and r["server"]["slora_generation_tokens_total"] >= r["requests"]
+        assert any(k.startswith("slora_engine_thread_seconds") for k in r["server"])
     # An SLO nobody meets stops the sweep at its first rate; that row replaces the old one.
     assert mod.main([*common, "--sweep", "20,40,80", "--slo-ttft", "1e-6"]) == 0
     rec = json.loads(path.read_text())
