@@ -349,7 +349,7 @@ def _server_counters(url: str) -> dict:
     out = {}
     for m in re.finditer(r'^(slora_(?:adapter_loads_total|adapter_evictions_total|steps_total|'
                          r'prompt_tokens_total|generation_tokens_total|requests_rejected_total|'
-                         r'preemptions|engine_thread_seconds)(?:\{[^}]*\})?) (\S+)$', text, re.M):
+                         r'preemptions|engine_thread_seconds|step_seconds_(?:sum|count))(?:\{[^}]*\})?) (\S+)$', text, re.M):
         out[m.group(1)] = float(m.group(2))
     return out
 
@@ -357,6 +357,23 @@ def _server_counters(url: str) -> dict:
 def _counter_diff(before: dict, after: dict) -> dict:
     return {k: round(after[k] - before.get(k, 0.0), 4) for k in after
             if after[k] != before.get(k, 0.0)}
+
+
+def _step_summary(server: dict) -> str:
+    """Steps by kind with their mean device time, tokens per step and preemptions, from a
+    point's counter differences."""
+    parts = []
+    for kind in ("decode", "prefill"):
+        n = server.get(f'slora_step_seconds_count{{kind="{kind}"}}', 0)
+        if n:
+            ms = 1000 * server.get(f'slora_step_seconds_sum{{kind="{kind}"}}', 0) / n
+            parts.append(f"{int(n)} {kind} steps of {ms:.1f} ms")
+    steps = sum(v for k, v in server.items() if k.startswith("slora_steps_total"))
+    if steps:
+        parts.append(f"{server.get('slora_generation_tokens_total', 0) / steps:.0f} tokens out "
+                     f"and {server.get('slora_prompt_tokens_total', 0) / steps:.0f} in per step")
+    parts.append(f"{int(server.get('slora_preemptions', 0))} preemptions")
+    return ", ".join(parts)
 
 
 def _git() -> str:
@@ -461,7 +478,7 @@ def run_sweep(args, url: str, adapters: list[str], base: str, vocab: int, max_le
             print(f"{n} adapters, offered {rate:g} req/s: served {s['throughput_req_s']:.2f} "
                   f"req/s, {s['output_tok_s']:.0f} tok/s, SLO {100 * s['slo_attainment']:.1f}%"
                   f", TTFT p50 {s['ttft_p50_s']:.3f} s p99 {s['ttft_p99_s']:.3f} s, TPOT "
-                  f"{1000 * s['tpot_mean_s']:.1f} ms", flush=True)
+                  f"{1000 * s['tpot_mean_s']:.1f} ms; {_step_summary(server)}", flush=True)
             passed[i] = s["slo_attainment"] >= SWEEP_FLOOR
             if passed[i] and (i + 1) not in passed:
                 i += 1

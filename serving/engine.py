@@ -432,7 +432,9 @@ class Engine:
         lps = np.asarray(inf.logprobs)
         self.clock.lap("device_wait")
         t = now()
-        self.scheduler.observe_step(inf.kind, t - max(inf.t_dispatch, self._last_ready))
+        step_s = t - max(inf.t_dispatch, self._last_ready)
+        self.scheduler.observe_step(inf.kind, step_s)
+        self.metrics.step_seconds.labels(kind=inf.kind).observe(step_s)
         self._last_ready = t
         m = self.metrics
         n_new = 0

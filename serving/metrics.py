@@ -58,6 +58,10 @@ class ServingMetrics:
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter(f"{p}_generation_tokens", "Tokens generated", registry=r)
         self.steps = Counter(f"{p}_steps", "Device steps dispatched", ["kind"], registry=r)
+        self.step_seconds = Histogram(
+            f"{p}_step_seconds", "Device time of a step (read back minus the later of its "
+            "dispatch and the previous step's read-back), by kind (prefill: with chunks)",
+            ["kind"], buckets=_TPOT_BUCKETS, registry=r)
 
     def bind_gauges(self, read: Callable[[], dict]) -> None:
         """Gauges computed at scrape time from `read()` (an engine's stats snapshot)."""
