@@ -20,9 +20,10 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow
 
-# On a CUDA machine (see benchmarks/README.md for the device-tool command).
+# On a CUDA machine (see benchmarks/README.md for the device-tool command); -v names each
+# test as it ends, so a run cut short still says what passed.
 test-gpu:
-	JAX_PLATFORMS=cuda $(PY) -m pytest -m gpu -n 0 -p no:cacheprovider $(ARGS)
+	JAX_PLATFORMS=cuda $(PY) -m pytest -m gpu -n 0 -p no:cacheprovider -v $(ARGS)
 
 serve: install
 	$(PY) -m serving.server $(ARGS)

@@ -18,7 +18,10 @@ timed from launch to the first `/health` 200, with the server's own phase times
     # CPU smoke run (tiny preset):
     python benchmarks/serve_overhead.py --quick
 
-Prints a table and writes benchmarks/results/serving_overhead_<device>_<commit>.json with
+The result file is written after every phase, so a run cut short keeps what it measured; a
+run of some phases (`--skip`) keeps an earlier run's figures for the others at the same
+commit, and its `command` says so. Prints a table and writes
+benchmarks/results/serving_overhead_<device>_<commit>.json with
 `device`, `commit`, `command`, `date`, `rows` ({"adapters", "batch", "step_ms", "engine_ms",
 "http_tpot_ms"}) and the start-up times (`start_s`, `startup_phases_s`).
 """
@@ -35,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -66,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny preset, 24 requests")
     p.add_argument("--out", default=os.path.join(_HERE, "results"))
     p.add_argument("--phase", help=argparse.SUPPRESS)            # internal: run one phase
-    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", help="compilation cache the servers share, kept afterwards "
+                   "(default: a fresh temporary one, so that `startup` measures a cold start; "
+                   "with a kept one, a rerun's `http` phase starts warm)")
     return p
 
 
@@ -202,22 +208,37 @@ def phase_step(args) -> dict:
         res = json.load(open(next(os.path.join(d, f) for f in os.listdir(d)
                                   if f.endswith(".json"))))
     rows = {r["distinct_adapters"]: r for r in res["rows"]}
-    return {"0": rows[1]["base_us"] / 1000, str(args.adapters): rows[n_distinct]["slora_us"] / 1000,
-            "distinct": n_distinct}
+    out = {"0": rows[1]["base_us"] / 1000, str(args.adapters): rows[n_distinct]["slora_us"] / 1000,
+           "distinct": n_distinct}
+    print(f"step B={args.batch} ctx {args.context}: base {out['0']:.2f} ms, LoRA over "
+          f"{n_distinct} adapters {out[str(args.adapters)]:.2f} ms", flush=True)
+    return out
 
 
 # --- the driver ------------------------------------------------------------------------------
 
 def _run_phase(name: str, argv: list[str], cache: str) -> dict:
+    """Run one phase in a process of its own, echoing its lines as they come; its result is
+    the last JSON line it prints."""
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--phase", name, "--cache-dir", cache]
-    r = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True)
-    sys.stderr.write(r.stderr[-4000:] if r.returncode else "")
-    for line in r.stdout.splitlines():
-        if not line.startswith("{"):
-            print(line, flush=True)
-    if r.returncode:
-        raise SystemExit(f"phase {name} failed ({r.returncode})")
-    return json.loads(next(l for l in reversed(r.stdout.splitlines()) if l.startswith("{")))
+    result = None
+    with subprocess.Popen(cmd, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        # stderr (progress bars, logs) is drained on a thread so that neither pipe fills
+        err: list[str] = []
+        drain = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+        drain.start()
+        for line in proc.stdout:
+            if line.startswith("{"):
+                result = line
+            else:
+                print(line.rstrip("\n"), flush=True)
+        proc.wait()
+        drain.join(5)
+    if proc.returncode or result is None:
+        sys.stderr.write("".join(err)[-4000:])
+        raise SystemExit(f"phase {name} failed ({proc.returncode})")
+    return json.loads(result)
 
 
 def _fill(new, old):
@@ -241,27 +262,12 @@ def _commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        _quick(args)
-    if args.phase:
-        fn = {"startup": phase_startup, "step": phase_step, "engine": phase_engine,
-              "http": phase_http}[args.phase]
-        print(json.dumps(fn(args)), flush=True)
-        return 0
-    skip = set(filter(None, args.skip.split(",")))
-    cache = tempfile.mkdtemp(prefix="slora-jax-cache-")
-    try:
-        res = {}
-        for name in ("startup", "step", "engine", "http"):
-            if name not in skip:
-                t = time.perf_counter()
-                res[name] = _run_phase(name, argv, cache)
-                print(f"[{name}: {time.perf_counter() - t:.0f} s]", flush=True)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+PHASES = ("startup", "step", "engine", "http")
+
+
+def _record(args, argv, res: dict) -> tuple[str, dict]:
+    """The result file's path and contents from the phases in `res`; phases this run did not
+    measure keep an earlier run's figures at the same commit (the command says which)."""
     rows = []
     for n in (0, args.adapters):
         row = {"adapters": n, "batch": args.batch}
@@ -285,22 +291,26 @@ def main(argv: list[str] | None = None) -> int:
                                               for n in (0, args.adapters)},
               "engine_steps": {str(n): res.get("engine", {}).get(f"steps_{n}")
                                for n in (0, args.adapters)}}
-    os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     path = os.path.join(args.out, f"serving_overhead_{slug}_{commit}.json")
-    if skip and os.path.exists(path):          # phases split over runs: keep the others' figures
+    others = [p for p in PHASES if p not in res]
+    if others and os.path.exists(path):       # phases split over runs: keep the others' figures
         with open(path) as f:
-            record = _fill(record, json.load(f))
-        record["command"] += " (with " + ", ".join(sorted(skip)) + " from an earlier run)"
-        rows = record["rows"]
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+            old = json.load(f)
+        record = _fill(record, old)
+        base = old["command"].split(" (with ")[0]
+        record["command"] = (old["command"] if base == record["command"] else
+                             f"{record['command']} (with {', '.join(others)} from: {base})")
+    return path, record
+
+
+def _print_table(args, record: dict, path: str) -> None:
     fmt = lambda x: "-" if x is None else f"{x:.2f}"
-    print(f"\nserving overhead, {args.dummy}, {device}, commit {commit}")
+    print(f"\nserving overhead, {args.dummy}, {record['device']}, commit {record['commit']}")
     print("| adapters | batch | step ms | engine ms/token | http ms/token | http/step | "
           "engine/step |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in record["rows"]:
         ratio = lambda a: (fmt(r[a] / r["step_ms"]) if r[a] is not None and r["step_ms"]
                            else "-")
         print(f"| {r['adapters']} | {r['batch']} | {fmt(r['step_ms'])} | {fmt(r['engine_ms'])} | "
@@ -309,6 +319,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"start-up to /health with {args.adapters} dummy adapters: cold {fmt(st['cold'])} s, "
           f"warm {fmt(st['warm'])} s")
     print(f"wrote {os.path.relpath(path, _ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        _quick(args)
+    if args.phase:
+        fn = {"startup": phase_startup, "step": phase_step, "engine": phase_engine,
+              "http": phase_http}[args.phase]
+        print(json.dumps(fn(args)), flush=True)
+        return 0
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - set(PHASES):
+        build_parser().error(f"--skip: unknown phases {sorted(skip - set(PHASES))}")
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="slora-jax-cache-")
+    os.makedirs(args.out, exist_ok=True)
+    res: dict = {}
+    path = record = None
+    try:
+        for name in PHASES:
+            if name not in skip:
+                t = time.perf_counter()
+                res[name] = _run_phase(name, argv, cache)
+                print(f"[{name}: {time.perf_counter() - t:.0f} s]", flush=True)
+                # Written after every phase: a run cut short keeps what it measured.
+                path, record = _record(args, argv, res)
+                with open(path, "w") as f:
+                    json.dump(record, f, indent=1)
+    finally:
+        if not args.cache_dir:
+            shutil.rmtree(cache, ignore_errors=True)
+    if record is not None:
+        _print_table(args, record, path)
     return 0
 
 
