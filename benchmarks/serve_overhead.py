@@ -49,7 +49,7 @@ for p in (_ROOT, _HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from serve_load import ServerProcess, device_name  # noqa: E402
+from server_process import ServerProcess, device_name  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
