@@ -360,7 +360,7 @@ def write_readme(path: str, task: str, args, argv, hist, secs, n_train, samples)
     for q, base, ours in samples:
         lines.append(f"| {esc(q)} | {esc(base)} | {esc(ours)} |")
     lines += ["", "Serve it (the model folder is the converted default model):", "", "```",
-              "slora-jax generate --model \"$(python -m slora_jax.gguf_convert)\" --dtype float32 "
+              "slora-jax generate --model \"$(python -m serving.gguf_convert)\" --dtype float32 "
               f"--adapter {task}=adapters/demo/{task} --requests in.jsonl --out out.jsonl",
               "```", ""]
     with open(os.path.join(path, "README.md"), "w") as f:
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from slora_jax.config import load_model_config
-    from slora_jax.gguf_convert import default_model_dir
+    from serving.gguf_convert import default_model_dir
     from slora_jax.params import load_hf_params
 
     model_dir = args.model or str(default_model_dir(dtype="bfloat16"))

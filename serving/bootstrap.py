@@ -186,7 +186,7 @@ def build(args, clock=None):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         steps_dir = os.path.join(args.compile_cache, "steps")
     if not args.model and not args.dummy:
-        from slora_jax.gguf_convert import default_model_dir
+        from serving.gguf_convert import default_model_dir
         args.model = str(default_model_dir(dtype="bfloat16"))
         args.served_model_name = args.served_model_name or "SmolLM2-135M-Instruct"
         if not (args.adapters or args.adapter or args.dummy_adapters) and os.path.isdir(DEMO_ADAPTERS):
@@ -194,7 +194,7 @@ def build(args, clock=None):
         args.config = args.config or DEFAULT_CONFIG
         log.info("no --model: serving the default model from %s", args.model)
     if args.model and args.model.endswith(".gguf"):
-        from slora_jax.gguf_convert import hf_dir_for_gguf
+        from serving.gguf_convert import hf_dir_for_gguf
         args.model = str(hf_dir_for_gguf(args.model))
     cfg = resolve(args)
     srv, eng = cfg["server"], cfg["engine"]

@@ -135,7 +135,7 @@ def cmd_generate(args) -> int:
     from slora_jax.pool import PoolLayout
 
     if args.model and args.model.endswith(".gguf"):     # converted once, then cached
-        from slora_jax.gguf_convert import hf_dir_for_gguf
+        from serving.gguf_convert import hf_dir_for_gguf
         args.model = str(hf_dir_for_gguf(
             args.model, dtype="float32" if args.dtype == "float32" else "bfloat16"))
     eng, sch = engine_settings(args)            # a bad file fails before the weights load

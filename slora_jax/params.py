@@ -172,8 +172,8 @@ def params_bytes(params: Params) -> int:
 
 def load_model(model: str | None, dummy: str | None, dtype_name: str):
     """(ModelConfig, Params, tokenizer or None) from a Hugging Face folder or a dummy preset
-    (random weights); `dtype_name` is "float32" or "bfloat16". GGUF files are converted to
-    such a folder first (slora_jax/gguf_convert.py)."""
+    (random weights); `dtype_name` is "float32" or "bfloat16". A GGUF file is converted to
+    such a folder by the caller first."""
     from slora_jax.config import load_model_config, preset
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
     if dummy:

@@ -25,7 +25,7 @@ DEMO = os.path.join(ROOT, "adapters", "demo")
 @pytest.fixture(scope="module")
 def default_model():
     from slora_jax.config import load_model_config
-    from slora_jax.gguf_convert import default_model_dir
+    from serving.gguf_convert import default_model_dir
     from slora_jax.params import load_hf_params
     try:
         model_dir = str(default_model_dir(dtype="bfloat16"))
@@ -91,7 +91,7 @@ def test_model_flag_accepts_a_gguf_file():
 
     from slora_jax.params import load_model
     from slora_jax.config import load_model_config
-    from slora_jax.gguf_convert import _cache_root, default_model_dir
+    from serving.gguf_convert import _cache_root, default_model_dir
     try:
         folder = default_model_dir(dtype="bfloat16")
     except RuntimeError as e:
@@ -99,7 +99,7 @@ def test_model_flag_accepts_a_gguf_file():
     ggufs = glob.glob(str(_cache_root(None) / "gguf" / "*.gguf"))
     if not ggufs:
         pytest.skip("no cached GGUF file")
-    from slora_jax.gguf_convert import hf_dir_for_gguf
+    from serving.gguf_convert import hf_dir_for_gguf
     mc, params, tok = load_model(str(hf_dir_for_gguf(ggufs[0])), None, "bfloat16")
     assert mc.with_(name="x") == load_model_config(str(folder)).with_(name="x")
     assert tok is not None and params.layers[0].wq.shape == (mc.hidden_size, mc.q_size)

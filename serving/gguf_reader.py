@@ -1,5 +1,5 @@
 """Read a llama-architecture GGUF file: an HF-style config, dequantized weights under HF
-tensor names, and the tokenizer metadata (`read_gguf_llama`). slora_jax/gguf_convert.py writes
+tensor names, and the tokenizer metadata (`read_gguf_llama`). serving/gguf_convert.py writes
 them out as a Hugging Face folder.
 
 Facts this relies on:
