@@ -415,8 +415,10 @@ _NOISE_SIZE = 1 << 22
 def _noise() -> np.ndarray:
     """4M standard normals, drawn once per process (16 MiB), clipped to +-6 (a bound the
     weight check relies on; a normal passes 6 once in 5e8 draws)."""
-    z = np.random.default_rng(0x51DA).standard_normal(_NOISE_SIZE, np.float32)
-    return np.clip(z, -6.0, 6.0)
+    z = np.clip(np.random.default_rng(0x51DA).standard_normal(_NOISE_SIZE, np.float32), -6.0,
+                6.0)
+    z.flags.writeable = False        # dummies with std 1 hold views of it
+    return z
 
 
 def _normal(rng: np.random.Generator, shape: tuple[int, int], std: float) -> np.ndarray:
@@ -427,7 +429,9 @@ def _normal(rng: np.random.Generator, shape: tuple[int, int], std: float) -> np.
     if n > _NOISE_SIZE // 2:
         return np.clip(rng.standard_normal(shape, np.float32), -6.0, 6.0) * np.float32(std)
     start = int(rng.integers(0, _NOISE_SIZE - n))
-    return _noise()[start:start + n].reshape(shape) * np.float32(std)
+    window = _noise()[start:start + n].reshape(shape)
+    # std 1: the window itself (read-only), so a dummy takes no memory until it is packed
+    return window if std == 1 else window * np.float32(std)
 
 
 def save_peft_adapter(adapter: LoraAdapter, path: str, alpha: float | None = None) -> None:

@@ -474,3 +474,23 @@ def test_prefetch_fills_free_pages_only():
     assert all(s.state == "waiting" for s in seqs)
     assert h.store.evictable_pages() == 2 * es[0].host.n_pages
     assert h.store.allocator.num_free == 2 * n + 9 - 2 * n
+
+
+def test_dummy_source_is_the_std_dummy_with_std_in_the_scale():
+    """The server's dummies hold unit-variance windows of shared noise (views: no memory
+    until packed) and carry std^2 in their scale: per module, scale * A^T B equals that of
+    `dummy_adapter` with weights of that std (float64, to rounding)."""
+    from serving.adapter_sources import DummySource
+    std = 0.07
+    fast = DummySource(4, ("q", "down"), seed=3, std=std).load(MC, "d", 16)
+    ref = dummy_adapter(MC, 4, ("q", "down"), seed=3, std=std)
+    for m in ("q", "down"):
+        assert fast.scales[m] == pytest.approx(ref.scales[m] * std ** 2, rel=1e-12)
+        for layer_f, layer_r in zip(fast.weights, ref.weights):
+            (a_f, b_f), (a_r, b_r) = layer_f[m], layer_r[m]
+            assert not a_f.flags.writeable and a_f.base is not None     # a view, shared
+            got = fast.scales[m] * a_f.astype(np.float64).T @ b_f.astype(np.float64)
+            want = ref.scales[m] * a_r.astype(np.float64).T @ b_r.astype(np.float64)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError):
+        fast.weights[0]["q"][0][0, 0] = 1.0         # the shared noise cannot be written
