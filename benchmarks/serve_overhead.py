@@ -110,7 +110,7 @@ def _tpot_ms(spans: list[tuple[float, float, int]]) -> float:
 
 def phase_engine(args) -> dict:
     from serving.bootstrap import build, build_parser as serve_parser, warm
-    from serving.scheduler import GenerationRequest
+    from serving.requests import GenerationRequest
     from slora_jax.batching import Sampling
     t0 = time.perf_counter()
     engine, _, _, _ = build(serve_parser().parse_args(_serve_flags(args, args.adapters,

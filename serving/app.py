@@ -40,7 +40,7 @@ from serving.protocol import (ChatCompletionRequest, CompletionRequest, Incremen
                               LoadLoraRequest, TextCodec, TextError, UnloadLoraRequest,
                               chat_logprobs, chat_response, completion_logprobs,
                               completion_response, error_body, new_id, usage)
-from serving.scheduler import GenerationRequest, InvalidRequest, RequestError
+from serving.requests import GenerationRequest, InvalidRequest, RequestError
 from slora_jax.adapters import AdapterError
 from slora_jax.batching import Sampling
 

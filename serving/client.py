@@ -35,7 +35,7 @@ import zmq
 
 from serving import engine_process, ipc
 from serving.engine import AsyncStream, Output
-from serving.scheduler import EngineInfo, GenerationRequest, InvalidRequest, Unavailable
+from serving.requests import EngineInfo, GenerationRequest, InvalidRequest, Unavailable
 
 log = logging.getLogger("serving.client")
 POLL_MS = 200          # how often the receiver looks for close(); death wakes it at once

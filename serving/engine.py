@@ -46,9 +46,9 @@ from serving.metrics import SectionClock, ServingMetrics
 from serving.packing import pack
 from serving.streams import AsyncStream, Output, SyncStream
 from serving.warmup import warm_up
-from serving.scheduler import (AdapterLoadFailed, EngineInfo, GenerationRequest, InvalidRequest, Overloaded,
-                               RequestError, Scheduler, SchedulerConfig, Seq, SloAbort, Step,
-                               Unavailable, UnknownAdapter, now)
+from serving.requests import (AdapterLoadFailed, EngineInfo, GenerationRequest, InvalidRequest,
+                              Overloaded, RequestError, SloAbort, Unavailable, UnknownAdapter)
+from serving.scheduler import Scheduler, SchedulerConfig, Seq, Step, now
 from serving.step_batches import decode_step_batch, prefill_step_batch
 from slora_jax.batching import Sampling, SamplingError
 from slora_jax.config import EngineConfig, ModelConfig

@@ -17,7 +17,7 @@ import argparse
 import json
 import logging
 
-from serving.scheduler import GenerationRequest, Overloaded, RequestError
+from serving.requests import GenerationRequest, Overloaded, RequestError
 from slora_jax.batching import Sampling
 
 log = logging.getLogger("serving.generate")

@@ -22,7 +22,7 @@ import msgspec
 
 from serving.adapter_store import AdapterPathNotAllowed
 from serving.engine import Output
-from serving.scheduler import EngineInfo, GenerationRequest, RequestError
+from serving.requests import EngineInfo, GenerationRequest, RequestError
 from slora_jax.adapters import AdapterError
 from slora_jax.batching import Sampling
 

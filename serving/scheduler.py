@@ -37,8 +37,9 @@ Policy (iteration-level continuous batching with chunked prefill, Sarathi-Serve 
   twice; sampling keys depend on position, so its output is unchanged).
 * **Early abort** (S-LoRA's admission control): a queued request whose
   first-token deadline has passed, or will pass before its estimated prefill
-  (queue position times the measured step times), is dropped with an error
-  so that the requests behind it still meet theirs.
+  (the prefill steps that the prompts ahead of it and its own need, by count and by
+  tokens, times the measured step time), is dropped with an error so that the
+  requests behind it still meet theirs.
 """
 
 from __future__ import annotations
@@ -47,75 +48,16 @@ import collections
 import dataclasses
 import itertools
 import time
-import uuid
 from typing import Any, Callable
 
 import numpy as np
 
 from serving.adapter_store import AdapterEntry, AdapterStore, PendingLoad
+from serving.requests import (AdapterLoadFailed, GenerationRequest, InvalidRequest, RequestError,
+                              SloAbort)
 from slora_jax.allocator import PageAllocator, kv_used_elems
-from slora_jax.batching import Sampling
 from slora_jax.config import EngineConfig
 from slora_jax.pool import PoolLayout
-
-
-# --- request errors (each maps to one HTTP status) ------------------------------------
-
-class RequestError(Exception):
-    status = 400
-    type = "invalid_request_error"
-    code: str | None = None
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.message, self.param = message, param
-
-
-class InvalidRequest(RequestError):
-    pass
-
-
-class UnknownAdapter(RequestError):
-    status, code = 404, "model_not_found"
-
-
-class Overloaded(RequestError):
-    status, type, code = 429, "server_overloaded", "queue_full"
-
-
-class Unavailable(RequestError):
-    status, type, code = 503, "service_unavailable", "unavailable"
-
-
-class SloAbort(Unavailable):
-    code = "slo_abort"
-
-
-class AdapterLoadFailed(RequestError):
-    status, type, code = 500, "server_error", "adapter_load_failed"
-
-
-# --- requests ---------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class GenerationRequest:
-    prompt: list[int]
-    adapter: str | None = None
-    max_tokens: int = 16
-    sampling: Sampling = dataclasses.field(default_factory=Sampling)
-    stop_token_ids: frozenset[int] = frozenset()
-    ttft_slo_s: float | None = None       # overrides the scheduler's first-token SLO
-    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineInfo:
-    """What the HTTP side needs to know of an engine (in this process or another)."""
-    model_name: str
-    vocab_size: int
-    max_context: int
-    max_prompt_tokens: int
-    eos_token_ids: tuple[int, ...] = ()
 
 
 _uids = itertools.count()
@@ -299,10 +241,18 @@ class Scheduler:
             return
         per_prefill = self.ema_prefill + (self.cfg.decode_steps_per_prefill * self.ema_decode
                                           if self.running else 0.0)
+        # Prefill steps until a queued request's prompt is in: each takes at most
+        # max_prefill_requests prompts and max_prefill_tokens tokens, the continued
+        # prompt's rest first.
+        cont = self._continued()
+        tokens = cont.prefill_target - cont.n_prefilled if cont is not None else 0
+        budget = self.ec.max_prefill_tokens
         i = 0
         for seq in list(self.waiting):
+            tokens += seq.prefill_len
             if seq.deadline is not None:
-                ahead = (i // self.ec.max_prefill_requests + 1) * per_prefill
+                steps = max(i // self.ec.max_prefill_requests + 1, -(-tokens // budget))
+                ahead = steps * per_prefill
                 est = now + (ahead if self.cfg.predictive_abort else 0.0)
                 if est > seq.deadline:
                     slo = seq.deadline - seq.arrival
@@ -310,6 +260,7 @@ class Scheduler:
                         f"request dropped: it cannot get its first token within the "
                         f"{slo:.3g}s SLO (queued {now - seq.arrival:.3g}s, estimated "
                         f"{ahead:.3g}s more)"))
+                    tokens -= seq.prefill_len
                     continue
             i += 1
 

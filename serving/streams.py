@@ -15,7 +15,7 @@ import queue
 import time
 from typing import Any
 
-from serving.scheduler import RequestError
+from serving.requests import RequestError
 
 
 @dataclasses.dataclass

@@ -164,8 +164,8 @@ def test_errors_cross_as_the_same_class_and_status():
     from serving import ipc
     from serving.adapter_store import AdapterPathNotAllowed
     from serving.engine import Output
-    from serving.scheduler import (AdapterLoadFailed, InvalidRequest, Overloaded, SloAbort,
-                                   Unavailable, UnknownAdapter)
+    from serving.requests import (AdapterLoadFailed, InvalidRequest, Overloaded, SloAbort,
+                                  Unavailable, UnknownAdapter)
     from slora_jax.adapters import AdapterError
     errors = [InvalidRequest("too long", "prompt"), UnknownAdapter("no such model", "model"),
               Overloaded("queue full"), Unavailable("down"), SloAbort("late"),

@@ -26,7 +26,8 @@ from serving.adapter_store import StoreConfig
 from serving.engine import AsyncStream, Engine, Output, SyncStream
 from serving.offline import OfflineEngine, Request, RequestError as OfflineRequestError
 from serving.protocol import TextCodec
-from serving.scheduler import EngineInfo, GenerationRequest, InvalidRequest, Seq, Unavailable
+from serving.requests import EngineInfo, GenerationRequest, InvalidRequest, Unavailable
+from serving.scheduler import Seq
 from serving.server import ServerThread, create_app
 from slora_jax.batching import Sampling
 from test_serving_setup import MC, engine_config, make_engine, params, write_adapters

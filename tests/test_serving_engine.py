@@ -16,7 +16,7 @@ import pytest
 
 from dense_reference import dense_greedy
 from serving.engine import GenerationRequest, Sampling
-from serving.scheduler import AdapterLoadFailed, InvalidRequest, SloAbort, UnknownAdapter
+from serving.requests import AdapterLoadFailed, InvalidRequest, SloAbort, UnknownAdapter
 from test_serving_setup import MC, make_engine, params, write_adapters
 
 

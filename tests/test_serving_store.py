@@ -12,8 +12,8 @@ import pytest
 from serving.adapter_store import (AdapterPathNotAllowed, AdapterStore, StoreConfig,
                                    save_peft_adapter)
 from slora_jax.allocator import PageAllocator
-from serving.scheduler import (GenerationRequest, Scheduler, SchedulerConfig, Seq, SloAbort,
-                               now)
+from serving.requests import GenerationRequest, SloAbort
+from serving.scheduler import Scheduler, SchedulerConfig, Seq, now
 from slora_jax.adapters import AdapterError, dummy_adapter
 from slora_jax.pool import PoolLayout
 from test_serving_setup import MC, engine_config
@@ -494,3 +494,17 @@ def test_dummy_source_is_the_std_dummy_with_std_in_the_scale():
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError):
         fast.weights[0]["q"][0][0, 0] = 1.0         # the shared noise cannot be written
+
+
+def test_early_abort_counts_the_prompt_tokens_ahead():
+    """A step prefills at most max_prefill_tokens (64 here) and max_prefill_requests (4)
+    prompts: behind three 60-token prompts a request waits three steps (184 tokens), where
+    counting prompts alone would say two."""
+    h = Harness()
+    h.sched.ema_prefill = 1.0                      # seconds per prefill step
+    long = [h.add(n_prompt=60, max_tokens=2, slo=100.0) for _ in range(3)]
+    ok = h.add(n_prompt=4, max_tokens=2, slo=3.5)      # 3 steps: within 3.5 s
+    late = h.add(n_prompt=4, max_tokens=2, slo=2.5)    # 3 steps (188 tokens) miss 2.5 s
+    h.sched.abort_late(now())
+    assert [s for s, _ in h.failed] == [late] and "estimated 3s more" in str(h.failed[0][1])
+    assert all(x.state == "waiting" for x in long + [ok])
