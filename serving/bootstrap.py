@@ -76,6 +76,9 @@ def build_parser(prog: str = "slora-jax serve") -> argparse.ArgumentParser:
                    help="compiled steps kept between runs (each bucket's executable, and "
                         "JAX's compilation cache): a restart with the same model, buckets "
                         "and code loads them instead of compiling ('none' turns it off)")
+    p.add_argument("--compile-cache-gb", type=float, default=8.0, metavar="GB",
+                   help="bound on each of the two parts of --compile-cache (the steps, and "
+                        "JAX's cache): past it the least recently used entries are removed")
     p.add_argument("--log-level", default="info")
     p.add_argument("--engine-in-process", action="store_true",
                    help="run the engine as a thread of the HTTP server's process instead of "
@@ -184,6 +187,7 @@ def build(args, clock=None):
         import jax
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_compilation_cache_max_size", int(args.compile_cache_gb * 1e9))
         steps_dir = os.path.join(args.compile_cache, "steps")
     if not args.model and not args.dummy:
         from serving.gguf_convert import default_model_dir
@@ -209,7 +213,8 @@ def build(args, clock=None):
     roots = tuple(os.path.realpath(r) for r in [*args.adapters, *args.allowed_lora_root])
     engine = Engine(params, mc, ec, dtype=dtype, config=SchedulerConfig(**cfg["scheduler"]),
                     store_config=StoreConfig(**{**cfg["store"], "allowed_roots": roots}),
-                    executable_dir=steps_dir)
+                    executable_dir=steps_dir,
+                    executable_max_bytes=int(args.compile_cache_gb * 1e9))
     codec = TextCodec.from_dir(args.tokenizer or args.model)
     name = srv["served_model_name"] or mc.name
     clock.done("engine")

@@ -72,7 +72,8 @@ class Engine:
                  store_config: StoreConfig = StoreConfig(),
                  metrics: ServingMetrics | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None,
-                 executable_dir: str | None = None):
+                 executable_dir: str | None = None,
+                 executable_max_bytes: int = executables.DEFAULT_MAX_BYTES):
         if ec.batch_buckets()[-1] < ec.max_batch:
             raise ValueError(f"decode_buckets {ec.batch_buckets()} do not reach max_batch="
                              f"{ec.max_batch}")
@@ -105,7 +106,7 @@ class Engine:
         self._last_ready = 0.0
         self._compiled: dict[str, int] | None = None
         # each bucket's compiled step (warmup() fills it; from disk when a directory is given)
-        self.executables = Executables(executable_dir)
+        self.executables = Executables(executable_dir, executable_max_bytes)
         self._n_steps = 0
         self._warned_compile = False
         self.metrics.bind_gauges(self.stats)

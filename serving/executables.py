@@ -71,12 +71,44 @@ COMPILED: collections.Counter = collections.Counter()
 _lock = threading.Lock()
 
 
+# The steps kept on disk: beyond this, the least recently used go (each configuration and
+# each change of code makes new entries, a Llama-7B step tens of MB).
+DEFAULT_MAX_BYTES = 8 << 30
+
+
+def trim(directory: str, max_bytes: int, keep: str | None = None) -> int:
+    """Delete the least recently used entries of `directory` (oldest modification time; a
+    load refreshes it) until the rest fit in `max_bytes`, never `keep`. Returns bytes freed."""
+    entries = []
+    for name in os.listdir(directory):
+        if name.endswith(".exe"):
+            path = os.path.join(directory, name)
+            try:
+                st = os.stat(path)
+            except OSError:                 # another process trimmed it meanwhile
+                continue
+            entries.append((st.st_mtime, st.st_size, path))
+    total, freed = sum(size for _, size, _ in entries), 0
+    for _, size, path in sorted(entries):
+        if total - freed <= max_bytes:
+            break
+        if path == keep:
+            continue
+        try:
+            os.unlink(path)
+            freed += size
+        except OSError:
+            pass
+    return freed
+
+
 class Executables:
     """An engine's compiled steps by (step function, packing); with a `directory`, each is
-    also kept on disk for the next run."""
+    also kept on disk for the next run, the directory held to `max_bytes`."""
 
-    def __init__(self, directory: str | None):
+    def __init__(self, directory: str | None, max_bytes: int = DEFAULT_MAX_BYTES):
         self.directory = directory
+        self.max_bytes = max_bytes
         self.table: dict[tuple[Callable, Any], jax.stages.Compiled] = {}
         self.loaded = 0           # how many came from disk
 
@@ -117,11 +149,16 @@ class Executables:
             return None
         devices = next(x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)).devices()
         try:
-            return serialize_executable.deserialize_and_load(
+            compiled = serialize_executable.deserialize_and_load(
                 blob, in_tree, out_tree, execution_devices=sorted(devices, key=lambda d: d.id))
         except Exception as e:
             log.warning("ignoring cached step %s: %s", key, e)
             return None
+        try:
+            os.utime(self._path(key))            # recently used: trimmed last
+        except OSError:
+            pass
+        return compiled
 
     def _store(self, key: str, compiled: jax.stages.Compiled) -> None:
         try:
@@ -141,3 +178,9 @@ class Executables:
             log.warning("step %s not cached: %s", key, e)
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
+            return
+        with _lock:                               # warm-up threads store side by side
+            freed = trim(self.directory, self.max_bytes, keep=self._path(key))
+        if freed:
+            log.info("compiled-step cache over %g GB: %.1f MB of the least recently used "
+                     "steps removed", self.max_bytes / 1e9, freed / 1e6)

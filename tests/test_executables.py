@@ -119,3 +119,20 @@ def test_an_unwritable_cache_directory_does_not_stop_the_engine(adapters, tmp_pa
         assert len(tokens(eng)) == 5
     finally:
         eng.shutdown()
+
+
+def test_the_step_directory_is_held_to_its_bound_least_recently_used_first(tmp_path):
+    """Past `max_bytes` the entries used longest ago go (a load refreshes an entry's time),
+    never the one just written; other files are left alone."""
+    sizes = {"a": 400, "b": 300, "c": 200, "d": 100}
+    for i, (name, size) in enumerate(sizes.items()):
+        path = tmp_path / f"{name}.exe"
+        path.write_bytes(b"x" * size)
+        os.utime(path, (1000 + i, 1000 + i))           # a oldest ... d newest
+    os.utime(tmp_path / "a.exe", (2000, 2000))         # then a was loaded again
+    (tmp_path / "notes.txt").write_bytes(b"y" * 5000)
+    freed = executables.trim(str(tmp_path), 700, keep=str(tmp_path / "b.exe"))
+    # b (oldest now) is kept as the new entry; c goes, then d; a (recently used) stays.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.exe", "b.exe", "notes.txt"]
+    assert freed == 300
+    assert executables.trim(str(tmp_path), 10_000) == 0
