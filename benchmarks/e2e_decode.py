@@ -240,6 +240,7 @@ def main(argv=None):
             f.write("\n".join(lines) + "\n")
         return lines
 
+    xstep = xla_decode_step(mc)       # one jit: a batch's adapter counts share its compile
     for bc in args.batches.split(","):
         b, ctx = map(int, bc.split(":"))
         for n_ad in [int(a) for a in args.adapters.split(",") if int(a) <= b]:
@@ -293,7 +294,6 @@ def main(argv=None):
             cache = tuple((jnp.zeros((b, ctx, mc.num_kv_heads, mc.head_dim), dtype),
                            jnp.zeros((b, ctx, mc.num_kv_heads, mc.head_dim), dtype))
                           for _ in range(mc.num_layers))
-            xstep = xla_decode_step(mc)
             toks, posa = jnp.arange(b, dtype=jnp.int32), jnp.full((b,), ctx - 1, jnp.int32)
             cache, _ = xstep(params, cache, toks, posa)
             cache, g, w = timed_loop(lambda c: xstep(params, c, toks, posa)[0], cache, args.iters)
