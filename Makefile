@@ -21,9 +21,12 @@ test-slow: install
 	$(PY) -m pytest -m slow
 
 # On a CUDA machine (see benchmarks/README.md for the device-tool command); -v names each
-# test as it ends, so a run cut short still says what passed.
+# test as it ends, so a run cut short still says what passed. GPU_WORKERS=4 compiles on four
+# pytest workers sharing the GPU (each allocating as it goes, up to a fifth of its memory).
+GPU_WORKERS ?= 0
+GPU_SHARE := $(if $(filter-out 0,$(GPU_WORKERS)),XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.2)
 test-gpu:
-	JAX_PLATFORMS=cuda $(PY) -m pytest -m gpu -n 0 -p no:cacheprovider -v $(ARGS)
+	JAX_PLATFORMS=cuda $(GPU_SHARE) $(PY) -m pytest -m gpu -n $(GPU_WORKERS) -p no:cacheprovider -v $(ARGS)
 
 serve: install
 	$(PY) -m serving.server $(ARGS)
