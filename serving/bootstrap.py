@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import os
 
 from serving.metrics import StartupClock
@@ -27,6 +28,16 @@ log = logging.getLogger("serving.bootstrap")
 DEMO_ADAPTERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "adapters", "demo")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(DEMO_ADAPTERS), "..", "configs", "server", "smollm2.yaml")
+
+
+def _positive_gb(text: str) -> float:
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = float("nan")
+    if not (gb > 0 and math.isfinite(gb)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GB, got {text!r}")
+    return gb
 
 
 def default_compile_cache() -> str:
@@ -76,7 +87,7 @@ def build_parser(prog: str = "slora-jax serve") -> argparse.ArgumentParser:
                    help="compiled steps kept between runs (each bucket's executable, and "
                         "JAX's compilation cache): a restart with the same model, buckets "
                         "and code loads them instead of compiling ('none' turns it off)")
-    p.add_argument("--compile-cache-gb", type=float, default=8.0, metavar="GB",
+    p.add_argument("--compile-cache-gb", type=_positive_gb, default=8.0, metavar="GB",
                    help="bound on each of the two parts of --compile-cache (the steps, and "
                         "JAX's cache): past it the least recently used entries are removed")
     p.add_argument("--log-level", default="info")
@@ -182,12 +193,12 @@ def build(args, clock=None):
 
     clock = clock or StartupClock(log, getattr(args, "started_at", None))
     clock.done("process")             # spawn, imports (the caller's t0 to here)
-    steps_dir = None
+    steps_dir, cache_bytes = None, int(args.compile_cache_gb * 1e9)
     if args.compile_cache and args.compile_cache.lower() != "none":
         import jax
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        jax.config.update("jax_compilation_cache_max_size", int(args.compile_cache_gb * 1e9))
+        jax.config.update("jax_compilation_cache_max_size", cache_bytes)
         steps_dir = os.path.join(args.compile_cache, "steps")
     if not args.model and not args.dummy:
         from serving.gguf_convert import default_model_dir
@@ -214,7 +225,7 @@ def build(args, clock=None):
     engine = Engine(params, mc, ec, dtype=dtype, config=SchedulerConfig(**cfg["scheduler"]),
                     store_config=StoreConfig(**{**cfg["store"], "allowed_roots": roots}),
                     executable_dir=steps_dir,
-                    executable_max_bytes=int(args.compile_cache_gb * 1e9))
+                    executable_max_bytes=cache_bytes)
     codec = TextCodec.from_dir(args.tokenizer or args.model)
     name = srv["served_model_name"] or mc.name
     clock.done("engine")

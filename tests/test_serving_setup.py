@@ -134,3 +134,12 @@ def test_shipped_server_configs_are_valid(name):
                       num_pages=1024)
     assert ec.batch_buckets()[-1] >= ec.max_batch
     assert ec.token_buckets()[-1] >= ec.max_prefill_tokens
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "lots"])
+def test_a_compile_cache_bound_that_is_not_a_positive_size_is_refused(bad, capsys):
+    from serving.bootstrap import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--compile-cache-gb", bad])
+    assert "--compile-cache-gb: must be a positive number of GB" in capsys.readouterr().err
+    assert build_parser().parse_args(["--compile-cache-gb", "0.5"]).compile_cache_gb == 0.5
