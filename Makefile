@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,gguf,train]"
+	$(PY) -m pip install -q -e ".[test,gguf,train,bench]"
 	touch $(STAMP)
 
 test: install
@@ -42,7 +42,7 @@ GPU_ENV := XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONUNBUFFERED=1
 # same machine starts warm.
 COMPILE_CACHE ?= .cache/jax
 
-.PHONY: bench-e2e bench-tune bench-serve bench-saturation bench-overhead
+.PHONY: bench-e2e bench-tune bench-serve bench-saturation bench-overhead plot-saturation
 
 bench-e2e:
 	$(GPU_ENV) $(PY) benchmarks/e2e_decode.py --preset llama-7b --lora-backend pallas \
@@ -65,6 +65,10 @@ bench-saturation:
 	  --sweep 10,16,20,24,28,32,36,40 --sweep-adapters 0,1000,2000,100,5 --duration 60 \
 	  --input-range 8,512 --output-range 8,512 --compile-cache $(COMPILE_CACHE) \
 	  --out-dir $(OUT) $(ARGS)
+
+# The sweep's figure (PNG beside the JSON): FILE=benchmarks/results/saturation_<device>_<commit>.json
+plot-saturation:
+	$(PY) benchmarks/plot_saturation.py $(FILE)
 
 bench-overhead:
 	$(GPU_ENV) $(PY) benchmarks/serve_overhead.py --dummy llama-7b \
