@@ -25,8 +25,6 @@ import random
 import socket
 import threading
 import time
-from typing import AsyncIterator
-
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,9 +32,10 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.adapter_store import AdapterPathNotAllowed
-from serving.engine import AsyncStream, Engine, Output
+from serving.choices import Choice, best_of, merged, sample_seed
+from serving.engine import Engine
 from serving.metrics import CONTENT_TYPE_LATEST
-from serving.protocol import (ChatCompletionRequest, CompletionRequest, IncrementalText,
+from serving.protocol import (ChatCompletionRequest, CompletionRequest,
                               LoadLoraRequest, TextCodec, TextError, UnloadLoraRequest,
                               chat_logprobs, chat_response, completion_logprobs,
                               completion_response, error_body, new_id, usage)
@@ -120,73 +119,10 @@ def _request_error(e: RequestError) -> JSON:
     return r
 
 
-class _Choice:
-    """One prompt's generation as the server sees it: tokens, text, finish reason."""
-
-    def __init__(self, index: int, stream: AsyncStream, codec: TextCodec, stops: list[str]):
-        self.index, self.stream = index, stream
-        self.text = IncrementalText(codec, stops)
-        self.ids: list[int] = []
-        self.lps: list[float] = []
-        self.finish: str | None = None
-        self.n_prompt = 0
-
-    def take(self, out: Output) -> tuple[str, list[int], list[float]]:
-        """Fold one engine output in; returns (new text, new ids, new logprobs)."""
-        self.n_prompt = out.num_prompt_tokens or self.n_prompt
-        ids, lps = out.token_ids, out.logprobs
-        self.ids += ids
-        self.lps += lps
-        # A stop token (EOS) ends the text without appearing in it, as in vLLM.
-        delta = self.text.push(ids[:-1] if out.finish_reason == "stop" else ids)
-        if self.text.stopped:
-            self.finish = "stop"
-            self.stream.cancel()          # a stop string: free the pages now
-        elif out.finish_reason is not None:
-            self.finish = out.finish_reason
-            delta += self.text.flush()
-        return delta, ids, lps
-
-
 async def disconnected(request: Request, poll_s: float = 0.1) -> None:
     """Returns once the client has gone."""
     while not await request.is_disconnected():
         await asyncio.sleep(poll_s)
-
-
-async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Output]]:
-    """Outputs of several streams as they come; raises the first RequestError."""
-    if len(choices) == 1:
-        c = choices[0]
-        async for out in c.stream:
-            yield c, out
-            if c.finish is not None:
-                return
-        return
-    q: asyncio.Queue = asyncio.Queue()
-
-    async def pump(c: _Choice):
-        try:
-            async for out in c.stream:
-                await q.put((c, out))
-        except RequestError as e:
-            await q.put((c, e))
-        await q.put((c, None))
-
-    tasks = [asyncio.create_task(pump(c)) for c in choices]
-    try:
-        open_ = len(choices)
-        while open_:
-            c, item = await q.get()
-            if item is None:
-                open_ -= 1
-            elif isinstance(item, RequestError):
-                raise item
-            elif c.finish is None:
-                yield c, item
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
@@ -234,13 +170,15 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
     def adapter_of(model: str) -> str | None:
         return None if model == model_name else model
 
-    def gen_request(body, prompt: list[int], max_tokens: int | None) -> GenerationRequest:
+    def gen_request(body, prompt: list[int], max_tokens: int | None,
+                    sample: int = 0) -> GenerationRequest:
         limit = engine.info.max_context - len(prompt)
         if max_tokens is None:
             max_tokens = max(1, min(limit, default_max_tokens or limit))
         stop_ids = frozenset(body.stop_token_ids or ()) | (frozenset() if body.ignore_eos
                                                             else frozenset(eos_ids))
-        seed = body.seed if body.seed is not None else random.getrandbits(31)
+        seed = (sample_seed(body.seed, sample) if body.seed is not None
+                else random.getrandbits(31))
         return GenerationRequest(
             prompt=prompt, adapter=adapter_of(body.model), max_tokens=max_tokens,
             sampling=Sampling(temperature=body.temperature, top_p=body.top_p,
@@ -253,21 +191,25 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
             raise InvalidRequest(f"'{bad[0]}': {bad[1]}", bad[0])
 
     def submit(body, prompts: list[list[int]], max_tokens: int | None,
-               stops: list[str]) -> list[_Choice]:
-        choices: list[_Choice] = []
+               stops: list[str]) -> list[Choice]:
+        """body.samples() requests per prompt, prompt by prompt; the choice of prompt i's
+        j-th sample has index i * samples + j."""
+        k = body.samples()
+        choices: list[Choice] = []
         try:
             for i, p in enumerate(prompts):
-                choices.append(_Choice(i, engine.generate(gen_request(body, p, max_tokens)),
-                                       codec, stops))
+                for j in range(k):
+                    choices.append(Choice(i * k + j, engine.generate(
+                        gen_request(body, p, max_tokens, j)), codec, stops))
         except RequestError:
             for c in choices:
                 c.stream.cancel()
             raise
         return choices
 
-    async def collect(choices: list[_Choice], request: Request) -> None:
+    async def collect(choices: list[Choice], request: Request) -> None:
         async def run():
-            async for c, out in _merged(choices):
+            async for c, out in merged(choices):
                 c.take(out)
 
         work, watcher = asyncio.create_task(run()), asyncio.create_task(disconnected(request))
@@ -283,10 +225,10 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
                 if c.finish is None:
                     c.stream.cancel()
 
-    async def stream_response(choices: list[_Choice], frame, tail, request: Request) -> Response:
+    async def stream_response(choices: list[Choice], frame, tail, request: Request) -> Response:
         """SSE: wait for the first output (errors keep their status), then stream. A client
         that leaves before its first token cancels the request before its prefill."""
-        events = _merged(choices)
+        events = merged(choices)
         head = asyncio.ensure_future(events.__anext__())
         watcher = asyncio.create_task(disconnected(request))
         try:
@@ -380,7 +322,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
         choices = submit(body, prompts, body.max_tokens, body.stops())
         rid, top = new_id("cmpl"), body.logprobs
 
-        def piece(c: _Choice, delta, ids, lps):
+        def piece(c: Choice, delta, ids, lps):
             lp = completion_logprobs(codec, ids, lps, top) if top is not None else None
             return {"index": c.index, "text": delta, "logprobs": lp, "finish_reason": c.finish}
 
@@ -391,16 +333,17 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
 
             def tail():
                 if body.include_usage():
-                    c = choices[0]
                     d = completion_response(rid, body.model, [], {}, chunk=True)
-                    d["usage"] = usage(c.n_prompt, len(c.ids))
+                    d["usage"] = usage(choices[0].n_prompt, sum(len(c.ids) for c in choices))
                     yield sse(d)
             return await stream_response(choices, frame, tail, request)
 
         await collect(choices, request)
-        out = [{"index": c.index, "text": c.text.text,
+        out = [{"index": i, "text": c.text.text,
                 "logprobs": completion_logprobs(codec, c.ids, c.lps, top) if top is not None
-                else None, "finish_reason": c.finish} for c in choices]
+                else None, "finish_reason": c.finish}
+               for i, c in best_of(choices, body.samples(), body.n)]
+        # every sample counts, those best_of left out too
         return completion_response(rid, body.model, out, usage(
             sum(len(p) for p in prompts), sum(len(c.ids) for c in choices)))
 
@@ -416,31 +359,30 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
         top = body.top_logprobs or 0
 
         if body.stream:
-            started = []
+            started: set[int] = set()
 
             def frame(c, out):
                 delta, ids, lps = c.take(out)
-                d = {} if started else {"role": "assistant"}
-                started.append(1)
+                d = {} if c.index in started else {"role": "assistant"}
+                started.add(c.index)
                 if delta or "role" in d:
                     d["content"] = delta
-                ch = {"index": 0, "delta": d, "finish_reason": c.finish,
+                ch = {"index": c.index, "delta": d, "finish_reason": c.finish,
                       "logprobs": chat_logprobs(codec, ids, lps, top) if want_lp else None}
                 return sse(chat_response(rid, body.model, [ch], None, True))
 
             def tail():
                 if body.include_usage():
-                    c = choices[0]
-                    yield sse(chat_response(rid, body.model, [], usage(c.n_prompt, len(c.ids)),
-                                            True))
+                    yield sse(chat_response(rid, body.model, [], usage(
+                        choices[0].n_prompt, sum(len(c.ids) for c in choices)), True))
             return await stream_response(choices, frame, tail, request)
 
         await collect(choices, request)
-        c = choices[0]
-        ch = {"index": 0, "message": {"role": "assistant", "content": c.text.text},
-              "logprobs": chat_logprobs(codec, c.ids, c.lps, top) if want_lp else None,
-              "finish_reason": c.finish}
-        return chat_response(rid, body.model, [ch], usage(len(prompt), len(c.ids)))
+        chs = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},
+                "logprobs": chat_logprobs(codec, c.ids, c.lps, top) if want_lp else None,
+                "finish_reason": c.finish} for c in choices]
+        return chat_response(rid, body.model, chs, usage(len(prompt),
+                                                         sum(len(c.ids) for c in choices)))
 
     return app
 

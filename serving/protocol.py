@@ -1,8 +1,10 @@
 """The OpenAI wire format: request models, response builders, and text <-> token ids.
 
 Requests are pydantic models (unknown fields are ignored, as vLLM does);
-a field we cannot honour (n > 1, echo, best_of, penalties, logit_bias) is
-refused with a 400 naming it rather than silently dropped.
+a field we cannot honour (echo, penalties, logit_bias) is refused with a 400
+naming it rather than silently dropped. `n` samples per prompt are `n`
+requests to the engine; `best_of` samples keep the `n` of highest cumulative
+log-probability.
 
 Text. With a tokenizer (`tokenizer.json` in the model folder, or
 `--tokenizer DIR`), prompts are encoded with it and outputs decoded
@@ -28,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # --- requests --------------------------------------------------------------------------
 
 INT32_MAX = 2**31 - 1
+MAX_SAMPLES = 64              # n and best_of: each sample is a request in the engine's queue
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -50,7 +53,7 @@ class _Req(BaseModel):
     ignore_eos: bool = False                          # vLLM extension
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_SAMPLES)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -58,8 +61,6 @@ class _Req(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for a field set to something we cannot honour."""
-        if self.n != 1:
-            return "n", "only n=1 is supported"
         if self.presence_penalty or self.frequency_penalty:
             return "presence_penalty", "presence/frequency penalties are not supported"
         if self.logit_bias:
@@ -80,17 +81,23 @@ class CompletionRequest(_Req):
     max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_SAMPLES)
     suffix: str | None = None
 
     def unsupported(self):
         if self.echo:
             return "echo", "echo is not supported"
-        if self.best_of not in (None, 1):
-            return "best_of", "best_of is not supported"
+        if self.best_of is not None and self.best_of < self.n:
+            return "best_of", f"best_of ({self.best_of}) must be at least n ({self.n})"
+        if self.stream and self.samples() > self.n:
+            return "best_of", "best_of > n cannot stream: the best are known at the end"
         if self.suffix:
             return "suffix", "suffix is not supported"
         return super().unsupported()
+
+    def samples(self) -> int:
+        """Sequences generated per prompt (best_of, at least n)."""
+        return max(self.n, self.best_of or 1)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -119,6 +126,9 @@ class ChatCompletionRequest(_Req):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True               # vLLM extension
+
+    def samples(self) -> int:
+        return self.n
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import time
 
 import httpx
@@ -172,6 +173,70 @@ def test_a_list_of_prompts_gives_one_choice_each(srv):
     assert out["usage"] == {"prompt_tokens": 6, "completion_tokens": 12, "total_tokens": 18}
 
 
+def test_n_samples_per_prompt_each_as_its_own_seeded_request(srv):
+    """n=3: three choices; the j-th is what one request seeded with sample_seed(seed, j)
+    gives (the first: the request's own seed), so n=1 is unchanged and n is reproducible."""
+    from serving.choices import sample_seed
+    url, seed = srv["url"], random.getrandbits(40)
+    body = dict(temperature=1.5, seed=seed, ignore_eos=True)
+    out = complete(url, "a05", [4, 2], 8, n=3, **body)
+    texts = [c["text"] for c in out["choices"]]
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+    for j, t in enumerate(texts):
+        one = complete(url, "a05", [4, 2], 8, **{**body, "seed": sample_seed(seed, j)})
+        assert one["choices"][0]["text"] == t
+    assert out["usage"] == {"prompt_tokens": 2, "completion_tokens": 24, "total_tokens": 26}
+    # several prompts: prompt i's j-th sample is choice i * n + j
+    many = complete(url, "a05", [[4, 2], [7]], 8, n=2, **body)["choices"]
+    assert [c["index"] for c in many] == [0, 1, 2, 3]
+    assert [many[0]["text"], many[1]["text"]] == texts[:2]
+    assert many[2]["text"] == complete(url, "a05", [7], 8, **body)["choices"][0]["text"]
+    # greedy samples agree
+    greedy = {c["text"] for c in complete(url, "a05", [4, 2], 5, n=2)["choices"]}
+    assert greedy == {complete(url, "a05", [4, 2], 5)["choices"][0]["text"]}
+    assert wait_idle(srv["eng"])["pages"]["kv"] == 0
+
+
+def test_n_streams_every_choice_through_the_openai_client(srv):
+    client = openai.OpenAI(base_url=f"{srv['url']}/v1", api_key="none", max_retries=0)
+    kw = dict(model="a07", max_tokens=6, temperature=1.2, seed=random.getrandbits(31), n=3,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(prompt=[3, 5, 8], **kw)
+    parts = list(client.completions.create(prompt=[3, 5, 8], stream=True,
+                                           stream_options={"include_usage": True}, **kw))
+    text, finish = {}, {}
+    for p in parts:
+        for c in p.choices:
+            text[c.index] = text.get(c.index, "") + c.text
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert text == {c.index: c.text for c in full.choices}
+    assert finish == {0: "length", 1: "length", 2: "length"}
+    assert parts[-1].usage.completion_tokens == 18 == full.usage.completion_tokens
+    msgs = [{"role": "user", "content": "3 5 8"}]
+    chat = client.chat.completions.create(messages=msgs, **kw)
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert [c.message.content for c in chat.choices] == [c.text for c in full.choices]
+    streamed, roles = {}, {}
+    for p in client.chat.completions.create(messages=msgs, stream=True, **kw):
+        for c in p.choices:
+            roles.setdefault(c.index, c.delta.role)
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert roles == {0: "assistant", 1: "assistant", 2: "assistant"}
+    assert streamed == {c.index: c.message.content for c in chat.choices}
+
+
+def test_best_of_keeps_the_samples_of_highest_cumulative_logprob(srv):
+    url = srv["url"]
+    body = dict(temperature=1.5, seed=random.getrandbits(31), ignore_eos=True, logprobs=0)
+    samples = complete(url, "a04", [6, 1], 6, n=4, **body)["choices"]
+    ranked = sorted(samples, key=lambda c: -sum(c["logprobs"]["token_logprobs"]))
+    for n in (1, 2):
+        out = complete(url, "a04", [6, 1], 6, n=n, best_of=4, **body)
+        assert [c["text"] for c in out["choices"]] == [c["text"] for c in ranked[:n]]
+        assert [c["index"] for c in out["choices"]] == list(range(n))
+        assert out["usage"]["completion_tokens"] == 24        # every sample counts
+
+
 def test_base_model_name_selects_no_adapter(srv):
     base = complete(srv["url"], BASE, [9, 8, 7], 8)["choices"][0]["text"]
     assert ids_of(base) == dense_greedy(params(), MC, [9, 8, 7], 8)[0]
@@ -264,7 +329,13 @@ def test_models_health_metrics(srv):
     ("/v1/completions", {"model": "a00", "prompt": "hello world"}, 400, "prompt"),
     ("/v1/completions", {"model": "a00", "prompt": [1], "max_tokens": "lots"}, 400, "max_tokens"),
     ("/v1/completions", {"model": "a00"}, 400, "prompt"),
-    ("/v1/completions", {"model": "a00", "prompt": [1], "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": "a00", "prompt": [1], "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": "a00", "prompt": [1], "n": 65}, 400, "n"),
+    ("/v1/completions", {"model": "a00", "prompt": [1], "n": 3, "best_of": 2}, 400, "best_of"),
+    ("/v1/completions", {"model": "a00", "prompt": [1], "best_of": 2, "stream": True}, 400,
+     "best_of"),
+    ("/v1/chat/completions", {"model": "a00", "messages": [{"role": "user", "content": "1"}],
+                              "n": 0}, 400, "n"),
     ("/v1/completions", {"model": "a00", "prompt": [1], "temperature": -1}, 400, "temperature"),
     ("/v1/chat/completions", {"model": "a00", "messages": []}, 400, "messages"),
     ("/v1/unload_lora_adapter", {"lora_name": "nope"}, 404, "lora_name"),
