@@ -4,6 +4,7 @@
     GET  /v1/models                                base model + every registered adapter
     POST /v1/load_lora_adapter   {"lora_name", "lora_path"}   (vLLM's shape)
     POST /v1/unload_lora_adapter {"lora_name"}
+    GET  /v1/models/{model}; POST /tokenize, /detokenize (vLLM's shapes)
     GET  /health, /metrics (Prometheus)
 
 `model` names the adapter; the base model's name selects none. Errors have
@@ -35,11 +36,12 @@ from serving.adapter_store import AdapterPathNotAllowed
 from serving.choices import Choice, best_of, merged, sample_seed
 from serving.engine import Engine
 from serving.metrics import CONTENT_TYPE_LATEST
-from serving.protocol import (ChatCompletionRequest, CompletionRequest,
-                              LoadLoraRequest, TextCodec, TextError, UnloadLoraRequest,
+from serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                              LoadLoraRequest, TextCodec, TextError, TokenizeRequest,
+                              UnloadLoraRequest,
                               chat_logprobs, chat_response, completion_logprobs,
                               completion_response, error_body, new_id, usage)
-from serving.requests import GenerationRequest, InvalidRequest, RequestError
+from serving.requests import GenerationRequest, InvalidRequest, RequestError, UnknownAdapter
 from slora_jax.adapters import AdapterError
 from slora_jax.batching import Sampling
 
@@ -277,15 +279,49 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
     async def metrics():
         return Response(await engine.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card(name: str) -> dict:
+        if name == model_name:
+            return {"id": name, "object": "model", "created": created, "owned_by": "slora-jax",
+                    "root": name, "parent": None, "max_model_len": engine.info.max_context,
+                    "vocab_size": engine.info.vocab_size}
+        return {"id": name, "object": "model", "created": created, "owned_by": "slora-jax",
+                "root": name, "parent": model_name}
+
+    async def known(name: str) -> str:
+        if name != model_name and name not in await engine.adapter_names():
+            raise UnknownAdapter(f"The model `{name}` does not exist.", "model")
+        return name
+
     @app.get("/v1/models")
     async def models():
-        base = {"id": model_name, "object": "model", "created": created, "owned_by": "slora-jax",
-                "root": model_name, "parent": None,
-                "max_model_len": engine.info.max_context, "vocab_size": engine.info.vocab_size}
-        data = [base] + [{"id": n, "object": "model", "created": created,
-                          "owned_by": "slora-jax", "root": n, "parent": model_name}
-                         for n in await engine.adapter_names()]
-        return {"object": "list", "data": data}
+        names = [model_name] + list(await engine.adapter_names())
+        return {"object": "list", "data": [model_card(n) for n in names]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        return model_card(await known(name))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        await known(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise InvalidRequest("give either 'prompt' or 'messages'", "prompt")
+        try:
+            ids = (codec.encode(body.prompt) if body.messages is None
+                   else codec.render_chat(body.messages, body.add_generation_prompt))
+        except TextError as e:
+            raise InvalidRequest(str(e), "prompt" if body.messages is None else "messages") \
+                from None
+        return {"count": len(ids), "max_model_len": engine.info.max_context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        await known(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < engine.info.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {engine.info.vocab_size})", "tokens")
+        return {"prompt": codec.decode(body.tokens)}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadLoraRequest):

@@ -134,6 +134,20 @@ class ChatCompletionRequest(_Req):
         return self.max_completion_tokens or self.max_tokens
 
 
+class TokenizeRequest(BaseModel):                   # vLLM's /tokenize
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(max_length=256)
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):                 # vLLM's /detokenize
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(max_length=256)
+    tokens: list[int]
+
+
 class LoadLoraRequest(BaseModel):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)

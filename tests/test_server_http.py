@@ -303,6 +303,7 @@ def test_seeded_sampling_is_reproducible(srv):
 
 def test_models_health_metrics(srv):
     url = srv["url"]
+    still_serving(url)          # an adapter loaded into the pool, whatever ran before
     models = httpx.get(f"{url}/v1/models").json()["data"]
     assert models[0]["id"] == BASE and models[0]["parent"] is None
     assert {m["id"] for m in models[1:]} >= set(srv["adapters"])
@@ -315,6 +316,38 @@ def test_models_health_metrics(srv):
                    "slora_time_to_first_token_seconds_count",
                    "slora_time_per_output_token_seconds_count"]:
         assert series in text, series
+
+
+def test_model_retrieve_tokenize_and_detokenize(srv):
+    client = openai.OpenAI(base_url=f"{srv['url']}/v1", api_key="none", max_retries=0)
+    base = client.models.retrieve(BASE)
+    assert base.id == BASE and base.model_extra["max_model_len"] == 48
+    assert client.models.retrieve("a03").model_extra["parent"] == BASE
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    url, words = srv["url"], srv["words"]
+    r = post(url, "/tokenize", {"model": "a01", "prompt": "5 6 7"}).json()
+    assert r == {"count": 3, "max_model_len": 48, "tokens": [5, 6, 7]}
+    assert post(url, "/detokenize", {"model": BASE, "tokens": [5, 6, 7]}).json() == {
+        "prompt": "5 6 7"}
+    # with a tokenizer: the same ids the completion endpoints count, and back to the text
+    t = post(words, "/tokenize", {"model": "a02", "prompt": "w3 w4 w5"}).json()
+    assert t["count"] == 3
+    assert post(words, "/detokenize", {"model": "a02", "tokens": t["tokens"]}).json() == {
+        "prompt": "w3 w4 w5"}
+    msgs = [{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "w3 w4 w5"}]
+    assert post(words, "/tokenize", {"model": "a02", "messages": msgs}).json()["count"] == 10
+    for path, body, status, param in [
+            ("/tokenize", {"model": "nope", "prompt": "1"}, 404, "model"),
+            ("/tokenize", {"model": BASE, "prompt": "hello"}, 400, "prompt"),
+            ("/tokenize", {"model": BASE}, 400, "prompt"),
+            ("/tokenize", {"model": BASE, "prompt": "1", "messages": msgs}, 400, "prompt"),
+            ("/detokenize", {"model": BASE, "tokens": [1, 9999]}, 400, "tokens"),
+            ("/detokenize", {"model": BASE, "tokens": [-1]}, 400, "tokens"),
+            ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model")]:
+        r = post(url, path, body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
+    still_serving(url)
 
 
 # --- errors: each one a proper status, and the server keeps serving ------------------------
