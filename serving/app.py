@@ -351,7 +351,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
         check(body)
         try:
             prompts = [codec.encode(p) for p in body.prompts()]
-        except TextError as e:
+        except (TextError, ValueError) as e:
             raise InvalidRequest(str(e), "prompt") from None
         if body.stream and len(prompts) > 1:
             raise InvalidRequest("streaming supports one prompt per request", "prompt")

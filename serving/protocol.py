@@ -31,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 INT32_MAX = 2**31 - 1
 MAX_SAMPLES = 64              # n and best_of: each sample is a request in the engine's queue
+MAX_SEQUENCES = 256           # prompts x samples of one HTTP request, so no one request fills
+                              # the queue that every tenant shares (slora-jax generate: more)
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -100,7 +102,11 @@ class CompletionRequest(_Req):
         return max(self.n, self.best_of or 1)
 
     def prompts(self) -> list[str | list[int]]:
+        """The prompts; a list of more than MAX_SEQUENCES // samples() is refused."""
         p = self.prompt
+        if p and isinstance(p[0], (str, list)) and len(p) * self.samples() > MAX_SEQUENCES:
+            raise ValueError(f"{len(p)} prompts x {self.samples()} samples each is over the "
+                             f"{MAX_SEQUENCES} sequences one request may ask for")
         if isinstance(p, str):
             return [p]
         if p and isinstance(p[0], (str, list)):

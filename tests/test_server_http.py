@@ -364,6 +364,7 @@ def test_model_retrieve_tokenize_and_detokenize(srv):
     ("/v1/completions", {"model": "a00"}, 400, "prompt"),
     ("/v1/completions", {"model": "a00", "prompt": [1], "n": 0}, 400, "n"),
     ("/v1/completions", {"model": "a00", "prompt": [1], "n": 65}, 400, "n"),
+    ("/v1/completions", {"model": "a00", "prompt": [[1]] * 65, "n": 4}, 400, "prompt"),
     ("/v1/completions", {"model": "a00", "prompt": [1], "n": 3, "best_of": 2}, 400, "best_of"),
     ("/v1/completions", {"model": "a00", "prompt": [1], "best_of": 2, "stream": True}, 400,
      "best_of"),
