@@ -26,6 +26,7 @@ import random
 import socket
 import threading
 import time
+
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
