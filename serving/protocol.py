@@ -1,7 +1,8 @@
 """The OpenAI wire format: request models, response builders, and text <-> token ids.
 
 Requests are pydantic models (unknown fields are ignored, as vLLM does);
-a field we cannot honour (echo, penalties, logit_bias) is refused with a 400
+a field we cannot honour (echo, penalties, logit_bias, more than one logprob
+alternative per token) is refused with a 400
 naming it rather than silently dropped. `n` samples per prompt are `n`
 requests to the engine; `best_of` samples keep the `n` of highest cumulative
 log-probability.
@@ -81,7 +82,8 @@ class _Req(BaseModel):
 class CompletionRequest(_Req):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    # the step computes the sampled token's logprob alone: more alternatives are refused
+    logprobs: int | None = Field(default=None, ge=0, le=1)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1, le=MAX_SAMPLES)
     suffix: str | None = None
@@ -130,7 +132,7 @@ class ChatCompletionRequest(_Req):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=1)
     add_generation_prompt: bool = True               # vLLM extension
 
     def samples(self) -> int:
