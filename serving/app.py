@@ -358,9 +358,15 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
             raise InvalidRequest("streaming supports one prompt per request", "prompt")
         choices = submit(body, prompts, body.max_tokens, body.stops())
         rid, top = new_id("cmpl"), body.logprobs
+        k = body.samples()
+        echo = [codec.echo(p) for p in body.prompts()] if body.echo else None
+        echoed: set[int] = set()
 
         def piece(c: Choice, delta, ids, lps):
             lp = completion_logprobs(codec, ids, lps, top) if top is not None else None
+            if echo and c.index not in echoed:          # the prompt before the first delta
+                echoed.add(c.index)
+                delta = echo[c.index // k] + delta
             return {"index": c.index, "text": delta, "logprobs": lp, "finish_reason": c.finish}
 
         if body.stream:
@@ -376,7 +382,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
             return await stream_response(choices, frame, tail, request)
 
         await collect(choices, request)
-        out = [{"index": i, "text": c.text.text,
+        out = [{"index": i, "text": (echo[c.index // k] if echo else "") + c.text.text,
                 "logprobs": completion_logprobs(codec, c.ids, c.lps, top) if top is not None
                 else None, "finish_reason": c.finish}
                for i, c in best_of(choices, body.samples(), body.n)]

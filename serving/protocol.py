@@ -1,8 +1,8 @@
 """The OpenAI wire format: request models, response builders, and text <-> token ids.
 
 Requests are pydantic models (unknown fields are ignored, as vLLM does);
-a field we cannot honour (echo, penalties, logit_bias, more than one logprob
-alternative per token) is refused with a 400
+a field we cannot honour (echo with logprobs, penalties, logit_bias, more than
+one logprob alternative per token) is refused with a 400
 naming it rather than silently dropped. `n` samples per prompt are `n`
 requests to the engine; `best_of` samples keep the `n` of highest cumulative
 log-probability.
@@ -89,8 +89,8 @@ class CompletionRequest(_Req):
     suffix: str | None = None
 
     def unsupported(self):
-        if self.echo:
-            return "echo", "echo is not supported"
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo with logprobs needs the prompt's logprobs, which are not computed"
         if self.best_of is not None and self.best_of < self.n:
             return "best_of", f"best_of ({self.best_of}) must be at least n ({self.n})"
         if self.stream and self.samples() > self.n:
@@ -310,6 +310,13 @@ class TextCodec:
         if self.tokenizer is None:
             return " ".join(str(t) for t in ids)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def echo(self, prompt: str | list[int]) -> str:
+        """The text `echo` puts before a completion: a prompt string as given, token ids
+        decoded (without a tokenizer, followed by the space that separates ids)."""
+        if isinstance(prompt, str) and self.tokenizer is not None:
+            return prompt
+        return self.decode(self.encode(prompt)) + (" " if self.tokenizer is None else "")
 
     def token_text(self, t: int) -> str:
         if self.tokenizer is None:

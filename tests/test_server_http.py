@@ -225,6 +225,24 @@ def test_n_streams_every_choice_through_the_openai_client(srv):
     assert streamed == {c.index: c.message.content for c in chat.choices}
 
 
+def test_echo_puts_each_prompt_before_its_completions(srv):
+    url, words = srv["url"], srv["words"]
+    plain = [complete(url, "a02", p, 5)["choices"][0]["text"] for p in ([4, 2], [7, 1, 3])]
+    out = complete(url, "a02", [[4, 2], [7, 1, 3]], 5, n=2, echo=True)["choices"]
+    assert [c["text"] for c in out] == ["4 2 " + plain[0]] * 2 + ["7 1 3 " + plain[1]] * 2
+    r = post(url, "/v1/completions", {"model": "a02", "prompt": [4, 2], "max_tokens": 5,
+                                      "temperature": 0, "echo": True, "stream": True})
+    chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "4 2 " + plain[0]
+    # with a tokenizer: the prompt string as given
+    t = complete(words, "a02", "w3 w4", 3, echo=True, ignore_eos=True)["choices"][0]["text"]
+    assert t == "w3 w4" + complete(words, "a02", "w3 w4", 3,
+                                   ignore_eos=True)["choices"][0]["text"]
+    r = post(url, "/v1/completions", {"model": "a02", "prompt": [4, 2], "echo": True,
+                                      "logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
 def test_best_of_keeps_the_samples_of_highest_cumulative_logprob(srv):
     url = srv["url"]
     body = dict(temperature=1.5, seed=random.getrandbits(31), ignore_eos=True, logprobs=0)
