@@ -27,13 +27,14 @@ import socket
 import threading
 import time
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.adapter_store import AdapterPathNotAllowed
+from serving.middleware import MAX_BODY_BYTES, JSON, ApiKey, BodyLimit, sse
+from serving.middleware import error_response as _error
 from serving.choices import Choice, best_of, merged, sample_seed
 from serving.engine import Engine
 from serving.metrics import CONTENT_TYPE_LATEST
@@ -47,72 +48,6 @@ from slora_jax.adapters import AdapterError
 from slora_jax.batching import Sampling
 
 log = logging.getLogger("serving.server")
-
-
-MAX_BODY_BYTES = 4 << 20      # a request body beyond this gets 413 before it is parsed
-
-
-class JSON(Response):
-    """JSON through orjson: fast, and a non-finite float (a NaN logprob from a broken
-    adapter) becomes `null` instead of invalid JSON or a 500."""
-    media_type = "application/json"
-
-    def render(self, content) -> bytes:
-        return orjson.dumps(content)
-
-
-def sse(d: dict) -> bytes:
-    """One server-sent event carrying `d` as JSON (non-finite floats as null)."""
-    return b"data: " + orjson.dumps(d) + b"\n\n"
-
-
-def _error(status: int, message: str, type_: str, param=None, code=None) -> JSON:
-    return JSON(error_body(message, type_, param, code), status_code=status)
-
-
-class _BodyTooLarge(BaseException):
-    # A BaseException so that the app's catch-all 500 handler lets it through to BodyLimit.
-    pass
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a body over `max_bytes`, by Content-Length or as it streams,
-    so an oversized prompt never reaches the JSON parser (which holds the event loop)."""
-
-    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def _too_large(self, scope, receive, send) -> None:
-        await _error(413, f"the request body exceeds {self.max_bytes} bytes",
-                     "invalid_request_error", code="body_too_large")(scope, receive, send)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        for k, v in scope.get("headers", ()):
-            if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
-                return await self._too_large(scope, receive, send)
-        seen, started = 0, False
-
-        async def limited_receive():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return msg
-
-        async def tracked_send(msg):
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._too_large(scope, receive, send)
 
 
 def _request_error(e: RequestError) -> JSON:
@@ -130,7 +65,7 @@ async def disconnected(request: Request, poll_s: float = 0.1) -> None:
 
 def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
                default_max_tokens: int | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (started by the caller) under `model_name`.
 
     `engine` is an `Engine` in this process or an `EngineClient` of one in another: the
@@ -138,6 +73,8 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
     `unload_adapter` and `metrics_text`."""
     app = FastAPI(title="slora-jax", version="0.1.0", default_response_class=JSON)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)          # outermost: before the body is read
     app.state.engine = engine
     eos_ids = set(engine.info.eos_token_ids) | codec.eos_token_ids()
     created = int(time.time())

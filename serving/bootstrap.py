@@ -71,6 +71,9 @@ def build_parser(prog: str = "slora-jax serve") -> argparse.ArgumentParser:
     p.add_argument("--preload", action="store_true",
                    help="read adapters into host RAM at start-up, up to the host cache budget "
                         "(S-LoRA's setting: every adapter in host memory)")
+    p.add_argument("--api-key", default=None,
+                   help="clients must send 'Authorization: Bearer KEY' to /v1/... and "
+                        "/tokenize, /detokenize (default: $SLORA_API_KEY; unset: no key)")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8000; 0 = any free port)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])

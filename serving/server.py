@@ -14,6 +14,7 @@ See serving/bootstrap.py for the flags and the YAML config, serving/app.py for t
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -102,12 +103,18 @@ def _main_in_process(args) -> int:
     return 1 if failed else 0
 
 
+def api_key(args) -> str | None:
+    """--api-key, else $SLORA_API_KEY; None (an open server) when neither is set."""
+    return args.api_key or os.environ.get("SLORA_API_KEY") or None
+
+
 def _serve(engine, codec, name: str, srv: dict, num_adapters: int, args, when_dead) -> None:
     """Bind and serve until a signal, or until shortly after the engine died: `when_dead`
     registers the callback that ends the server then."""
     import uvicorn
 
-    app = create_app(engine, codec, name, default_max_tokens=srv["default_max_tokens"])
+    app = create_app(engine, codec, name, default_max_tokens=srv["default_max_tokens"],
+                     api_key=api_key(args))
     sock = bind_socket(srv["host"], int(srv["port"]))
     host, port = sock.getsockname()[:2]
     log.info("serving '%s' with %d adapters on http://%s:%d (OpenAI API under /v1)", name,

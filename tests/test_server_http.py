@@ -368,6 +368,36 @@ def test_model_retrieve_tokenize_and_detokenize(srv):
     still_serving(url)
 
 
+def test_api_key_guards_the_api_routes_only(srv, monkeypatch):
+    from serving.bootstrap import build_parser
+    from serving.server import api_key
+    key = f"k-{random.getrandbits(64):x}"
+    guarded = ServerThread(create_app(srv["eng"], TextCodec(), BASE, api_key=key)).start()
+    try:
+        url = guarded.url
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key=key + "x", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            wrong.completions.create(model="a01", prompt=[1, 2], max_tokens=2)
+        right = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        out = right.completions.create(model="a01", prompt=[1, 2], max_tokens=3, temperature=0)
+        assert out.choices[0].text == complete(srv["url"], "a01", [1, 2], 3)["choices"][0]["text"]
+        for method, path in [("GET", "/v1/models"), ("POST", "/tokenize"),
+                             ("POST", "/v1/chat/completions")]:
+            r = httpx.request(method, f"{url}{path}", json={"model": BASE, "prompt": "1"})
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/health").status_code == 200           # probes stay open
+        assert httpx.get(f"{url}/metrics").status_code == 200
+    finally:
+        guarded.stop()
+    args = build_parser().parse_args(["--dummy", "tiny"])
+    monkeypatch.delenv("SLORA_API_KEY", raising=False)
+    assert api_key(args) is None
+    monkeypatch.setenv("SLORA_API_KEY", "from-env")
+    assert api_key(args) == "from-env"
+    assert api_key(build_parser().parse_args(["--dummy", "tiny", "--api-key", "flag"])) == "flag"
+
+
 # --- errors: each one a proper status, and the server keeps serving ------------------------
 
 @pytest.mark.parametrize("path,body,status,param", [
