@@ -126,18 +126,21 @@ def test_cancelled_stream_frees_its_pages(srv, monkeypatch):
         complete(inf)
     monkeypatch.setattr(eng, "_complete", slow)
     finished = {k: eng.metrics.finished.labels(reason=k)._value.get() for k in ("abort", "length")}
-    body = {"model": "a05", "prompt": [4, 5, 6], "max_tokens": 40, "temperature": 0,
-            "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=30) as c:
-        with c.stream("POST", f"{url}/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            assert eng.stats()["pages"]["kv"] > 0
-    st = wait_idle(eng)                           # the disconnect cancelled the request
-    assert st["pages"]["kv"] == 0
-    assert eng.metrics.finished.labels(reason="abort")._value.get() == finished["abort"] + 1
-    assert eng.metrics.finished.labels(reason="length")._value.get() == finished["length"]
+    for n in (1, 3):                              # a request's n samples all end with it
+        body = {"model": "a05", "prompt": [4, 5, 6], "max_tokens": 40, "temperature": 0,
+                "stream": True, "ignore_eos": True, "n": n}
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                assert eng.stats()["pages"]["kv"] > 0
+        st = wait_idle(eng)                       # the disconnect cancelled the request
+        assert st["pages"]["kv"] == 0
+        aborted = eng.metrics.finished.labels(reason="abort")._value.get()
+        assert aborted == finished["abort"] + n
+        finished["abort"] = aborted
+        assert eng.metrics.finished.labels(reason="length")._value.get() == finished["length"]
     still_serving(url)
 
 
@@ -286,17 +289,21 @@ def test_stop_strings_cut_the_text(srv):
     toks = full.split()
     stop = " " + toks[3]
     cut = full[:full.find(stop)]
-    for stream in (False, True):
+    for stream, n in [(False, 1), (True, 1), (False, 2), (True, 2)]:
         r = post(url, "/v1/completions", {"model": "a06", "prompt": [2, 7, 1, 8], "max_tokens": 10,
-                                          "temperature": 0, "stop": [stop], "stream": stream})
+                                          "temperature": 0, "stop": [stop], "stream": stream,
+                                          "n": n})
         if stream:
             chunks = [json.loads(x[6:]) for x in r.text.splitlines()
                       if x.startswith("data: {")]
-            text = "".join(c["choices"][0]["text"] for c in chunks)
-            finish = chunks[-1]["choices"][0]["finish_reason"]
+            text, finish = {}, {}
+            for ch in (c for chunk in chunks for c in chunk["choices"]):
+                text[ch["index"]] = text.get(ch["index"], "") + ch["text"]
+                finish[ch["index"]] = ch["finish_reason"] or finish.get(ch["index"])
         else:
-            text, finish = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
-        assert text == cut and finish == "stop"
+            text = {c["index"]: c["text"] for c in r.json()["choices"]}
+            finish = {c["index"]: c["finish_reason"] for c in r.json()["choices"]}
+        assert text == dict.fromkeys(range(n), cut) and finish == dict.fromkeys(range(n), "stop")
     assert wait_idle(srv["eng"])["pages"]["kv"] == 0
 
 
