@@ -36,8 +36,8 @@ class Choice:
             self.finish = "stop"
             self.stream.cancel()          # a stop string: free the pages now
         elif out.finish_reason is not None:
-            self.finish = out.finish_reason
-            delta += self.text.flush()
+            delta += self.text.flush()    # which may still find a stop string
+            self.finish = "stop" if self.text.stopped else out.finish_reason
         return delta, ids, lps
 
 

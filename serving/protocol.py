@@ -329,24 +329,37 @@ class IncrementalText:
 
     `push(ids)` returns the text that is now final; once a stop string
     appears, the text is cut before it and `stopped` is set.
+
+    Each push decodes a window of the last few tokens, not the whole output, so a token
+    costs the same at the 2000th as at the first: the new text is what the window
+    `ids[prefix:]` decodes to beyond what `ids[prefix:read]` decoded to (both with the same
+    leading context, so a decoder that treats a first token's leading space specially
+    treats both alike). A window ending inside a UTF-8 character ("\ufffd") waits for the
+    tokens that complete it.
     """
 
     def __init__(self, codec: TextCodec, stops: list[str]):
         self.codec, self.stops = codec, stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
-        self.text = ""
+        self.prefix = self.read = 0      # ids[prefix:read]: decoded context; ids[read:]: new
+        self.text = ""                   # everything decoded so far
         self.sent = 0
         self.stopped = False
 
-    def push(self, ids: list[int]) -> str:
-        if self.stopped:
-            return ""
-        self.ids += ids
-        text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):           # an incomplete UTF-8 sequence: wait for more
-            text = text[:-1]
-        self.text = text
+    def _decode_new(self, final: bool = False) -> None:
+        if self.read == len(self.ids):
+            return
+        known = self.codec.decode(self.ids[self.prefix:self.read])
+        full = self.codec.decode(self.ids[self.prefix:])
+        if (full.endswith("\ufffd") or len(full) <= len(known)) and not final:
+            return                       # an incomplete character, or nothing new yet
+        self.text += full[len(known):]
+        self.prefix, self.read = self.read, len(self.ids)
+
+    def _emit(self, hold: int) -> str:
+        """The text now final: up to the first stop string, or all but `hold` chars."""
+        text = self.text
         start = max(0, self.sent - self.hold)
         cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
@@ -355,13 +368,20 @@ class IncrementalText:
             self.text = text[:cut]
             out, self.sent = text[self.sent:cut], cut
             return out
-        end = max(self.sent, len(text) - self.hold)
+        end = max(self.sent, len(text) - hold)
         out, self.sent = text[self.sent:end], end
         return out
 
+    def push(self, ids: list[int]) -> str:
+        if self.stopped:
+            return ""
+        self.ids += ids
+        self._decode_new()
+        return self._emit(self.hold)
+
     def flush(self) -> str:
-        """At the end of generation: everything not yet sent."""
-        if not self.stopped:
-            self.text = self.codec.decode(self.ids)
-        out, self.sent = self.text[self.sent:], max(self.sent, len(self.text))
-        return out
+        """At the end of generation: everything not yet sent (still cut at a stop string)."""
+        if self.stopped:
+            return ""
+        self._decode_new(final=True)
+        return self._emit(0)
