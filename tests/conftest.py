@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random models (MHA and GQA with odd sizes) and engines."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,6 +12,23 @@ import jax.numpy as jnp
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+    # One JAX compilation cache per test run, shared by its xdist workers (they inherit the
+    # controller's environment): a tiny model's step compiled by one module or worker is
+    # loaded by the others (tests of the server's own cache set theirs). Each run starts
+    # empty, as on a clean clone.
+    if "SLORA_TEST_JAX_CACHE" not in os.environ:
+        os.environ["SLORA_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="slora-jax-tests-")
+        config._slora_cache_owner = True
+    jax.config.update("jax_compilation_cache_dir", os.environ["SLORA_TEST_JAX_CACHE"])
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_slora_cache_owner", False):
+        shutil.rmtree(os.environ.pop("SLORA_TEST_JAX_CACHE"), ignore_errors=True)
+
 
 from slora_jax.config import EngineConfig, ModelConfig  # noqa: E402
 from slora_jax.params import init_dummy_params  # noqa: E402
