@@ -25,13 +25,14 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 # --- requests --------------------------------------------------------------------------
 
 INT32_MAX = 2**31 - 1
 MAX_SAMPLES = 64              # n and best_of: each sample is a request in the engine's queue
+MAX_STOPS, MAX_STOP_CHARS = 16, 1024   # every streamed token is searched for each stop string
 MAX_SEQUENCES = 256           # prompts x samples of one HTTP request, so no one request fills
                               # the queue that every tenant shares (slora-jax generate: more)
 FLOAT32_MAX = 3.4028234663852886e38
@@ -61,6 +62,18 @@ class _Req(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, v):
+        # Bounded so that one request's stop strings cannot take the HTTP process's time
+        # from every other stream.
+        items = [v] if isinstance(v, str) else v or []
+        if len(items) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(items)}")
+        if any(len(x) > MAX_STOP_CHARS for x in items):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
+        return v
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for a field set to something we cannot honour."""
