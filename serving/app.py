@@ -245,8 +245,11 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequest("give either 'prompt' or 'messages'", "prompt")
         try:
-            ids = (codec.encode(body.prompt) if body.messages is None
-                   else codec.render_chat(body.messages, body.add_generation_prompt))
+            if body.messages is None:
+                ids = await asyncio.to_thread(codec.encode, body.prompt)
+            else:
+                ids = await asyncio.to_thread(codec.render_chat, body.messages,
+                                              body.add_generation_prompt)
         except TextError as e:
             raise InvalidRequest(str(e), "prompt" if body.messages is None else "messages") \
                 from None
@@ -288,7 +291,8 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
     async def completions(body: CompletionRequest, request: Request):
         check(body)
         try:
-            prompts = [codec.encode(p) for p in body.prompts()]
+            # off the event loop: a long prompt must not stall the other requests' streams
+            prompts = await asyncio.to_thread(lambda: [codec.encode(p) for p in body.prompts()])
         except (TextError, ValueError) as e:
             raise InvalidRequest(str(e), "prompt") from None
         if body.stream and len(prompts) > 1:
@@ -331,7 +335,8 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
     async def chat(body: ChatCompletionRequest, request: Request):
         check(body)
         try:
-            prompt = codec.render_chat(body.messages, body.add_generation_prompt)
+            prompt = await asyncio.to_thread(codec.render_chat, body.messages,
+                                             body.add_generation_prompt)
         except TextError as e:
             raise InvalidRequest(str(e), "messages") from None
         choices = submit(body, [prompt], body.limit(), body.stops())

@@ -284,7 +284,9 @@ class TextCodec:
         if isinstance(prompt, list):
             return [int(t) for t in prompt]
         if self.tokenizer is not None:
-            return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+            # encode_batch lets go of the interpreter lock (encode does not), so the server's
+            # other streams go on while a long prompt is tokenized on a worker thread
+            return self.tokenizer.encode_batch([prompt], add_special_tokens=True)[0].ids
         try:
             return [int(t) for t in prompt.split()]
         except ValueError:
@@ -317,7 +319,7 @@ class TextCodec:
             raise
         except Exception as e:  # noqa: BLE001 - a template error is the request's problem
             raise TextError(f"chat template failed: {e}") from None
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:

@@ -258,6 +258,34 @@ def test_best_of_keeps_the_samples_of_highest_cumulative_logprob(srv):
         assert out["usage"]["completion_tokens"] == 24        # every sample counts
 
 
+def test_prompts_are_tokenized_off_the_event_loop(srv, monkeypatch, tmp_path):
+    """Tokenizing a long prompt (seconds for a few MiB) runs on a worker thread, with the
+    tokenizer's lock-free batch call, so the event loop keeps streaming everyone else."""
+    import threading
+
+    import serving.protocol as protocol
+    threads = []
+    encode, render = protocol.TextCodec.encode, protocol.TextCodec.render_chat
+
+    def spy(fn):
+        def wrapped(*a, **kw):
+            threads.append(threading.current_thread().name)
+            return fn(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(protocol.TextCodec, "encode", spy(encode))
+    monkeypatch.setattr(protocol.TextCodec, "render_chat", spy(render))
+    words = srv["words"]
+    client = openai.OpenAI(base_url=f"{words}/v1", api_key="none", max_retries=0)
+    client.completions.create(model="a02", prompt="w3 w4", max_tokens=2)
+    client.chat.completions.create(model="a02", max_tokens=2,
+                                   messages=[{"role": "user", "content": "w5"}])
+    post(words, "/tokenize", {"model": "a02", "prompt": "w3"})
+    assert len(threads) >= 3 and "uvicorn" not in threads, threads
+    codec = word_codec(str(tmp_path))          # the batch call gives what the plain one does
+    for text in ["w1 w2 w3", "w7 zz w9", "<s> w4"]:
+        assert codec.encode(text) == codec.tokenizer.encode(text, add_special_tokens=True).ids
+
+
 def test_base_model_name_selects_no_adapter(srv):
     base = complete(srv["url"], BASE, [9, 8, 7], 8)["choices"][0]["text"]
     assert ids_of(base) == dense_greedy(params(), MC, [9, 8, 7], 8)[0]
