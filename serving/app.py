@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.adapter_store import AdapterPathNotAllowed
 from serving.middleware import MAX_BODY_BYTES, JSON, ApiKey, BodyLimit, sse
 from serving.middleware import error_response as _error
-from serving.choices import Choice, best_of, merged, sample_seed
+from serving.choices import Choice, best_of, merged
 from serving.engine import Engine
 from serving.metrics import CONTENT_TYPE_LATEST
 from serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -43,7 +43,8 @@ from serving.protocol import (ChatCompletionRequest, CompletionRequest, Detokeni
                               UnloadLoraRequest,
                               chat_logprobs, chat_response, completion_logprobs,
                               completion_response, error_body, new_id, usage)
-from serving.requests import GenerationRequest, InvalidRequest, RequestError, UnknownAdapter
+from serving.requests import (GenerationRequest, InvalidRequest, RequestError,
+                              UnknownAdapter, sample_seed)
 from slora_jax.adapters import AdapterError
 from slora_jax.batching import Sampling
 

@@ -1,11 +1,10 @@
 """A request's samples as the HTTP server sees them: each one's tokens, text and finish
-reason; the seed of each of `n` samples; their engine streams merged in arrival order; and
-`best_of`'s choice among them."""
+reason; their engine streams merged in arrival order; and `best_of`'s choice among them
+(each sample's seed: serving.requests.sample_seed)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from typing import AsyncIterator
 
 from serving.engine import AsyncStream, Output
@@ -39,15 +38,6 @@ class Choice:
             delta += self.text.flush()    # which may still find a stop string
             self.finish = "stop" if self.text.stopped else out.finish_reason
         return delta, ids, lps
-
-
-def sample_seed(seed: int, j: int) -> int:
-    """The seed of a request's `j`-th sample: the request's own for the first (so `n=1`
-    and the first of `n` agree), a hash of (seed, j) for the others."""
-    if j == 0:
-        return seed
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{j}".encode(), digest_size=8).digest(),
-                          "little")
 
 
 def best_of(choices: list[Choice], k: int, n: int) -> list[tuple[int, Choice]]:

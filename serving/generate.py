@@ -5,10 +5,12 @@
 The same `Engine` as the server (continuous batching, adapter paging, the same
 validation and errors), fed from a JSONL file instead of HTTP. Input lines:
 {"id", "adapter" (name or null), "prompt_token_ids" or "prompt", "max_tokens",
-"temperature", "top_p", "top_k", "seed", "ignore_eos"}. Output lines, in input
+"temperature", "top_p", "top_k", "seed", "ignore_eos", "n"}. Output lines, in input
 order: {"id", "token_ids", "logprobs", "text" (when the model folder has a
 tokenizer), "finish_reason"}, or {"id", "error"} for a request that could not
-run; one bad line never stops the others.
+run; one bad line never stops the others. A line with "n" > 1 gives n lines, each
+with its "index" (0..n-1), seeded as the server seeds a request's n samples, so
+both give the same tokens.
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ import argparse
 import json
 import logging
 
-from serving.requests import GenerationRequest, Overloaded, RequestError
+from serving.requests import GenerationRequest, Overloaded, RequestError, sample_seed
 from slora_jax.batching import Sampling
 
 log = logging.getLogger("serving.generate")
 
 
-def parse_requests(path: str, tok, eos_token_ids) -> tuple[list[GenerationRequest], list[dict]]:
-    """(requests, error lines) of a JSONL file; a request's id is its "id" or line-N."""
-    reqs, errors = [], []
+MAX_SAMPLES = 64              # "n", as the server bounds it
+
+
+def parse_requests(path: str, tok, eos_token_ids):
+    """(requests, error lines, samples) of a JSONL file. A request's id is its "id" or
+    line-N; sample j of a line with "n" > 1 has id "<id>#j", and `samples` maps it to
+    (<id>, j)."""
+    reqs, errors, samples = [], [], {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -50,16 +57,23 @@ def parse_requests(path: str, tok, eos_token_ids) -> tuple[list[GenerationReques
                 adapter = d.get("adapter")
                 if adapter is not None and not isinstance(adapter, str):
                     raise ValueError("'adapter' must be a name or null")
-                reqs.append(GenerationRequest(
+                n, seed = d.get("n", 1), d.get("seed", 0)
+                if type(n) is not int or not 1 <= n <= MAX_SAMPLES:
+                    raise ValueError(f"'n' must be an integer from 1 to {MAX_SAMPLES}")
+                if type(seed) is not int:
+                    raise ValueError("'seed' must be an integer")
+                reqs += [GenerationRequest(
                     prompt=ids, adapter=adapter, max_tokens=d.get("max_tokens", 16),
                     sampling=Sampling(temperature=d.get("temperature", 0.0),
                                       top_p=d.get("top_p", 1.0), top_k=d.get("top_k", 0),
-                                      seed=d.get("seed", 0)),
+                                      seed=sample_seed(seed, j)),
                     stop_token_ids=frozenset() if d.get("ignore_eos") else frozenset(eos_token_ids),
-                    id=rid))
+                    id=rid if n == 1 else f"{rid}#{j}") for j in range(n)]
+                if n > 1:
+                    samples.update({f"{rid}#{j}": (rid, j) for j in range(n)})
             except (ValueError, TypeError) as e:
                 errors.append({"id": rid, "error": f"{path}:{n}: {e}"})
-    return reqs, errors
+    return reqs, errors, samples
 
 
 def run(engine, reqs: list[GenerationRequest], progress: bool = False) -> dict[str, dict]:
@@ -160,7 +174,7 @@ def cmd_generate(args) -> int:
         engine.store.load_sync(engine.store.register_folder(name, path))
         if engine.store.lookup(name).error:
             raise ValueError(engine.store.lookup(name).error)
-    reqs, errors = parse_requests(args.requests, tok, mc.eos_token_ids)
+    reqs, errors, samples = parse_requests(args.requests, tok, mc.eos_token_ids)
     engine.start()
     try:
         results = run(engine, reqs, progress=not args.quiet)
@@ -172,6 +186,9 @@ def cmd_generate(args) -> int:
             f.write(json.dumps(e) + "\n")
         for r in reqs:
             d = results[r.id]
+            if r.id in samples:                         # sample j of a line with "n" > 1
+                rid, j = samples[r.id]
+                d = {"id": rid, "index": j, **{k: v for k, v in d.items() if k != "id"}}
             n_err += "error" in d
             if tok is not None and "token_ids" in d:
                 d["text"] = tok.decode(d["token_ids"], skip_special_tokens=True)

@@ -1,10 +1,11 @@
 """What a request is and how it can fail, on both sides of the engine boundary: the
-request the server hands the engine, the engine's self-description, and the errors that
-each map to one HTTP status."""
+request the server hands the engine, the engine's self-description, the errors that
+each map to one HTTP status, and the seed of each of a request's samples."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import uuid
 
 from slora_jax.batching import Sampling
@@ -67,3 +68,12 @@ class EngineInfo:
     max_context: int
     max_prompt_tokens: int
     eos_token_ids: tuple[int, ...] = ()
+
+
+def sample_seed(seed: int, j: int) -> int:
+    """The seed of a request's `j`-th sample: the request's own for the first (so `n=1`
+    and the first of `n` agree), a hash of (seed, j) for the others."""
+    if j == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{j}".encode(), digest_size=8).digest(),
+                          "little")

@@ -66,7 +66,7 @@ def test_generate_config_errors_name_the_key(tmp_path, caplog):
 
 def test_generate_equals_the_server(tmp_path):
     """The offline CLI and the HTTP server run the same engine: the same requests give the
-    same tokens, greedy and seeded."""
+    same tokens, greedy and seeded, and a line's n samples are the server's n choices."""
     import httpx
 
     from serving.bootstrap import build, build_parser
@@ -78,6 +78,7 @@ def test_generate_equals_the_server(tmp_path):
     lines = [{"id": f"{r['id']}-{j}", "adapter": r["adapter"], "max_tokens": 7,
               "prompt_token_ids": r["prompt_token_ids"], "ignore_eos": True, **s}
              for r in reqs for j, s in enumerate(samplings)]
+    lines += [{**line, "id": f"{line['id']}-n3", "n": 3} for line in lines[1:3]]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(map(json.dumps, lines)) + "\n")
     adapters = [f"--adapter={n}={os.path.join(FIX, 'adapters', n)}"
@@ -85,7 +86,9 @@ def test_generate_equals_the_server(tmp_path):
     flags = engine_flags(tmp_path)     # the server runs the steps `generate` compiled
     assert main(["generate", "--model", os.path.join(FIX, "model"), *adapters, "--requests",
                  str(inp), "--out", str(out), "--quiet", *flags]) == 0
-    offline = {d["id"]: d["token_ids"] for d in map(json.loads, out.read_text().splitlines())}
+    offline = {(d["id"], d.get("index", 0)): d["token_ids"]
+               for d in map(json.loads, out.read_text().splitlines())}
+    assert len(offline) == len(lines) + 2 * 2                   # two lines of 3 samples
 
     engine, codec, name, _ = build(build_parser().parse_args(
         ["--model", os.path.join(FIX, "model"), "--adapters", os.path.join(FIX, "adapters"),
@@ -99,7 +102,10 @@ def test_generate_equals_the_server(tmp_path):
             r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
                 **body, "model": d["adapter"] or name, "prompt": d["prompt_token_ids"]})
             assert r.status_code == 200, r.text
-            assert [int(t) for t in r.json()["choices"][0]["text"].split()] == offline[d["id"]]
+            choices = r.json()["choices"]
+            assert len(choices) == d.get("n", 1)
+            for c in choices:
+                assert [int(t) for t in c["text"].split()] == offline[(d["id"], c["index"])]
         assert engine._cache_sizes() == compiled      # no step compiled for the server
     finally:
         server.stop()

@@ -179,7 +179,7 @@ def test_a_list_of_prompts_gives_one_choice_each(srv):
 def test_n_samples_per_prompt_each_as_its_own_seeded_request(srv):
     """n=3: three choices; the j-th is what one request seeded with sample_seed(seed, j)
     gives (the first: the request's own seed), so n=1 is unchanged and n is reproducible."""
-    from serving.choices import sample_seed
+    from serving.requests import sample_seed
     url, seed = srv["url"], random.getrandbits(40)
     body = dict(temperature=1.5, seed=seed, ignore_eos=True)
     out = complete(url, "a05", [4, 2], 8, n=3, **body)
