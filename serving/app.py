@@ -263,7 +263,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
         if bad:
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary "
                                  f"[0, {engine.info.vocab_size})", "tokens")
-        return {"prompt": codec.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(codec.decode, body.tokens, True)}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadLoraRequest):

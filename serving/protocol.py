@@ -321,9 +321,13 @@ class TextCodec:
             raise TextError(f"chat template failed: {e}") from None
         return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], long: bool = False) -> str:
+        """`long`: through the batch call, which lets go of the interpreter lock (for a
+        whole text on a worker thread; streaming decodes a few tokens at a time)."""
         if self.tokenizer is None:
             return " ".join(str(t) for t in ids)
+        if long:
+            return self.tokenizer.decode_batch([ids], skip_special_tokens=True)[0]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def echo(self, prompt: str | list[int]) -> str:
