@@ -219,12 +219,12 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
         return Response(await engine.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": created, "owned_by": "slora-jax",
+                "root": name, "parent": None if name == model_name else model_name}
         if name == model_name:
-            return {"id": name, "object": "model", "created": created, "owned_by": "slora-jax",
-                    "root": name, "parent": None, "max_model_len": engine.info.max_context,
-                    "vocab_size": engine.info.vocab_size}
-        return {"id": name, "object": "model", "created": created, "owned_by": "slora-jax",
-                "root": name, "parent": model_name}
+            card |= {"max_model_len": engine.info.max_context,
+                     "vocab_size": engine.info.vocab_size}
+        return card
 
     async def known(name: str) -> str:
         if name != model_name and name not in await engine.adapter_names():
@@ -294,7 +294,7 @@ def create_app(engine: Engine, codec: TextCodec, model_name: str, *,
         try:
             # off the event loop: a long prompt must not stall the other requests' streams
             prompts = await asyncio.to_thread(lambda: [codec.encode(p) for p in body.prompts()])
-        except (TextError, ValueError) as e:
+        except TextError as e:
             raise InvalidRequest(str(e), "prompt") from None
         if body.stream and len(prompts) > 1:
             raise InvalidRequest("streaming supports one prompt per request", "prompt")

@@ -108,6 +108,10 @@ class CompletionRequest(_Req):
             return "best_of", f"best_of ({self.best_of}) must be at least n ({self.n})"
         if self.stream and self.samples() > self.n:
             return "best_of", "best_of > n cannot stream: the best are known at the end"
+        n_prompts = len(self.prompts())
+        if n_prompts * self.samples() > MAX_SEQUENCES:
+            return "prompt", (f"{n_prompts} prompts x {self.samples()} samples each is over "
+                              f"the {MAX_SEQUENCES} sequences one request may ask for")
         if self.suffix:
             return "suffix", "suffix is not supported"
         return super().unsupported()
@@ -117,11 +121,7 @@ class CompletionRequest(_Req):
         return max(self.n, self.best_of or 1)
 
     def prompts(self) -> list[str | list[int]]:
-        """The prompts; a list of more than MAX_SEQUENCES // samples() is refused."""
         p = self.prompt
-        if p and isinstance(p[0], (str, list)) and len(p) * self.samples() > MAX_SEQUENCES:
-            raise ValueError(f"{len(p)} prompts x {self.samples()} samples each is over the "
-                             f"{MAX_SEQUENCES} sequences one request may ask for")
         if isinstance(p, str):
             return [p]
         if p and isinstance(p[0], (str, list)):
