@@ -52,6 +52,20 @@ def _label(key: tuple) -> str:
     return f"{model}, base only" if n == 0 else f"{model}, {n} adapters, rank {ranks}"
 
 
+MARKERS = "o^vDsP*X"
+
+
+def styles(keys: list[tuple]) -> dict[tuple, tuple[tuple, str]]:
+    """A colour and a marker per series, none shared by two: a marker per model, and the
+    20 colours of tab20, the dark shade of each hue first."""
+    from matplotlib import colormaps
+    cmap = colormaps["tab20"]
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    models = sorted({k[0] for k in keys})
+    return {k: (cmap(order[i % 20]), MARKERS[(models.index(k[0]) + i // 20) % len(MARKERS)])
+            for i, k in enumerate(keys)}
+
+
 def plot(rec: dict, out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -63,12 +77,16 @@ def plot(rec: dict, out: str) -> None:
     top = max(r["offered_req_s"] for r in rec["rows"])
     served.plot([0, top], [0, top], color="0.8", lw=1, label="served = offered")
     slo.axhline(100 * SLO_FLOOR, color="0.6", ls=":", lw=1)
+    style = styles(list(groups))
     for key, rows in groups.items():
         x = [r["offered_req_s"] for r in rows]
-        line, = served.plot(x, [r["served_req_s"] for r in rows], "o-", label=_label(key))
-        slo.plot(x, [100 * r["slo_attainment"] for r in rows], "o-", color=line.get_color())
-        ttft.plot(x, [r["ttft_p50_s"] for r in rows], "o-", color=line.get_color())
-        ttft.plot(x, [r["ttft_p99_s"] for r in rows], "s--", color=line.get_color(), alpha=.6)
+        c, m = style[key]
+        served.plot(x, [r["served_req_s"] for r in rows], "-", marker=m, color=c,
+                    label=_label(key))
+        slo.plot(x, [100 * r["slo_attainment"] for r in rows], "-", marker=m, color=c)
+        ttft.plot(x, [r["ttft_p50_s"] for r in rows], "-", marker=m, color=c)
+        ttft.plot(x, [r["ttft_p99_s"] for r in rows], "--", marker=m, color=c, alpha=.5,
+                  mfc="none")
     by_model: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
     for (model, ranks, n), best in sustained(rec["rows"]).items():
         if best is None:
@@ -79,9 +97,11 @@ def plot(rec: dict, out: str) -> None:
                        va="bottom", transform=scale.get_yaxis_transform())
         else:
             by_model[(model, ranks)].append((n, best))
+    lines = styles(sorted(by_model))
     for (model, ranks), pts in sorted(by_model.items()):
         pts.sort()
-        scale.plot([n for n, _ in pts], [b for _, b in pts], "o-",
+        c, m = lines[(model, ranks)]
+        scale.plot([n for n, _ in pts], [b for _, b in pts], "-", marker=m, color=c,
                    label=f"{model}, rank {ranks}")
     served.set(xlabel="offered req/s", ylabel="served req/s", title="throughput")
     slo.set(xlabel="offered req/s", ylabel="% within first-token SLO", ylim=(0, 105),

@@ -77,3 +77,15 @@ def test_a_file_without_sweep_rows_is_refused_by_name(tmp_path, capsys, content,
     err = capsys.readouterr().err
     assert says in err and str(path) in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_no_two_series_share_a_colour_and_marker():
+    mod = _module()
+    rng = np.random.default_rng()
+    keys = [(m, r, int(n)) for m in ("llama-7b", "llama-3-8b") for r in ("-", "8", "8-64")
+            for n in rng.choice(5000, size=int(rng.integers(4, 9)), replace=False)]
+    style = mod.styles(sorted(keys))
+    assert len(set(style.values())) == len(keys)
+    # one model's series keep one marker while the colours last
+    first = [style[k][1] for k in sorted(keys)[:20] if k[0] == sorted(keys)[0][0]]
+    assert len(set(first)) == 1
