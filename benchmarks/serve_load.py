@@ -235,23 +235,55 @@ def _pct(xs, q):
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
-def steady_rates(ok: list[Rec]) -> tuple[float, float] | None:
-    """Requests and output tokens completed per second while arrivals go on, after the first
-    quarter of the arrival window (the batch filling up): the rate the server sustains,
-    which the whole run's figure understates by its drain. None for a trace too short."""
+def _window(ok: list[Rec]) -> tuple[float, float] | None:
+    """While arrivals go on, after the first quarter of the arrival window (the batch
+    filling up); None for a trace too short."""
     sent = [r.sent for r in ok if r.sent is not None]
-    if len(sent) < 8:
+    if len(sent) < 8 or max(sent) <= 0:
         return None
-    lo, hi = max(sent) / 4, max(sent)
-    done = [r for r in ok if r.sent is not None and lo <= r.sent + r.latency <= hi]
-    if hi - lo <= 0 or not done:
+    return max(sent) / 4, max(sent)
+
+
+def _tokens_in(r: Rec, lo: float, hi: float) -> float:
+    """Output tokens `r` streamed within [lo, hi]: its first at send + TTFT, the rest
+    evenly until its last (a request without a first-token time streams from its send)."""
+    first = r.sent + (r.ttft if r.ttft is not None else 0.0)
+    end = r.sent + r.latency
+    n = float(lo <= first <= hi)
+    if r.n_out > 1 and end > first:
+        n += (r.n_out - 1) * max(0.0, min(end, hi) - max(first, lo)) / (end - first)
+    return n
+
+
+def steady_rates(ok: list[Rec]) -> tuple[float, float] | None:
+    """The rate the server sustains while requests arrive: output tokens it streamed per
+    second within the window, and that over the trace's mean output length as requests per
+    second. Once the batch is full, tokens stream at the server's capacity whatever the mix
+    of request lengths, while completions within a window short against the requests'
+    latency lag the arrivals (`completed_rate`). Below saturation both read somewhat low
+    in such a window: its first arrivals had no predecessors still streaming."""
+    win = _window(ok)
+    if win is None:
         return None
-    return len(done) / (hi - lo), sum(r.n_out for r in done) / (hi - lo)
+    lo, hi = win
+    tok = sum(_tokens_in(r, lo, hi) for r in ok if r.sent is not None) / (hi - lo)
+    mean_out = float(np.mean([r.n_out for r in ok]))
+    return (tok / mean_out if mean_out > 0 else 0.0), tok
+
+
+def completed_rate(ok: list[Rec]) -> float | None:
+    """Requests completed per second within the same window: the served rate only once the
+    window is long against the requests' latency."""
+    win = _window(ok)
+    if win is None:
+        return None
+    lo, hi = win
+    return sum(1 for r in ok if r.sent is not None and lo <= r.sent + r.latency <= hi) / (hi - lo)
 
 
 def summarize(recs: list[Rec], wall: float, slo: float) -> dict:
     ok = [r for r in recs if r.status == 200 and r.error is None and r.latency is not None]
-    steady = steady_rates(ok)
+    steady, completed = steady_rates(ok), completed_rate(ok)
     lat = [r.latency for r in ok]
     ttft = [r.ttft for r in ok if r.ttft is not None]
     tpot = [(r.latency - r.ttft) / (r.n_out - 1) for r in ok if r.n_out > 1 and r.ttft]
@@ -266,6 +298,7 @@ def summarize(recs: list[Rec], wall: float, slo: float) -> dict:
         "throughput_req_s": len(ok) / wall, "output_tok_s": out_tok / wall,
         "steady_req_s": steady[0] if steady else len(ok) / wall,
         "steady_tok_s": steady[1] if steady else out_tok / wall,
+        "completed_req_s": completed if completed is not None else len(ok) / wall,
         "total_tok_s": (out_tok + sum(r.n_in for r in ok)) / wall,
         "latency_mean_s": float(np.mean(lat)) if lat else float("nan"),
         "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99),
@@ -310,13 +343,16 @@ def print_table(s: dict) -> None:
 
 
 SWEEP_FLOOR = 0.9      # a sweep stops after the first rate below this SLO attainment
+SERVED = ("served_req_s: output tokens streamed per second while requests arrive, after "
+          "the window's first quarter, over the mean output length; completed_req_s: "
+          "requests completed per second in that window")
 
 
 def sweep_row(s: dict, *, model: str, adapters: int, ranks: str, rate: float) -> dict:
     """One saturation row from a `summarize` result."""
     return {"system": "slora-jax", "model": model, "adapters": adapters, "ranks": ranks,
             "offered_req_s": rate, "served_req_s": s["steady_req_s"],
-            "output_tok_s": s["steady_tok_s"],
+            "output_tok_s": s["steady_tok_s"], "completed_req_s": s["completed_req_s"],
             # the whole run's: from the first send to the last response, drain included
             "served_req_s_run": s["throughput_req_s"], "output_tok_s_run": s["output_tok_s"],
             "slo_attainment": s["slo_attainment"],
@@ -413,6 +449,7 @@ def write_sweep(args, argv, device: str, rows: list[dict], quiet: bool = False) 
               "date": datetime.date.today().isoformat(),
               # every run whose rows the file holds, in the order they ran
               "command": " && ".join([c for c in commands if c != command] + [command]),
+              "served": SERVED,
               "workload": {k: getattr(args, k) for k in (
                   "alpha", "cv", "duration", "input_range", "output_range", "base_fraction",
                   "slo_ttft", "seed")},

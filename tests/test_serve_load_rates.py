@@ -44,3 +44,45 @@ def test_an_overloaded_server_is_measured_at_its_capacity():
     assert abs(s["steady_req_s"] - 4.0) < 0.1
     row = mod.sweep_row(s, model="m", adapters=0, ranks="-", rate=20.0)
     assert row["served_req_s"] == s["steady_req_s"] and row["served_req_s_run"] < 4.0
+
+
+def _batch_server(rng, mod, rate, duration, slots=256, tpot=0.037, out=(8, 512)):
+    """Poisson arrivals at `rate` for `duration` s into a server of `slots` rows that admits
+    in arrival order and streams a token every `tpot` s per row: its capacity is
+    slots / (mean output * tpot) requests per second."""
+    import heapq
+    sent = np.cumsum(rng.exponential(1 / rate, int(rate * duration * 1.5)))
+    sent = sent[sent < duration]
+    n_out = rng.integers(*out, len(sent))
+    free = [0.0] * slots                     # when each row next frees
+    recs = []
+    for i, (t, n) in enumerate(zip(sent, n_out)):
+        start = max(t, heapq.heappop(free))
+        end = start + n * tpot
+        heapq.heappush(free, end)
+        recs.append(mod.Rec(i, "a", 8, n_out=int(n), status=200, ttft=start + tpot - t,
+                            latency=end - t, sent=float(t)))
+    return recs, slots / (np.mean(n_out) * tpot)
+
+
+def test_a_short_window_of_an_overloaded_server_reads_its_capacity():
+    # 25-s points of requests that stream for 0.3-19 s (S1-like outputs at 37 ms a token),
+    # as in a saturation sweep: once the batch is full the server streams tokens at its
+    # capacity whatever the mix of lengths, while completions within the window lag the
+    # arrivals by the requests' latency and read low.
+    mod = _module()
+    rng = np.random.default_rng()
+    for rate, tol in ((40.0, 0.05), (48.0, 0.05)):
+        recs, capacity = _batch_server(rng, mod, rate=rate, duration=25.0)
+        s = mod.summarize(recs, max(r.sent + r.latency for r in recs), slo=6.0)
+        assert 20.0 < capacity < 32.0
+        assert abs(s["steady_req_s"] - capacity) < tol * capacity, (rate, s, capacity)
+        assert s["completed_req_s"] < s["steady_req_s"]
+        row = mod.sweep_row(s, model="m", adapters=0, ranks="-", rate=rate)
+        assert row["served_req_s"] == s["steady_req_s"]
+        assert row["completed_req_s"] == s["completed_req_s"]
+    # below saturation neither reads more than was offered
+    recs, _ = _batch_server(rng, mod, rate=16.0, duration=25.0)
+    s = mod.summarize(recs, max(r.sent + r.latency for r in recs), slo=6.0)
+    offered = len(recs) / max(r.sent for r in recs)
+    assert s["completed_req_s"] < s["steady_req_s"] < 1.05 * offered

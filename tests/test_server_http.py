@@ -582,7 +582,7 @@ def test_serve_load_benchmark_against_the_server(srv, tmp_path):
     assert [r["offered_req_s"] for r in rows] == [20.0, 40.0]
     assert all(r["system"] == "slora-jax" and r["ranks"] == "1-16" and r["adapters"] == 16
                and r["slo_attainment"] == 1.0 and r["served_req_s"] > 0 and r["tpot_ms"] > 0
-               for r in rows)
+               and r["completed_req_s"] > 0 for r in rows)
     # Each point carries the server's counters over its window: the steps it ran, and the
     # engine thread's time by section.
     for r in rows:
@@ -594,7 +594,7 @@ def test_serve_load_benchmark_against_the_server(srv, tmp_path):
     rec = json.loads(path.read_text())
     assert [(r["offered_req_s"], r["slo_attainment"]) for r in rec["rows"]] == [(20.0, 0.0),
                                                                                 (40.0, 1.0)]
-    assert {"device", "commit", "command", "workload"} <= set(rec)
+    assert {"device", "commit", "command", "workload", "served"} <= set(rec)
 
     # --sweep-adapters: the base model alone, then 4 adapters starting at the rate the base
     # sustained; the rows join the file's, whose command lists every run.
